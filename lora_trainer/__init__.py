@@ -1,0 +1,3 @@
+"""lora-trainer: LoRA training for Stable Diffusion (inside the WebUI or standalone) and causal LMs."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,57 @@
+"""Command line: ``python -m lora_trainer train|caption|ui`` (``train.py`` and ``tools/auto_label.py`` are
+thin aliases). Errors a user can fix are printed as one clear line, without a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import List, Optional
+
+from lora_trainer.errors import LoraTrainerError
+
+
+def _train(args: argparse.Namespace) -> int:
+    from lora_trainer.config import load_config
+    from lora_trainer.train.callbacks import TqdmProgress
+    from lora_trainer.train.run import run_training
+
+    cfg = load_config(args.config)
+    result = run_training(cfg, callbacks=[TqdmProgress()])
+    if result.message:
+        print(result.message, file=sys.stderr if result.status != "finished" else sys.stdout)
+    return 0 if result.status == "finished" else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lora_trainer", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="train a LoRA from a YAML config")
+    train.add_argument("--config", required=True, help="YAML config file (see configs/)")
+    train.set_defaults(func=_train)
+    caption = sub.add_parser("caption", help="caption a folder of images into metadata.csv", add_help=False)
+    caption.set_defaults(func=None)
+    ui = sub.add_parser("ui", help="serve the trainer tab as a standalone gradio app", add_help=False)
+    ui.set_defaults(func=None)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        # caption and ui own their own option parsers; hand them the rest of the line untouched.
+        if argv and argv[0] == "caption":
+            from lora_trainer.caption.cli import main as caption_main
+
+            return caption_main(argv[1:])
+        if argv and argv[0] == "ui":
+            from lora_trainer.ui.standalone import main as ui_main
+
+            return ui_main(argv[1:])
+        args = build_parser().parse_args(argv)
+        return args.func(args)
+    except LoraTrainerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

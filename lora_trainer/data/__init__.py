@@ -1,0 +1,1 @@
+"""Training data: image folders, captions, buckets, the dataset the trainer reads."""

@@ -1,0 +1,137 @@
+"""Progress, logging and cancel as callbacks the trainer calls; the CLI, TensorBoard and the WebUI plug in.
+
+The trainer never knows which front end is listening: it calls ``on_step_end`` with a ``StepInfo`` and asks
+``should_stop`` once per step.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+
+@dataclass
+class StepInfo:
+    step: int  # optimizer steps done
+    total_steps: int
+    epoch: int
+    loss: float
+    lr: float
+    elapsed_s: float
+    extra: Dict[str, float] = field(default_factory=dict)
+
+    @property
+    def it_per_s(self) -> float:
+        return self.step / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    @property
+    def eta_s(self) -> float:
+        rate = self.it_per_s
+        return (self.total_steps - self.step) / rate if rate > 0 else float("inf")
+
+
+class TrainingCallback:
+    """Override what you need; every hook is optional."""
+
+    def on_train_start(self, total_steps: int, start_step: int, summary: Dict[str, Any]) -> None: ...
+
+    def on_step_end(self, info: StepInfo) -> None: ...
+
+    def on_save(self, path: str, step: int) -> None: ...
+
+    def on_train_end(self, info: Optional[StepInfo], status: str) -> None: ...
+
+    def should_stop(self) -> bool:
+        return False
+
+
+class CallbackList(TrainingCallback):
+    def __init__(self, callbacks: List[TrainingCallback]):
+        self.callbacks = [c for c in callbacks if c is not None]
+
+    def on_train_start(self, total_steps, start_step, summary):
+        for c in self.callbacks:
+            c.on_train_start(total_steps, start_step, summary)
+
+    def on_step_end(self, info):
+        for c in self.callbacks:
+            c.on_step_end(info)
+
+    def on_save(self, path, step):
+        for c in self.callbacks:
+            c.on_save(path, step)
+
+    def on_train_end(self, info, status):
+        for c in self.callbacks:
+            c.on_train_end(info, status)
+
+    def should_stop(self):
+        return any(c.should_stop() for c in self.callbacks)
+
+
+class TqdmProgress(TrainingCallback):
+    """A terminal progress bar with loss and learning rate."""
+
+    def __init__(self) -> None:
+        self.bar = None
+
+    def on_train_start(self, total_steps, start_step, summary):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total_steps, initial=start_step, desc="training", unit="step", dynamic_ncols=True)
+
+    def on_step_end(self, info):
+        if self.bar is not None:
+            self.bar.update(info.step - self.bar.n)
+            self.bar.set_postfix(loss=f"{info.loss:.4f}", lr=f"{info.lr:.2e}")
+
+    def on_save(self, path, step):
+        if self.bar is not None:
+            self.bar.write(f"saved {path} (step {step})")
+
+    def on_train_end(self, info, status):
+        if self.bar is not None:
+            self.bar.close()
+
+
+class TensorBoardLogger(TrainingCallback):
+    """Scalars (loss, lr) for ``tensorboard --logdir output_dir/logs``."""
+
+    def __init__(self, logdir: str) -> None:
+        self.logdir = logdir
+        self.writer = None
+
+    def on_train_start(self, total_steps, start_step, summary):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # tensorboard not installed (e.g. inside a WebUI host): logging is optional there
+            return
+        self.writer = SummaryWriter(self.logdir, purge_step=start_step or None)
+
+    def on_step_end(self, info):
+        if self.writer is None:
+            return
+        self.writer.add_scalar("loss", info.loss, info.step)
+        self.writer.add_scalar("lr", info.lr, info.step)
+        for key, value in info.extra.items():
+            self.writer.add_scalar(key, value, info.step)
+
+    def on_train_end(self, info, status):
+        if self.writer is not None:
+            self.writer.flush()
+            self.writer.close()
+            self.writer = None
+
+
+class LossHistory(TrainingCallback):
+    """Keeps (step, loss) pairs: the live loss plot and the tests read them."""
+
+    def __init__(self) -> None:
+        self.steps: List[int] = []
+        self.losses: List[float] = []
+        self.started = time.time()
+
+    def on_step_end(self, info):
+        self.steps.append(info.step)
+        self.losses.append(info.loss)

@@ -1,0 +1,34 @@
+"""The one entry point every front end calls: route a validated config to its trainer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from lora_trainer.config import CommonConfig
+from lora_trainer.train.callbacks import TrainingCallback
+
+
+@dataclass
+class TrainingResult:
+    status: str  # "finished", "cancelled" or "stopped"
+    step: int
+    output_files: List[str] = field(default_factory=list)  # the final LoRA / adapter paths written
+    message: str = ""
+    losses: List[float] = field(default_factory=list)
+
+
+def run_training(cfg: CommonConfig, callbacks: Optional[List[TrainingCallback]] = None, runtime=None,
+                 **backend) -> TrainingResult:
+    """Train ``cfg`` to completion (or cancel/stop), calling ``callbacks`` along the way.
+
+    ``runtime`` defaults to accelerate's (standalone); ``backend`` passes trainer-specific objects such as the
+    WebUI host's model adapter.
+    """
+    if cfg.task_type == "text-generation":
+        from lora_trainer.text.trainer import train_text
+
+        return train_text(cfg, callbacks=callbacks, runtime=runtime, **backend)
+    from lora_trainer.train.image_trainer import train_image
+
+    return train_image(cfg, callbacks=callbacks, runtime=runtime, **backend)

@@ -1,0 +1,85 @@
+"""Where the training loop runs: device, precision, gradient sync and which process writes files.
+
+``LocalRuntime`` is plain torch on one device (the WebUI host uses it: no accelerate there).
+``lora_trainer.train.accelerate_runtime.AccelerateRuntime`` adds accelerate's multi-process launch and fp16
+loss scaling for the standalone command line. The loop only calls the methods below.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Iterable, Optional
+
+import torch
+
+from lora_trainer.errors import ConfigError
+
+PRECISION_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def default_thread_count(num_processes: int = 1) -> int:
+    """All cores of this machine shared among the processes (accelerate launch would pin one each)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores // max(1, num_processes))
+
+
+class LocalRuntime:
+    """One process, one device, plain torch."""
+
+    is_main_process = True
+    num_processes = 1
+    process_index = 0
+
+    def __init__(self, device: Optional[torch.device] = None, mixed_precision: str = "no"):
+        self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if mixed_precision == "fp16" and self.device.type == "cpu":
+            raise ConfigError("mixed_precision: fp16 needs a GPU; on the CPU use bf16 or no.")
+        self.mixed_precision = mixed_precision
+        self.dtype = PRECISION_DTYPES[mixed_precision]
+        self.scaler = torch.amp.GradScaler(self.device.type) if mixed_precision == "fp16" else None
+
+    def autocast(self):
+        if self.mixed_precision == "no":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+        else:
+            loss.backward()
+
+    def reduce_gradients(self, params: Iterable[torch.nn.Parameter]) -> None:
+        """Average gradients across processes (nothing to do in one process)."""
+
+    def clip_grad_norm(self, params, max_norm: float, optimizer) -> None:
+        if self.scaler is not None:
+            self.scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(list(params), max_norm)
+
+    def optimizer_step(self, optimizer) -> bool:
+        """Step; returns False when fp16 loss scaling skipped the step (inf/NaN gradients)."""
+        if self.scaler is None:
+            optimizer.step()
+            return True
+        scale = self.scaler.get_scale()
+        self.scaler.step(optimizer)
+        self.scaler.update()
+        return self.scaler.get_scale() >= scale
+
+    def mean_across_processes(self, value: float) -> float:
+        return value
+
+    def wait_for_everyone(self) -> None:
+        pass
+
+    def broadcast_flag(self, flag: bool) -> bool:
+        """Whether any process raised ``flag`` (one process: itself)."""
+        return flag
+
+    def end(self) -> None:
+        pass

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Installs everything the engine, the command line and the tests need into ./.venv (offline-safe: PyPI only).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+# torch and torchvision must match each other; these two come from the machine's local wheel store.
+.venv/bin/python -m pip install -q torch==2.14.1 torchvision==0.29.1
+.venv/bin/python -m pip install -q -e ".[standalone,text,caption,dev]"
