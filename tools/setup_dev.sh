@@ -7,4 +7,4 @@ PYTHON=${PYTHON:-python3}
 .venv/bin/python -m pip install -q --upgrade pip
 # torch and torchvision must match each other; these two come from the machine's local wheel store.
 .venv/bin/python -m pip install -q torch==2.14.1 torchvision==0.29.1
-.venv/bin/python -m pip install -q -e ".[standalone,text,caption,dev]"
+.venv/bin/python -m pip install -q -e ".[standalone,text,caption,ui,dev]"
