@@ -1,0 +1,299 @@
+"""Loading Stable Diffusion models from disk, fully offline, with one copy of the weights in memory.
+
+Two sources: a diffusers folder (``model_index.json``) or a single-file checkpoint (``.safetensors``; ``.ckpt``
+only through ``torch.load(weights_only=True)``). Single files are read tensor by tensor with ``safe_open``
+into models built on the meta device (``load_state_dict(assign=True)``), so the UNet never exists twice.
+Configs come from the checkpoint's own keys (``architecture.py``); the tokenizer from open_clip's vocabulary.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Dict, Iterator, List, Optional, Tuple
+
+import torch
+
+from lora_trainer.errors import ModelLoadError
+from lora_trainer.models.architecture import (
+    SD1,
+    SD2,
+    SDXL,
+    UNET_PREFIX,
+    VAE_PREFIX,
+    CheckpointSpec,
+    TextEncoderSpec,
+    infer_spec,
+)
+from lora_trainer.models.ldm_names import UNetLayout, UNetNameMap, VaeNameMap, open_clip_to_hf
+
+
+@dataclass
+class StableDiffusionModel:
+    """The parts the trainer needs; ``vae``/``text_encoders`` are None when not loaded (their outputs cached)."""
+
+    arch: str
+    unet: torch.nn.Module
+    vae: Optional[torch.nn.Module]
+    text_encoders: Optional[List[torch.nn.Module]]
+    tokenizers: List[object]
+    prediction_type: str
+    alphas_cumprod: torch.Tensor
+    vae_scaling_factor: float
+    name: str
+    unet_layout: UNetLayout
+    info: Dict[str, str] = field(default_factory=dict)
+
+
+def scaled_linear_alphas_cumprod(beta_start: float = 0.00085, beta_end: float = 0.012, steps: int = 1000,
+                                 schedule: str = "scaled_linear") -> torch.Tensor:
+    """The DDPM noise schedule every SD1/SD2/SDXL model was trained with."""
+    if schedule == "scaled_linear":
+        betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, steps, dtype=torch.float64) ** 2
+    elif schedule == "linear":
+        betas = torch.linspace(beta_start, beta_end, steps, dtype=torch.float64)
+    else:
+        raise ModelLoadError(f"unsupported beta_schedule {schedule!r} in the scheduler config.")
+    return torch.cumprod(1.0 - betas, dim=0).float()
+
+
+def is_diffusers_folder(path: str) -> bool:
+    return os.path.isdir(path) and os.path.isfile(os.path.join(path, "model_index.json"))
+
+
+def load_stable_diffusion(path: str, *, load_vae: bool = True, load_text_encoders: bool = True,
+                          dtype: torch.dtype = torch.float32, prediction_type: Optional[str] = None
+                          ) -> StableDiffusionModel:
+    """Load a diffusers folder or single-file SD1/SD2/SDXL checkpoint for training (eval mode, frozen)."""
+    if not os.path.exists(path):
+        raise ModelLoadError(f"base_model not found: {path}. Point base_model at a .safetensors checkpoint or a "
+                             "diffusers folder (with model_index.json).")
+    if os.path.isdir(path):
+        if not is_diffusers_folder(path):
+            raise ModelLoadError(f"base_model {path} is a folder without model_index.json; give a diffusers "
+                                 "folder or a single-file checkpoint.")
+        model = _load_diffusers_folder(path, load_vae, load_text_encoders, dtype, prediction_type)
+    else:
+        model = _load_single_file(path, load_vae, load_text_encoders, dtype, prediction_type)
+    for module in [model.unet, model.vae, *(model.text_encoders or [])]:
+        if module is not None:
+            module.requires_grad_(False)
+            module.eval()
+    return model
+
+
+# ---------------------------------------------------------------- diffusers folders
+
+def _load_diffusers_folder(path, load_vae, load_text_encoders, dtype, prediction_type) -> StableDiffusionModel:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    with open(os.path.join(path, "model_index.json"), encoding="utf-8") as fh:
+        index = json.load(fh)
+    arch = SDXL if "text_encoder_2" in index else SD1
+    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype, low_cpu_mem_usage=True)
+    if arch == SD1 and unet.config.cross_attention_dim == 1024:
+        arch = SD2
+    scheduler = {}
+    scheduler_path = os.path.join(path, "scheduler", "scheduler_config.json")
+    if os.path.isfile(scheduler_path):
+        with open(scheduler_path, encoding="utf-8") as fh:
+            scheduler = json.load(fh)
+    alphas = scaled_linear_alphas_cumprod(scheduler.get("beta_start", 0.00085), scheduler.get("beta_end", 0.012),
+                                          scheduler.get("num_train_timesteps", 1000),
+                                          scheduler.get("beta_schedule", "scaled_linear"))
+    vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype) if load_vae else None
+    text_encoders = None
+    names = ["text_encoder"] + (["text_encoder_2"] if arch == SDXL else [])
+    if load_text_encoders:
+        classes = [CLIPTextModel, CLIPTextModelWithProjection]
+        text_encoders = [classes[i].from_pretrained(path, subfolder=name, torch_dtype=dtype)
+                         for i, name in enumerate(names)]
+    tokenizers = []
+    for i, name in enumerate(["tokenizer", "tokenizer_2"][:len(names)]):
+        folder = os.path.join(path, name)
+        tokenizers.append(_tokenizer(folder if os.path.isdir(folder) else None, arch, i))
+    scaling = vae.config.scaling_factor if vae is not None else _vae_scaling_from_config(path)
+    return StableDiffusionModel(
+        arch=arch, unet=unet, vae=vae, text_encoders=text_encoders, tokenizers=tokenizers,
+        prediction_type=prediction_type or scheduler.get("prediction_type", "epsilon"), alphas_cumprod=alphas,
+        vae_scaling_factor=scaling, name=os.path.basename(os.path.normpath(path)),
+        unet_layout=UNetLayout.from_config(unet.config))
+
+
+def _vae_scaling_from_config(path: str) -> float:
+    with open(os.path.join(path, "vae", "config.json"), encoding="utf-8") as fh:
+        return float(json.load(fh).get("scaling_factor", 0.18215))
+
+
+def _tokenizer(folder: Optional[str], arch: str, index: int):
+    from lora_trainer.models.tokenizer import load_clip_tokenizer
+
+    # open_clip-trained encoders (SD2, SDXL's second) pad with "!" rather than the end token.
+    pad = "!" if (arch == SD2 or (arch == SDXL and index == 1)) and folder is None else None
+    return load_clip_tokenizer(folder, pad)
+
+
+# ---------------------------------------------------------------- single files
+
+class _CheckpointReader:
+    """Uniform tensor access for .safetensors (lazy) and weights-only .ckpt files."""
+
+    def __init__(self, path: str):
+        self.path = path
+        ext = os.path.splitext(path)[1].lower()
+        if ext == ".safetensors":
+            from safetensors import safe_open
+
+            try:
+                self.handle = safe_open(path, framework="pt")
+            except Exception as exc:
+                raise ModelLoadError(f"{path} is not a readable .safetensors file ({exc}).") from None
+            self.keys = list(self.handle.keys())
+            self.tensors = None
+        elif ext in (".ckpt", ".pt", ".pth", ".bin"):
+            try:
+                blob = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as exc:
+                raise ModelLoadError(
+                    f"{path}: refusing to unpickle this checkpoint, it is not loadable with weights_only=True "
+                    f"({type(exc).__name__}). Pickled checkpoints can run arbitrary code; convert it to "
+                    ".safetensors with a tool you trust.") from None
+            self.tensors = blob.get("state_dict", blob) if isinstance(blob, dict) else {}
+            self.keys = [k for k, v in self.tensors.items() if isinstance(v, torch.Tensor)]
+        else:
+            raise ModelLoadError(f"{path}: unsupported model file type {ext!r}; use .safetensors or a diffusers "
+                                 "folder.")
+
+    def shapes(self) -> Dict[str, Tuple[int, ...]]:
+        if self.tensors is not None:
+            return {k: tuple(self.tensors[k].shape) for k in self.keys}
+        return {k: tuple(self.handle.get_slice(k).get_shape()) for k in self.keys}
+
+    def get(self, key: str) -> torch.Tensor:
+        if self.tensors is not None:
+            return self.tensors[key]
+        return self.handle.get_tensor(key)
+
+    def items(self, prefix: str) -> Iterator[Tuple[str, torch.Tensor]]:
+        for key in self.keys:
+            if key.startswith(prefix):
+                yield key[len(prefix):], self.get(key)
+
+
+def _prediction_type_from_yaml(path: str) -> Optional[str]:
+    """The ldm config beside a checkpoint (``name.yaml``), as the WebUI reads it: only parameterization."""
+    yaml_path = os.path.splitext(path)[0] + ".yaml"
+    if not os.path.isfile(yaml_path):
+        return None
+    import yaml
+
+    with open(yaml_path, encoding="utf-8") as fh:
+        config = yaml.safe_load(fh) or {}
+    params = (config.get("model") or {}).get("params") or {}
+    return "v_prediction" if params.get("parameterization") == "v" else "epsilon"
+
+
+def _materialise(module: torch.nn.Module, state: Dict[str, torch.Tensor], what: str, path: str,
+                 optional: Tuple[str, ...] = ()) -> None:
+    missing, _unexpected = module.load_state_dict(state, strict=False, assign=True)
+    missing = [k for k in missing if not k.endswith(optional)]
+    if missing:
+        raise ModelLoadError(f"{path}: the {what} is missing {len(missing)} weights (first: {missing[0]}); the "
+                             "checkpoint is incomplete or of an unsupported layout.")
+
+
+def _convert_unet(reader: _CheckpointReader, spec: CheckpointSpec, dtype) -> torch.nn.Module:
+    from diffusers import UNet2DConditionModel
+
+    names = UNetNameMap(UNetLayout.from_config(spec.unet_config))
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**spec.unet_config)
+    state = {}
+    for key, tensor in reader.items(UNET_PREFIX):
+        name = names.to_diffusers(key)
+        if name is not None:
+            state[name] = tensor.to(dtype)
+    _materialise(unet, state, "UNet", reader.path)
+    return unet
+
+
+def _convert_vae(reader: _CheckpointReader, spec: CheckpointSpec, dtype) -> torch.nn.Module:
+    from diffusers import AutoencoderKL
+
+    names = VaeNameMap(len(spec.vae_config["block_out_channels"]), spec.vae_config["layers_per_block"])
+    with torch.device("meta"):
+        vae = AutoencoderKL(**spec.vae_config)
+    state = {}
+    for key, tensor in reader.items(VAE_PREFIX):
+        name = names.to_diffusers(key)
+        if name is not None:
+            # ldm's VAE attention uses 1x1 convolutions where diffusers uses linears: drop the 1x1.
+            state[name] = tensor.to(dtype).reshape(vae.get_parameter(name).shape)
+    _materialise(vae, state, "VAE", reader.path)
+    return vae
+
+
+def _convert_text_encoder(reader: _CheckpointReader, te: TextEncoderSpec, dtype) -> torch.nn.Module:
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(**te.config)
+    cls = CLIPTextModelWithProjection if te.with_projection else CLIPTextModel
+    with torch.device("meta"):
+        model = cls(config)
+    layers = config.num_hidden_layers
+    state = {}
+    for key, tensor in reader.items(te.prefix):
+        if te.open_clip:
+            name = open_clip_to_hf(key)
+            if name is None:
+                continue
+            if name == "text_projection.weight":
+                if not te.with_projection:
+                    continue
+                tensor = tensor.t()
+            if ".self_attn.in_proj_" in name:
+                base, kind = name.split(".self_attn.in_proj_")
+                for part, chunk in zip(("q_proj", "k_proj", "v_proj"), tensor.chunk(3, dim=0)):
+                    state[f"{base}.self_attn.{part}.{kind}"] = chunk.to(dtype).clone()
+                continue
+        else:
+            name = key if key.startswith(("text_model.", "text_projection")) else "text_model." + key
+        state[name] = tensor.to(dtype)
+    # Layers beyond the encoder's depth (SD2's last layer, which it never uses) are dropped here.
+    state = {k: v for k, v in state.items()
+             if not (k.startswith("text_model.encoder.layers.") and int(k.split(".")[3]) >= layers)}
+    if not te.with_projection:
+        state.pop("text_projection.weight", None)
+    state = {hf_text_state_name(model, k): v for k, v in state.items()}
+    _materialise(model, state, "text encoder", reader.path, optional=("position_ids",))
+    for module in model.modules():
+        buffer = getattr(module, "position_ids", None)
+        if isinstance(buffer, torch.Tensor) and buffer.is_meta:
+            module.register_buffer("position_ids", torch.arange(config.max_position_embeddings).unsqueeze(0),
+                                   persistent=False)
+    return model
+
+
+def hf_text_state_name(model: torch.nn.Module, name: str) -> str:
+    """transformers 5 flattened CLIPTextModel (no ``text_model.`` level); 4.x and the files keep it."""
+    has_level = hasattr(model, "text_model")
+    if has_level or not name.startswith("text_model."):
+        return name
+    return name[len("text_model."):]
+
+
+def _load_single_file(path, load_vae, load_text_encoders, dtype, prediction_type) -> StableDiffusionModel:
+    reader = _CheckpointReader(path)
+    spec = infer_spec(reader.shapes(), prediction_type or _prediction_type_from_yaml(path))
+    unet = _convert_unet(reader, spec, dtype)
+    vae = _convert_vae(reader, spec, dtype) if load_vae else None
+    text_encoders = [_convert_text_encoder(reader, te, dtype) for te in spec.text_encoders] \
+        if load_text_encoders else None
+    tokenizers = [_tokenizer(None, spec.arch, i) for i in range(len(spec.text_encoders))]
+    return StableDiffusionModel(
+        arch=spec.arch, unet=unet, vae=vae, text_encoders=text_encoders, tokenizers=tokenizers,
+        prediction_type=spec.prediction_type, alphas_cumprod=scaled_linear_alphas_cumprod(),
+        vae_scaling_factor=spec.vae_config["scaling_factor"], name=os.path.basename(path),
+        unet_layout=UNetLayout.from_config(spec.unet_config))
