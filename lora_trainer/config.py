@@ -126,6 +126,8 @@ class TextConfig(CommonConfig):
     merge_adapter: bool = option(False, "Also write the base model with the adapter merged in.")
     data_format: str = option("auto", "Training data format; auto detects it from the files.",
                               choices=("auto", "text", "prompt_completion", "alpaca", "chat"))
+    text_sample_unit: str = option("line", "Plain .txt data: one sample per non-blank line, or one per file.",
+                                   choices=("line", "file"))
 
 
 CONFIG_CLASSES: Dict[str, Type[CommonConfig]] = {"image-generation": ImageConfig, "text-generation": TextConfig}

@@ -1,0 +1,106 @@
+"""Load the base causal LM and its tokenizer from a local folder, and attach a trainable LoRA adapter."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import List
+
+import torch
+
+from lora_trainer.config import TextConfig
+from lora_trainer.errors import ModelLoadError
+
+# The familiar peft recipe for causal LMs; the config's None means "use these".
+DEFAULT_RANK = 8
+DEFAULT_ALPHA = 16.0
+DEFAULT_DROPOUT = 0.1
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    rank: int
+    alpha: float
+    dropout: float
+    target_modules: List[str]
+
+
+def resolve_lora_settings(cfg: TextConfig) -> LoraSettings:
+    """The adapter's shape: the config's values, or the text task's defaults where they are None."""
+    return LoraSettings(rank=cfg.lora_rank if cfg.lora_rank is not None else DEFAULT_RANK,
+                        alpha=cfg.lora_alpha if cfg.lora_alpha is not None else DEFAULT_ALPHA,
+                        dropout=cfg.lora_dropout if cfg.lora_dropout is not None else DEFAULT_DROPOUT,
+                        target_modules=list(cfg.target_modules))
+
+
+def _require_model_folder(path: str) -> None:
+    if not os.path.isdir(path) or not os.path.isfile(os.path.join(path, "config.json")):
+        raise ModelLoadError(f"base_model: {path} is not a transformers model folder (no config.json there). "
+                             "The text task needs a local causal-LM folder, as written by save_pretrained.")
+
+
+def load_tokenizer(base_model: str):
+    """The tokenizer saved with the base model."""
+    from transformers import AutoTokenizer
+
+    _require_model_folder(base_model)
+    try:
+        return AutoTokenizer.from_pretrained(base_model)
+    except Exception as exc:  # transformers raises many kinds (OSError, ValueError, KeyError)
+        raise ModelLoadError(f"base_model: cannot load a tokenizer from {base_model}: {exc}") from exc
+
+
+def declared_dtype(base_model: str) -> torch.dtype:
+    """The dtype the base model's config declares (float32 when it declares none)."""
+    from transformers import AutoConfig
+
+    dtype = getattr(AutoConfig.from_pretrained(base_model), "dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if isinstance(dtype, torch.dtype) else torch.float32
+
+
+def load_base_model(base_model: str, dtype: torch.dtype, gradient_checkpointing: bool = False):
+    """The frozen base model in ``dtype`` (the compute precision), in training mode."""
+    from transformers import AutoModelForCausalLM
+
+    _require_model_folder(base_model)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(base_model, dtype=dtype)
+    except Exception as exc:
+        raise ModelLoadError(f"base_model: cannot load a causal language model from {base_model}: {exc}") \
+            from exc
+    model.config.use_cache = False  # the key/value cache only serves generation
+    if gradient_checkpointing:
+        # Non-reentrant checkpointing lets gradients reach the adapter although the embeddings are frozen.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def attach_adapter(model, cfg: TextConfig, settings: LoraSettings):
+    """Wrap ``model`` in a trainable PEFT LoRA: a new one, or the adapter folder in ``cfg.network_weights``."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    if cfg.network_weights:
+        folder = cfg.network_weights
+        if os.path.isfile(folder):  # the adapter_model.safetensors inside the folder is accepted too
+            folder = os.path.dirname(folder)
+        if not os.path.isfile(os.path.join(folder, "adapter_config.json")):
+            raise ModelLoadError(f"network_weights: {cfg.network_weights} is not a PEFT adapter folder (no "
+                                 "adapter_config.json there).")
+        try:
+            peft_model = PeftModel.from_pretrained(model, folder, is_trainable=True)
+        except Exception as exc:
+            raise ModelLoadError(f"network_weights: cannot load the adapter in {folder} onto {cfg.base_model}: "
+                                 f"{exc}") from exc
+    else:
+        lora = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+                          target_modules=settings.target_modules, bias="none", task_type="CAUSAL_LM")
+        try:
+            peft_model = get_peft_model(model, lora)
+        except ValueError as exc:  # e.g. no module matches target_modules
+            raise ModelLoadError(f"target_modules {settings.target_modules}: {exc}") from exc
+    for param in peft_model.parameters():
+        if param.requires_grad:
+            param.data = param.data.float()  # adapter weights train in fp32 whatever the base precision
+    return peft_model
