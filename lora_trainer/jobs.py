@@ -1,0 +1,346 @@
+"""Run one training job at a time in a background thread, for every UI front end (standalone app, WebUI tab, API).
+
+``JobRunner`` owns at most one running ``TrainingJob``; the front end holds the runner (there is no module
+state here). The job calls the trainer with a progress callback that records a thread-safe ``JobStatus``
+snapshot (state, step, loss history, it/s, ETA, files) which the page polls, and that answers
+``should_stop()`` with True once the user cancels, so the trainer stops within one step.
+
+The host glue plugs in through ``JobHooks``: a guard held for the whole run (the WebUI's GPU queue lock), a
+check before training, and a call after each file written (to refresh the host's Lora list).
+Nothing here imports torch or gradio: the WebUI host loads this module when its tab is built.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, replace
+from typing import Any, Callable, ContextManager, Dict, List, Mapping, Optional, Tuple
+
+from lora_trainer.config import CommonConfig, resolved_output_name
+from lora_trainer.errors import LoraTrainerError, TrainingCancelled
+from lora_trainer.train.callbacks import StepInfo, TrainingCallback
+
+log = logging.getLogger(__name__)
+
+IDLE, RUNNING, FINISHED, CANCELLED, FAILED = "idle", "running", "finished", "cancelled", "failed"
+END_STATES = (FINISHED, CANCELLED, FAILED)
+PREVIEW_DIR = "samples"  # where trainers write preview images, relative to output_dir (sd-scripts' habit)
+PREVIEW_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
+
+# trainer(cfg, callbacks=[...], **backend_kwargs) -> TrainingResult; run_training is the default.
+Trainer = Callable[..., Any]
+
+
+class JobBusyError(LoraTrainerError):
+    """A second training run was requested while one is running."""
+
+
+@dataclass(frozen=True)
+class JobStatus:
+    """What the page shows about the current (or last) job. Immutable: safe to hand to any thread."""
+
+    state: str = IDLE
+    job_id: int = 0
+    label: str = ""  # "Train" or "Quick check"
+    output_name: str = ""
+    output_dir: str = ""
+    step: int = 0
+    total: int = 0
+    epoch: int = 0
+    loss_steps: Tuple[int, ...] = ()
+    losses: Tuple[float, ...] = ()
+    lr: float = 0.0
+    it_per_s: float = 0.0
+    eta_s: Optional[float] = None
+    message: str = ""
+    saved_files: Tuple[str, ...] = ()  # every file the trainer reported saving, intermediate saves included
+    output_files: Tuple[str, ...] = ()  # the final LoRA file(s) of a finished, cancelled or stopped run
+    previews: Tuple[str, ...] = ()
+    started_at: float = 0.0
+    finished_at: float = 0.0
+    cancel_requested: bool = False
+
+    @property
+    def running(self) -> bool:
+        return self.state == RUNNING
+
+    @property
+    def last_loss(self) -> Optional[float]:
+        return self.losses[-1] if self.losses else None
+
+
+@dataclass
+class JobHooks:
+    """Optional host glue. Every hook runs in the job's worker thread.
+
+    ``guard(cfg)`` returns a context manager held for the whole run (the WebUI's GPU queue lock);
+    ``before_start(cfg)`` may raise LoraTrainerError to refuse the run with a message (e.g. ``--lowvram``);
+    ``after_save(path)`` runs after each LoRA file is written (refresh the host's Lora list);
+    ``after_end(status)`` runs once with the final status, whatever the outcome.
+    """
+
+    guard: Optional[Callable[[CommonConfig], ContextManager[Any]]] = None
+    before_start: Optional[Callable[[CommonConfig], None]] = None
+    after_save: Optional[Callable[[str], None]] = None
+    after_end: Optional[Callable[[JobStatus], None]] = None
+
+
+def default_trainer(cfg: CommonConfig, callbacks: List[TrainingCallback], **backend_kwargs: Any) -> Any:
+    """The engine's one entry point, imported only when a job starts (it pulls in torch)."""
+    from lora_trainer.train.run import run_training
+
+    return run_training(cfg, callbacks=callbacks, **backend_kwargs)
+
+
+class _JobProgress(TrainingCallback):
+    """The callback the trainer sees: forwards everything to its job."""
+
+    def __init__(self, job: "TrainingJob") -> None:
+        self.job = job
+
+    def on_train_start(self, total_steps: int, start_step: int, summary: Dict[str, Any]) -> None:
+        self.job._on_train_start(total_steps, start_step)
+
+    def on_step_end(self, info: StepInfo) -> None:
+        self.job._on_step_end(info)
+
+    def on_save(self, path: str, step: int) -> None:
+        self.job._on_save(path, step)
+
+    def on_preview(self, paths: List[str], step: int) -> None:
+        """Trainers that render preview images report them here (duck-typed: not every trainer has previews)."""
+        self.job._on_preview(paths)
+
+    def should_stop(self) -> bool:
+        return self.job._cancel.is_set()
+
+
+class TrainingJob:
+    """One training run in a background thread, with a status snapshot and cancel."""
+
+    def __init__(self, cfg: CommonConfig, *, job_id: int = 1, label: str = "Train",
+                 trainer: Optional[Trainer] = None, backend_kwargs: Optional[Mapping[str, Any]] = None,
+                 hooks: Optional[JobHooks] = None) -> None:
+        self.cfg = cfg
+        self.trainer = trainer or default_trainer
+        self.backend_kwargs = dict(backend_kwargs or {})
+        self.hooks = hooks or JobHooks()
+        self._lock = threading.Lock()
+        self._cancel = threading.Event()
+        self._done = threading.Event()
+        self._reported: set = set()  # files already passed to after_save
+        # The loss history grows every step; it is kept in lists and copied into the snapshot only when read.
+        self._loss_steps: List[int] = []
+        self._losses: List[float] = []
+        self._status = JobStatus(job_id=job_id, label=label, output_name=resolved_output_name(cfg),
+                                 output_dir=cfg.output_dir)
+        self._thread = threading.Thread(target=self._run, name=f"lora-trainer-job-{job_id}", daemon=True)
+
+    # --- control -------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._update(state=RUNNING, started_at=time.time(), message="Starting…")
+        self._thread.start()
+
+    def cancel(self) -> bool:
+        """Ask the trainer to stop at its next step; True when the job was still running."""
+        if self._done.is_set():
+            return False
+        self._cancel.set()
+        self._update(cancel_requested=True, message="Cancelling: stopping after the current step…")
+        return True
+
+    def wait(self, timeout: Optional[float] = None) -> bool:
+        """Block until the job has ended; False on timeout."""
+        return self._done.wait(timeout)
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def status(self) -> JobStatus:
+        with self._lock:
+            return replace(self._status, loss_steps=tuple(self._loss_steps), losses=tuple(self._losses))
+
+    # --- worker thread -------------------------------------------------------------------------------------
+    def _update(self, **changes: Any) -> None:
+        with self._lock:
+            self._status = replace(self._status, **changes)
+
+    def _run(self) -> None:
+        try:
+            guard = self.hooks.guard(self.cfg) if self.hooks.guard else contextlib.nullcontext()
+            self._update(message="Waiting for the GPU…" if self.hooks.guard else "Preparing…")
+            with guard:
+                if self._cancel.is_set():  # cancelled while waiting for the guard: never start
+                    raise TrainingCancelled("Cancelled before training started.")
+                self._update(message="Loading the model and data…")
+                if self.hooks.before_start:
+                    self.hooks.before_start(self.cfg)
+                result = self.trainer(self.cfg, callbacks=[_JobProgress(self)], **self.backend_kwargs)
+            self._finish_from_result(result)
+        except TrainingCancelled as exc:
+            self._end(CANCELLED, str(exc) or "Cancelled.")
+        except LoraTrainerError as exc:
+            self._end(FAILED, str(exc))
+        except Exception as exc:  # a bug or an unexpected library error: keep the page alive, log the traceback
+            log.exception("Training job %s failed", self._status.job_id)
+            self._end(FAILED, f"Unexpected error: {type(exc).__name__}: {exc} (the full traceback is in the log).")
+        finally:
+            status = self.status()
+            if self.hooks.after_end:
+                try:
+                    self.hooks.after_end(status)
+                except Exception:
+                    log.exception("after_end hook failed")
+            self._done.set()
+
+    def _finish_from_result(self, result: Any) -> None:
+        outputs = tuple(getattr(result, "output_files", None) or ())
+        for path in outputs:
+            self._report_saved(path)
+        self._update(output_files=outputs)
+        self._scan_previews()
+        status = getattr(result, "status", FINISHED)
+        message = getattr(result, "message", "") or ""
+        if status == FINISHED:
+            self._end(FINISHED, message or self._finished_message(outputs))
+        elif status == CANCELLED:
+            self._end(CANCELLED, message or "Cancelled; the last save is kept.")
+        else:  # "stopped": NaN loss, out of memory... the trainer's message names the setting to change
+            self._end(FAILED, message or f"Training stopped ({status}).")
+
+    @staticmethod
+    def _finished_message(outputs: Tuple[str, ...]) -> str:
+        if not outputs:
+            return "Finished."
+        return "Finished: " + ", ".join(os.path.basename(p) for p in outputs)
+
+    def _end(self, state: str, message: str) -> None:
+        self._update(state=state, message=message, finished_at=time.time(), eta_s=None)
+
+    # --- progress callbacks (called by the trainer, in this worker thread) ----------------------------------
+    def _on_train_start(self, total_steps: int, start_step: int) -> None:
+        self._update(total=total_steps, step=start_step, message="Training…")
+
+    def _on_step_end(self, info: StepInfo) -> None:
+        eta = info.eta_s
+        with self._lock:
+            s = self._status
+            self._loss_steps.append(info.step)
+            self._losses.append(float(info.loss))
+            self._status = replace(
+                s, step=info.step, total=info.total_steps or s.total, epoch=info.epoch, lr=info.lr,
+                it_per_s=info.it_per_s, eta_s=None if eta == float("inf") else eta,
+                message=s.message if s.cancel_requested else "Training…")
+
+    def _on_save(self, path: str, step: int) -> None:
+        with self._lock:
+            self._status = replace(self._status, saved_files=self._status.saved_files + (path,))
+        self._report_saved(path)
+        self._scan_previews()
+
+    def _on_preview(self, paths: List[str]) -> None:
+        with self._lock:
+            known = self._status.previews
+            self._status = replace(self._status, previews=known + tuple(p for p in paths if p not in known))
+
+    def _report_saved(self, path: str) -> None:
+        """Call after_save once per file; a failing hook is logged, it never stops training."""
+        if path in self._reported or not self.hooks.after_save:
+            return
+        self._reported.add(path)
+        try:
+            self.hooks.after_save(path)
+        except Exception:
+            log.exception("after_save hook failed for %s", path)
+
+    def _scan_previews(self) -> None:
+        """Pick up preview images written to output_dir/samples during this run (trainers without on_preview)."""
+        folder = os.path.join(self.cfg.output_dir, PREVIEW_DIR)
+        started = self._status.started_at
+        try:
+            entries = [e for e in os.scandir(folder)
+                       if e.is_file() and e.name.lower().endswith(PREVIEW_EXTENSIONS)
+                       and e.stat().st_mtime >= started - 1]
+        except OSError:
+            return
+        entries.sort(key=lambda e: (e.stat().st_mtime, e.name))
+        self._on_preview([e.path for e in entries])
+
+
+class JobRunner:
+    """Owns at most one running job; a second start while one runs is refused with ``JobBusyError``."""
+
+    def __init__(self, trainer: Optional[Trainer] = None, hooks: Optional[JobHooks] = None) -> None:
+        self.trainer = trainer
+        self.hooks = hooks or JobHooks()
+        self._lock = threading.Lock()
+        self._job: Optional[TrainingJob] = None
+        self._next_id = 1
+        self._finished_files: List[str] = []
+
+    def start(self, cfg: CommonConfig, *, label: str = "Train",
+              backend_kwargs: Optional[Mapping[str, Any]] = None) -> TrainingJob:
+        with self._lock:  # check and start under one lock: two clicks at once cannot both start
+            current = self._job
+            if current is not None and not current.done:
+                s = current.status()
+                where = f" (step {s.step}/{s.total})" if s.total else ""
+                raise JobBusyError(f"A training run is already in progress{where}: {s.output_name}. "
+                                   "Cancel it or wait for it to finish before starting another.")
+            job = TrainingJob(cfg, job_id=self._next_id, label=label, trainer=self.trainer,
+                              backend_kwargs=backend_kwargs, hooks=self._hooks_with_bookkeeping())
+            self._next_id += 1
+            self._job = job
+            job.start()
+            return job
+
+    def _hooks_with_bookkeeping(self) -> JobHooks:
+        """The user's hooks plus recording each job's final files, for the list of finished LoRAs."""
+        user_end = self.hooks.after_end
+
+        def after_end(status: JobStatus) -> None:
+            with self._lock:
+                self._finished_files.extend(p for p in status.output_files if p not in self._finished_files)
+            if user_end:
+                user_end(status)
+
+        return replace(self.hooks, after_end=after_end)
+
+    def cancel(self) -> bool:
+        """Cancel the running job; False when nothing is running."""
+        job = self.current_job
+        return job.cancel() if job is not None else False
+
+    def status(self) -> JobStatus:
+        job = self.current_job
+        return job.status() if job is not None else JobStatus()
+
+    def wait(self, timeout: Optional[float] = None) -> bool:
+        job = self.current_job
+        return job.wait(timeout) if job is not None else True
+
+    @property
+    def current_job(self) -> Optional[TrainingJob]:
+        """The running job, or the last one after it ended."""
+        with self._lock:
+            return self._job
+
+    @property
+    def is_running(self) -> bool:
+        job = self.current_job
+        return job is not None and not job.done
+
+    @property
+    def finished_files(self) -> List[str]:
+        """Final LoRA files of every job this runner ran, oldest first."""
+        with self._lock:
+            return list(self._finished_files)
+
+
+__all__ = ["CANCELLED", "END_STATES", "FAILED", "FINISHED", "IDLE", "RUNNING", "JobBusyError", "JobHooks",
+           "JobRunner", "JobStatus", "TrainingJob", "default_trainer"]

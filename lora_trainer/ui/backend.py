@@ -1,0 +1,95 @@
+"""What the tab needs to know about where it runs: the standalone app or a WebUI host.
+
+The tab is the same everywhere; a ``UiBackend`` answers the host-specific questions (which model, where
+files go, what to pass to the trainer, how much memory a run needs). ``StandaloneBackend`` trains a model
+from disk with the standard engine path; the WebUI glue subclasses ``UiBackend`` for the loaded checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, Optional
+
+from lora_trainer.config import CommonConfig, resolved_output_name
+from lora_trainer.ui.options import final_lora_path
+
+MODEL_WEIGHT_EXTENSIONS = (".safetensors", ".ckpt", ".bin", ".pt", ".pth")
+
+
+class UiBackend:
+    """Host-specific answers for the tab. Override what differs; the defaults suit a plain folder layout."""
+
+    title = "LoRA Trainer"
+
+    def describe_model(self) -> Optional[str]:
+        """A line naming the base model the host has loaded (e.g. "the loaded checkpoint `x` (SDXL)").
+
+        None means the user chooses the base model: the tab shows a path box instead.
+        """
+        return None
+
+    def resolve_base_model(self, typed: str) -> str:
+        """The config's ``base_model`` for what the user typed (a host with a loaded model ignores ``typed``)."""
+        return typed
+
+    def lora_dir(self) -> str:
+        """The folder whose LoRA files the tab lists (the host's Lora folder)."""
+        raise NotImplementedError
+
+    def default_output_dir(self, output_name: str) -> str:
+        """Where a run's LoRA, states and logs go when the user leaves the output folder blank."""
+        return os.path.join(self.lora_dir(), output_name)
+
+    def final_lora_path(self, cfg: CommonConfig) -> str:
+        """The file a finished run writes; the tab refuses to overwrite it unless asked."""
+        return final_lora_path(cfg)
+
+    def make_backend_kwargs(self, cfg: CommonConfig) -> Dict[str, Any]:
+        """Extra keyword arguments for ``run_training`` (runtime, the host's model adapter...)."""
+        return {}
+
+    def estimate_memory(self, cfg: CommonConfig) -> str:
+        """A sentence about the memory the run will need, shown before it starts."""
+        return ""
+
+    def send_prompt_js(self) -> Optional[str]:
+        """JavaScript ``(prompt) => ...`` that sends the "Try it" prompt to the host's txt2img, or None."""
+        return None
+
+
+def _weights_size(path: str) -> int:
+    """Bytes of model weights in a single file or a diffusers/transformers folder."""
+    if os.path.isfile(path):
+        return os.path.getsize(path)
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        total += sum(os.path.getsize(os.path.join(root, f)) for f in files
+                     if f.lower().endswith(MODEL_WEIGHT_EXTENSIONS))
+    return total
+
+
+class StandaloneBackend(UiBackend):
+    """The plain gradio app: the base model is a path, files go under one output root."""
+
+    title = "LoRA Trainer (standalone)"
+
+    def __init__(self, output_root: str, **trainer_kwargs: Any) -> None:
+        self.output_root = os.path.abspath(output_root)
+        self.trainer_kwargs = trainer_kwargs  # runtime=None: run_training picks accelerate's runtime
+
+    def lora_dir(self) -> str:
+        return self.output_root
+
+    def make_backend_kwargs(self, cfg: CommonConfig) -> Dict[str, Any]:
+        return dict(self.trainer_kwargs)
+
+    def estimate_memory(self, cfg: CommonConfig) -> str:
+        if not cfg.base_model or not os.path.exists(cfg.base_model):
+            return ""
+        size = _weights_size(cfg.base_model)
+        if not size:
+            return ""
+        precision = "its stored precision" if cfg.mixed_precision == "no" else cfg.mixed_precision
+        return (f"The base model's weights take about {size / 2**30:.1f} GiB on disk; training holds them in "
+                f"{precision} plus the LoRA weights ({resolved_output_name(cfg)}, rank {cfg.lora_rank or 8}), "
+                "their optimizer state and the activations of one batch.")
