@@ -12,7 +12,7 @@ from typing import List, Optional, Sequence, Tuple
 from PIL import Image, ImageDraw, ImageFont
 
 WIDTH, HEIGHT = 640, 240
-MARGIN_LEFT, MARGIN_RIGHT, MARGIN_TOP, MARGIN_BOTTOM = 64, 16, 16, 28
+MARGIN_LEFT, MARGIN_RIGHT, MARGIN_TOP, MARGIN_BOTTOM = 64, 16, 22, 28
 BACKGROUND = (255, 255, 255)
 AXIS = (120, 120, 120)
 GRID = (232, 232, 232)
@@ -88,5 +88,5 @@ def render_loss_plot(steps: Sequence[int], losses: Sequence[float], *, width: in
     end_label = f"step {int(x_hi)}"
     draw.text((right - 8 * len(end_label), bottom + 6), end_label, fill=TEXT, font=font)
     caption = title or f"loss {_label(finite[-1][1])} (smoothed {_label(smoothed[-1])})"
-    draw.text((left + 8, top + 4), caption, fill=TEXT, font=font)
+    draw.text((left, 4), caption, fill=TEXT, font=font)
     return image

@@ -79,7 +79,7 @@ class TrainerTab:
         self.runner = runner or JobRunner()
         self.config_cls = config_cls
         self.specs = form_fields(config_cls)
-        self.yaml_dir = tempfile.mkdtemp(prefix="lora_trainer_yaml_")  # saved configs offered for download
+        self.yaml_dir: Optional[str] = None  # made on the first save: configs offered for download
         self.blocks = self._build()
 
     # --- layout --------------------------------------------------------------------------------------------
@@ -222,6 +222,8 @@ class TrainerTab:
             cfg = self._config_from_form(dataset, base_model, output_name, output_dir, values)
         except LoraTrainerError as exc:
             return compat.no_change(), f"**Not saved:** {exc}"
+        if self.yaml_dir is None:
+            self.yaml_dir = tempfile.mkdtemp(prefix="lora_trainer_yaml_")
         path = os.path.join(self.yaml_dir, f"{cfg.output_name}.yaml")
         save_config_snapshot(cfg, path)
         return path, f"Config saved as `{os.path.basename(path)}`: download it above."
