@@ -34,7 +34,7 @@ class StableDiffusionModel:
     """The parts the trainer needs; ``vae``/``text_encoders`` are None when not loaded (their outputs cached)."""
 
     arch: str
-    unet: torch.nn.Module
+    unet: Optional[torch.nn.Module]
     vae: Optional[torch.nn.Module]
     text_encoders: Optional[List[torch.nn.Module]]
     tokenizers: List[object]
@@ -62,10 +62,14 @@ def is_diffusers_folder(path: str) -> bool:
     return os.path.isdir(path) and os.path.isfile(os.path.join(path, "model_index.json"))
 
 
-def load_stable_diffusion(path: str, *, load_vae: bool = True, load_text_encoders: bool = True,
-                          dtype: torch.dtype = torch.float32, prediction_type: Optional[str] = None
-                          ) -> StableDiffusionModel:
-    """Load a diffusers folder or single-file SD1/SD2/SDXL checkpoint for training (eval mode, frozen)."""
+def load_stable_diffusion(path: str, *, load_unet: bool = True, load_vae: bool = True,
+                          load_text_encoders: bool = True, dtype: torch.dtype = torch.float32,
+                          prediction_type: Optional[str] = None) -> StableDiffusionModel:
+    """Load a diffusers folder or single-file SD1/SD2/SDXL checkpoint for training (eval mode, frozen).
+
+    Parts not asked for are None: the trainer loads the encoders first, caches their outputs and frees them
+    before the UNet loads, so the peak holds the UNet and never the encoders beside it.
+    """
     if not os.path.exists(path):
         raise ModelLoadError(f"base_model not found: {path}. Point base_model at a .safetensors checkpoint or a "
                              "diffusers folder (with model_index.json).")
@@ -73,9 +77,9 @@ def load_stable_diffusion(path: str, *, load_vae: bool = True, load_text_encoder
         if not is_diffusers_folder(path):
             raise ModelLoadError(f"base_model {path} is a folder without model_index.json; give a diffusers "
                                  "folder or a single-file checkpoint.")
-        model = _load_diffusers_folder(path, load_vae, load_text_encoders, dtype, prediction_type)
+        model = _load_diffusers_folder(path, load_unet, load_vae, load_text_encoders, dtype, prediction_type)
     else:
-        model = _load_single_file(path, load_vae, load_text_encoders, dtype, prediction_type)
+        model = _load_single_file(path, load_unet, load_vae, load_text_encoders, dtype, prediction_type)
     for module in [model.unet, model.vae, *(model.text_encoders or [])]:
         if module is not None:
             module.requires_grad_(False)
@@ -85,16 +89,19 @@ def load_stable_diffusion(path: str, *, load_vae: bool = True, load_text_encoder
 
 # ---------------------------------------------------------------- diffusers folders
 
-def _load_diffusers_folder(path, load_vae, load_text_encoders, dtype, prediction_type) -> StableDiffusionModel:
+def _load_diffusers_folder(path, load_unet, load_vae, load_text_encoders, dtype, prediction_type
+                           ) -> StableDiffusionModel:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     with open(os.path.join(path, "model_index.json"), encoding="utf-8") as fh:
         index = json.load(fh)
     arch = SDXL if "text_encoder_2" in index else SD1
-    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype, low_cpu_mem_usage=True)
-    if arch == SD1 and unet.config.cross_attention_dim == 1024:
+    unet_config = UNet2DConditionModel.load_config(path, subfolder="unet")
+    if arch == SD1 and unet_config["cross_attention_dim"] == 1024:
         arch = SD2
+    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype, low_cpu_mem_usage=True) \
+        if load_unet else None
     scheduler = {}
     scheduler_path = os.path.join(path, "scheduler", "scheduler_config.json")
     if os.path.isfile(scheduler_path):
@@ -119,7 +126,7 @@ def _load_diffusers_folder(path, load_vae, load_text_encoders, dtype, prediction
         arch=arch, unet=unet, vae=vae, text_encoders=text_encoders, tokenizers=tokenizers,
         prediction_type=prediction_type or scheduler.get("prediction_type", "epsilon"), alphas_cumprod=alphas,
         vae_scaling_factor=scaling, name=os.path.basename(os.path.normpath(path)),
-        unet_layout=UNetLayout.from_config(unet.config))
+        unet_layout=UNetLayout.from_config(unet_config))
 
 
 def _vae_scaling_from_config(path: str) -> float:
@@ -284,10 +291,11 @@ def hf_text_state_name(model: torch.nn.Module, name: str) -> str:
     return name[len("text_model."):]
 
 
-def _load_single_file(path, load_vae, load_text_encoders, dtype, prediction_type) -> StableDiffusionModel:
+def _load_single_file(path, load_unet, load_vae, load_text_encoders, dtype, prediction_type
+                      ) -> StableDiffusionModel:
     reader = _CheckpointReader(path)
     spec = infer_spec(reader.shapes(), prediction_type or _prediction_type_from_yaml(path))
-    unet = _convert_unet(reader, spec, dtype)
+    unet = _convert_unet(reader, spec, dtype) if load_unet else None
     vae = _convert_vae(reader, spec, dtype) if load_vae else None
     text_encoders = [_convert_text_encoder(reader, te, dtype) for te in spec.text_encoders] \
         if load_text_encoders else None

@@ -1,0 +1,1 @@
+"""LoRA layers that attach to a model by wrapping ``forward`` and detach leaving it exactly as it was."""

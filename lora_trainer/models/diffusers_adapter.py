@@ -1,0 +1,150 @@
+"""The standalone backend: diffusers UNet and VAE, transformers CLIP text encoders, loaded from disk."""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import os
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from lora_trainer.export.kohya_names import text_lora_name, unet_lora_name
+from lora_trainer.lora.targets import TEXT_CONTAINERS, UNET_CONTAINERS, find_targets
+from lora_trainer.models.adapter import Conditioning, DiffusionAdapter, SizeCondition
+from lora_trainer.models.architecture import SDXL
+from lora_trainer.models.ldm_names import UNetNameMap
+from lora_trainer.models.loading import load_stable_diffusion
+
+
+def file_identity(path: str) -> str:
+    """A cheap fingerprint of a model on disk (paths, sizes, modification times of its files)."""
+    digest = hashlib.sha1()
+    paths = [path] if os.path.isfile(path) else sorted(
+        os.path.join(root, f) for root, _, files in os.walk(path) for f in files)
+    for p in paths:
+        stat = os.stat(p)
+        digest.update(f"{os.path.abspath(p)}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()[:16]
+
+
+class DiffusersAdapter(DiffusionAdapter):
+    def __init__(self, path: str, *, device: torch.device, dtype: torch.dtype = torch.float32,
+                 prediction_type: Optional[str] = None):
+        self.path = path
+        self.device = device
+        self.dtype = dtype  # the frozen base's storage dtype; LoRA weights stay fp32
+        self._prediction_override = prediction_type
+        probe = load_stable_diffusion(path, load_unet=False, load_vae=False, load_text_encoders=False,
+                                      prediction_type=prediction_type)
+        self.arch = probe.arch
+        self.prediction_type = probe.prediction_type
+        self.alphas_cumprod = probe.alphas_cumprod.to(device)
+        self.vae_scaling_factor = probe.vae_scaling_factor
+        self.tokenizers = probe.tokenizers
+        self.model_name = probe.name
+        self.names = UNetNameMap(probe.unet_layout)
+        self.identity = file_identity(path)
+        self.unet: Optional[nn.Module] = None
+        self.vae: Optional[nn.Module] = None
+        self.text_encoders: Optional[List[nn.Module]] = None
+
+    # ------------------------------------------------------------ staged loading
+
+    def load(self, *, unet: bool, vae: bool, text_encoders: bool) -> None:
+        want_unet = unet and self.unet is None
+        want_vae = vae and self.vae is None
+        want_text = text_encoders and self.text_encoders is None
+        if not (want_unet or want_vae or want_text):
+            return
+        model = load_stable_diffusion(self.path, load_unet=want_unet, load_vae=want_vae, load_text_encoders=want_text,
+                                      dtype=self.dtype, prediction_type=self._prediction_override)
+        if want_unet:
+            self.unet = model.unet.to(self.device)
+            self.unet.set_attn_processor(_sdpa_processor())
+        if want_vae:
+            # The VAE encodes in fp32: fp16 SD VAEs overflow to NaN at training resolutions.
+            self.vae = model.vae.to(self.device, torch.float32)
+        if want_text:
+            self.text_encoders = [te.to(self.device) for te in model.text_encoders]
+
+    def release(self, *, vae: bool = False, text_encoders: bool = False) -> None:
+        if vae:
+            self.vae = None
+        if text_encoders:
+            self.text_encoders = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    # ------------------------------------------------------------ encoders
+
+    @torch.no_grad()
+    def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        # The distribution's mean, not a sample: cached latents are then deterministic across runs/processes.
+        latents = self.vae.encode(pixels.to(self.device, torch.float32)).latent_dist.mode()
+        return latents * self.vae_scaling_factor
+
+    def _token_ids(self, tokenizer, captions: Sequence[str]) -> torch.Tensor:
+        return tokenizer(list(captions), padding="max_length", max_length=tokenizer.model_max_length,
+                         truncation=True, return_tensors="pt").input_ids.to(self.device)
+
+    def encode_text(self, captions: Sequence[str], clip_skip: int) -> Conditioning:
+        if self.arch == SDXL:
+            te1, te2 = self.text_encoders
+            out1 = te1(self._token_ids(self.tokenizers[0], captions), output_hidden_states=True)
+            out2 = te2(self._token_ids(self.tokenizers[1], captions), output_hidden_states=True)
+            # SDXL conditions on the penultimate layers of both encoders (clip_skip moves further back).
+            hidden = torch.cat([out1.hidden_states[-(clip_skip + 1)], out2.hidden_states[-(clip_skip + 1)]], dim=-1)
+            return {"crossattn": hidden, "pooled": out2.text_embeds}
+        te = self.text_encoders[0]
+        ids = self._token_ids(self.tokenizers[0], captions)
+        if clip_skip <= 1:
+            return {"crossattn": te(ids).last_hidden_state}
+        out = te(ids, output_hidden_states=True)
+        final_norm = te.text_model.final_layer_norm if hasattr(te, "text_model") else te.final_layer_norm
+        return {"crossattn": final_norm(out.hidden_states[-clip_skip])}
+
+    # ------------------------------------------------------------ denoiser
+
+    def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning,
+                sizes: Optional[Sequence[SizeCondition]] = None) -> torch.Tensor:
+        kwargs = {}
+        if self.arch == SDXL:
+            time_ids = torch.tensor([s.time_ids() for s in sizes], device=noisy.device, dtype=noisy.dtype)
+            kwargs["added_cond_kwargs"] = {"text_embeds": cond["pooled"], "time_ids": time_ids}
+        return self.unet(noisy, timesteps, encoder_hidden_states=cond["crossattn"], return_dict=False, **kwargs)[0]
+
+    # ------------------------------------------------------------ LoRA wiring
+
+    def lora_targets(self, train_text_encoder: bool, extra: Sequence[str] = ()) -> List[Tuple[str, nn.Module]]:
+        targets = [(unet_lora_name(path, self.arch, self.names), module)
+                   for path, module in find_targets(self.unet, UNET_CONTAINERS, extra)]
+        if train_text_encoder:
+            for index, te in enumerate(self.text_encoders):
+                targets += [(text_lora_name(path, self.arch, index), module)
+                            for path, module in find_targets(te, TEXT_CONTAINERS)]
+        return targets
+
+    def text_encoder_modules(self) -> List[nn.Module]:
+        return list(self.text_encoders or [])
+
+    def enable_gradient_checkpointing(self, text_encoders: bool) -> None:
+        self.unet.enable_gradient_checkpointing()
+        self.unet.train()  # diffusers checkpoints only in training mode; dropout is 0 in SD UNets
+        if text_encoders:
+            for te in self.text_encoders:
+                te.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                te.train()
+
+    def restore(self) -> None:
+        for module in [self.unet, *(self.text_encoders or [])]:
+            if module is not None:
+                module.eval()
+
+
+def _sdpa_processor():
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    return AttnProcessor2_0()

@@ -1,0 +1,331 @@
+"""Image LoRA training: config -> dataset -> model adapter -> LoRA network -> loop -> kohya file.
+
+Set-up (caches, LoRA, optimizer, resume) happens in ``ImageTrainingSession.__init__``-time helpers so the
+loop in ``_train_loop`` reads top to bottom. Each step's randomness is seeded from (seed, step, process), so
+resuming from a saved state continues exactly as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from typing import List, Optional, Sequence
+
+import torch
+
+from lora_trainer.config import ImageConfig, resolved_output_name, save_config_snapshot
+from lora_trainer.data.buckets import Bucket
+from lora_trainer.data.dataset import ImageCaptionDataset
+from lora_trainer.data.encoding_cache import EncodingCache
+from lora_trainer.errors import ConfigError, LoraTrainerError, TrainingStopped
+from lora_trainer.export.lora_file import SAVE_DTYPES, load_lora_file, save_lora_file
+from lora_trainer.export.metadata import lora_metadata
+from lora_trainer.lora.network import LoRANetwork, ranks_and_alphas
+from lora_trainer.models.adapter import DiffusionAdapter, SizeCondition
+from lora_trainer.train.callbacks import CallbackList, StepInfo, TensorBoardLogger, TrainingCallback
+from lora_trainer.train.diffusion_loss import denoising_loss
+from lora_trainer.train.optim import build_optimizer, build_scheduler
+from lora_trainer.train.run import TrainingResult
+from lora_trainer.train.state import load_training_state, restore_rng_state, save_training_state
+
+FINAL_DIFFUSERS_NAME = "pytorch_lora_weights.safetensors"
+
+
+def crop_offset(size, bucket: Bucket):
+    """Where ``resize_to_bucket`` crops, in resized pixels (SDXL's crop conditioning)."""
+    scale = max(bucket[0] / size[0], bucket[1] / size[1])
+    return (max(0, (round(size[0] * scale) - bucket[0]) // 2), max(0, (round(size[1] * scale) - bucket[1]) // 2))
+
+
+def step_seed(seed: int, micro_step: int, process: int) -> int:
+    return (seed * 1_000_003 + micro_step * 7_919 + process * 104_729) % (2 ** 63)
+
+
+def train_image(cfg: ImageConfig, callbacks: Optional[List[TrainingCallback]] = None, runtime=None,
+                adapter: Optional[DiffusionAdapter] = None, log=print) -> TrainingResult:
+    """Train an image LoRA. ``adapter`` defaults to diffusers models loaded from ``cfg.base_model``."""
+    if runtime is None:
+        from lora_trainer.train.accelerate_runtime import AccelerateRuntime
+
+        runtime = AccelerateRuntime(cfg.mixed_precision, cfg.num_threads)
+    session = ImageTrainingSession(cfg, runtime, callbacks or [], log if runtime.is_main_process else _silent)
+    try:
+        return session.run(adapter)
+    finally:
+        runtime.end()
+
+
+def _silent(*_args, **_kwargs) -> None:
+    pass
+
+
+class ImageTrainingSession:
+    def __init__(self, cfg: ImageConfig, runtime, callbacks: List[TrainingCallback], log):
+        self.cfg = cfg
+        self.runtime = runtime
+        self.log = log
+        self.output_name = resolved_output_name(cfg)
+        logger = TensorBoardLogger(cfg.logging_dir or os.path.join(cfg.output_dir, "logs")) \
+            if runtime.is_main_process else None
+        self.callbacks = CallbackList([*callbacks, logger])
+        self.started_at = time.time()
+        self.saved_files: List[str] = []
+        self.last_good_save: Optional[str] = None
+
+    # ------------------------------------------------------------ set-up
+
+    def run(self, adapter: Optional[DiffusionAdapter]) -> TrainingResult:
+        cfg, runtime = self.cfg, self.runtime
+        if cfg.output_name and (os.sep in cfg.output_name or "/" in cfg.output_name or cfg.output_name.startswith(".")):
+            raise ConfigError(f"output_name: {cfg.output_name!r} must be a plain file name (no folders, no leading dot).")
+        # The dataset is read before any model loads: an empty or broken folder fails in seconds.
+        self.dataset = ImageCaptionDataset(cfg)
+        for line in self.dataset.summary_lines():
+            self.log(line)
+        if runtime.is_main_process:
+            os.makedirs(cfg.output_dir, exist_ok=True)
+            save_config_snapshot(cfg, os.path.join(cfg.output_dir, "config.yaml"))
+        if adapter is None:
+            from lora_trainer.models.diffusers_adapter import DiffusersAdapter
+
+            adapter = DiffusersAdapter(cfg.base_model, device=runtime.device, dtype=runtime.dtype,
+                                       prediction_type=cfg.prediction_type)
+        elif cfg.prediction_type:
+            adapter.prediction_type = cfg.prediction_type
+        self.adapter = adapter
+        self.log(f"model: {adapter.model_name} ({adapter.arch}, {adapter.prediction_type})")
+        self._prepare_encodings()
+        self.network = self._build_network()
+        try:
+            with self.network.attached():
+                return self._train_loop()
+        finally:
+            adapter.restore()
+
+    def _prepare_encodings(self) -> None:
+        """Fill the latent/text caches with the encoders loaded, then free them before the UNet loads."""
+        cfg, adapter, dataset = self.cfg, self.adapter, self.dataset
+        cache_dir = cfg.cache_dir or os.path.join(cfg.train_data_dir, ".lora_trainer_cache")
+        self.cache = EncodingCache(cache_dir if cfg.cache_to_disk else None, adapter.identity,
+                                   writer=self.runtime.is_main_process)
+        self.cache_latents = cfg.cache_latents and not cfg.random_flip
+        self.cache_text = not cfg.train_text_encoder and dataset.captions_are_fixed()
+        missing_latents = [s for s in dataset.samples if self.cache_latents and not self.cache.has(self.cache.latent_key(s))]
+        missing_text = [c for c in dataset.all_caption_variants()
+                        if self.cache_text and not self.cache.has(self.cache.text_key(c, cfg.clip_skip))]
+        if missing_latents or missing_text:
+            adapter.load(unet=False, vae=bool(missing_latents), text_encoders=bool(missing_text))
+            if missing_latents:
+                self.log(f"caching latents of {len(missing_latents)} images")
+            for sample in missing_latents:
+                latents = adapter.encode_pixels(dataset.pixels(sample.index).unsqueeze(0))[0]
+                self.cache.put(self.cache.latent_key(sample), {"latents": latents})
+            with torch.no_grad():
+                for caption in missing_text:
+                    cond = adapter.encode_text([caption], cfg.clip_skip)
+                    self.cache.put(self.cache.text_key(caption, cfg.clip_skip), {k: v[0] for k, v in cond.items()})
+        # What the steps still need: the VAE only without latent caching, the encoders only when not cached.
+        adapter.release(vae=self.cache_latents, text_encoders=self.cache_text)
+        adapter.load(unet=True, vae=not self.cache_latents, text_encoders=not self.cache_text)
+
+    def _build_network(self) -> LoRANetwork:
+        cfg = self.cfg
+        rank = cfg.lora_rank or 8
+        alpha = cfg.lora_alpha if cfg.lora_alpha is not None else float(rank)
+        targets = self.adapter.lora_targets(cfg.train_text_encoder, cfg.target_modules)
+        ranks = alphas = None
+        initial = None
+        if cfg.network_weights:
+            # Incremental training keeps the file's own rank and alpha for every module.
+            initial, _meta = load_lora_file(cfg.network_weights)
+            ranks, alphas = ranks_and_alphas(initial)
+            rank = max(ranks.values())
+            alpha = next(iter(alphas.values()))
+        torch.manual_seed(cfg.seed)  # LoRA down-projections start the same on every process
+        network = LoRANetwork(targets, rank, alpha, cfg.lora_dropout or 0.0, ranks=ranks, alphas=alphas)
+        if initial is not None:
+            network.load_kohya_state_dict(initial, cfg.network_weights)
+            self.log(f"continuing from {cfg.network_weights} (rank {rank}, alpha {alpha})")
+        self.rank, self.alpha = rank, alpha
+        network.to(self.runtime.device)
+        if cfg.gradient_checkpointing:
+            self.adapter.enable_gradient_checkpointing(cfg.train_text_encoder)
+        return network
+
+    # ------------------------------------------------------------ one micro-batch
+
+    def _batch_inputs(self, indices: Sequence[int], epoch: int, generator: torch.Generator):
+        cfg, dataset, adapter, device = self.cfg, self.dataset, self.adapter, self.runtime.device
+        samples = [dataset.samples[i] for i in indices]
+        if self.cache_latents:
+            latents = torch.stack([self.cache.get(self.cache.latent_key(s))["latents"] for s in samples])
+        else:
+            flips = [cfg.random_flip and bool(torch.rand((), generator=generator) < 0.5) for _ in samples]
+            pixels = torch.stack([dataset.pixels(s.index, flip) for s, flip in zip(samples, flips)])
+            latents = adapter.encode_pixels(pixels)
+        captions = [dataset.caption_for(s.index, epoch, cfg.seed) for s in samples]
+        if self.cache_text:
+            entries = [self.cache.get(self.cache.text_key(c, cfg.clip_skip)) for c in captions]
+            cond = {k: torch.stack([e[k] for e in entries]).to(device) for k in entries[0]}
+        else:
+            with torch.set_grad_enabled(cfg.train_text_encoder):
+                cond = adapter.encode_text(captions, cfg.clip_skip)
+        sizes = [SizeCondition(s.image.size, crop_offset(s.image.size, s.bucket), s.bucket) for s in samples]
+        return latents.to(device, torch.float32), cond, sizes
+
+    def _micro_step_loss(self, indices, epoch: int, micro_step: int) -> torch.Tensor:
+        cfg, adapter, runtime = self.cfg, self.adapter, self.runtime
+        seed = step_seed(cfg.seed, micro_step, runtime.process_index)
+        torch.manual_seed(seed)  # LoRA dropout
+        generator = torch.Generator(device=runtime.device).manual_seed(seed)
+        latents, cond, sizes = self._batch_inputs(indices, epoch, generator)
+        with runtime.autocast():
+            return denoising_loss(latents, lambda noisy, t: adapter.predict(noisy, t, cond, sizes),
+                                  adapter.alphas_cumprod, adapter.prediction_type, generator,
+                                  cfg.noise_offset, cfg.min_snr_gamma)
+
+    # ------------------------------------------------------------ the loop
+
+    def _train_loop(self) -> TrainingResult:
+        cfg, runtime, dataset = self.cfg, self.runtime, self.dataset
+        accumulation = cfg.gradient_accumulation_steps
+        batches_per_epoch = len(dataset.epoch_batches(0, cfg.seed, cfg.batch_size, runtime.process_index,
+                                                      runtime.num_processes))
+        steps_per_epoch = max(1, math.ceil(batches_per_epoch / accumulation))
+        total_steps = cfg.max_train_steps or cfg.epochs * steps_per_epoch
+        epochs = math.ceil(total_steps / steps_per_epoch)
+        self.total_steps, self.epochs = total_steps, epochs
+
+        params = [p for p in self.network.parameters() if p.requires_grad]
+        groups = self.network.parameter_groups({"lora_unet": cfg.unet_lr, "lora_te": cfg.text_encoder_lr},
+                                               cfg.learning_rate)
+        optimizer = build_optimizer(cfg.optimizer, groups, cfg.learning_rate, cfg.weight_decay)
+        scheduler = build_scheduler(cfg.lr_scheduler, optimizer, cfg.lr_warmup_steps, total_steps,
+                                    cfg.lr_scheduler_num_cycles)
+        step, epoch, batch_offset = 0, 0, 0
+        if cfg.resume:
+            state = load_training_state(cfg.resume)
+            self.network.load_kohya_state_dict(state.weights, cfg.resume)
+            optimizer.load_state_dict(state.optimizer)
+            scheduler.load_state_dict(state.scheduler)
+            restore_rng_state(state.rng)
+            step, epoch = state.step, state.epoch
+            batch_offset = int(state.info.get("batch_in_epoch", 0))
+            self.started_at = float(state.info.get("started_at", self.started_at))
+            self.log(f"resumed from {cfg.resume} at step {step}")
+
+        self.callbacks.on_train_start(total_steps, step, {"images": len(dataset.samples), "arch": self.adapter.arch})
+        t0, info, losses = time.time(), None, []
+        status, message = "finished", ""
+        try:
+            while step < total_steps:
+                batches = dataset.epoch_batches(epoch, cfg.seed, cfg.batch_size, runtime.process_index,
+                                                runtime.num_processes)
+                while batch_offset < len(batches) and step < total_steps:
+                    group = batches[batch_offset:batch_offset + accumulation]
+                    loss_value = 0.0
+                    for k, indices in enumerate(group):
+                        loss = self._micro_step_loss(indices, epoch, step * accumulation + k)
+                        runtime.backward(loss / len(group))
+                        loss_value += float(loss.detach()) / len(group)
+                    runtime.reduce_gradients(params)
+                    loss_value = runtime.mean_across_processes(loss_value)
+                    if not math.isfinite(loss_value):
+                        raise TrainingStopped(self._nan_message(step + 1))
+                    if cfg.max_grad_norm > 0:
+                        runtime.clip_grad_norm(params, cfg.max_grad_norm, optimizer)
+                    runtime.optimizer_step(optimizer)
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    step += 1
+                    batch_offset += len(group)
+                    losses.append(loss_value)
+                    info = StepInfo(step, total_steps, epoch, loss_value, scheduler.get_last_lr()[0], time.time() - t0)
+                    self.callbacks.on_step_end(info)
+                    at_epoch_end = batch_offset >= len(batches)
+                    if step < total_steps and self._save_due(step, epoch + 1 if at_epoch_end else None):
+                        self._save(step, epoch, batch_offset, optimizer, scheduler)
+                    if runtime.broadcast_flag(self.callbacks.should_stop()):
+                        status, message = "cancelled", f"cancelled at step {step}"
+                        self._save(step, epoch, batch_offset, optimizer, scheduler)
+                        break
+                if status != "finished":
+                    break
+                if batch_offset >= len(batches):
+                    epoch, batch_offset = epoch + 1, 0
+            if status == "finished":
+                self._save_final(step, epoch, batch_offset, optimizer, scheduler)
+                message = f"saved {', '.join(self.saved_files[-2:])}"
+        except TrainingStopped as exc:
+            status, message = "stopped", str(exc)
+        except torch.cuda.OutOfMemoryError:
+            status, message = "stopped", self._oom_message(step)
+        except LoraTrainerError:
+            status = "failed"
+            raise
+        finally:
+            self.callbacks.on_train_end(info, status)
+        runtime.wait_for_everyone()
+        return TrainingResult(status=status, step=step, output_files=list(self.saved_files[-2:]) if status == "finished"
+                              else ([self.last_good_save] if self.last_good_save else []), message=message,
+                              losses=losses)
+
+    def _save_due(self, step: int, finished_epoch: Optional[int]) -> bool:
+        cfg = self.cfg
+        by_steps = cfg.save_steps is not None and step % cfg.save_steps == 0
+        by_epochs = cfg.save_every_n_epochs is not None and finished_epoch is not None \
+            and finished_epoch % cfg.save_every_n_epochs == 0
+        return by_steps or by_epochs
+
+    def _nan_message(self, step: int) -> str:
+        kept = f"the last good save ({self.last_good_save}) is kept" if self.last_good_save else "nothing was saved"
+        return (f"loss became NaN/inf at step {step}; training stopped and {kept}. Lower learning_rate, or use "
+                "mixed_precision bf16/no instead of fp16.")
+
+    def _oom_message(self, step: int) -> str:
+        return (f"out of memory at step {step}; the last good save is kept. Lower batch_size, resolution or "
+                "lora_rank, or turn on gradient_checkpointing / mixed_precision.")
+
+    # ------------------------------------------------------------ saving
+
+    def _lora_tensors_and_metadata(self, step: int, epoch: int):
+        cfg, adapter = self.cfg, self.adapter
+        tensors = self.network.kohya_state_dict(SAVE_DTYPES[cfg.save_precision])
+        metadata = lora_metadata(cfg, arch=adapter.arch, model_name=adapter.model_name,
+                                 prediction_type=adapter.prediction_type, rank=self.rank, alpha=self.alpha,
+                                 dataset=self.dataset.metadata(), started_at=self.started_at, step=step,
+                                 epoch=epoch, num_epochs=self.epochs, max_steps=self.total_steps)
+        return tensors, metadata
+
+    def _save(self, step: int, epoch: int, batch_offset: int, optimizer, scheduler) -> None:
+        if not self.runtime.is_main_process:
+            return
+        cfg = self.cfg
+        path = os.path.join(cfg.output_dir, f"{self.output_name}-step{step:08d}.safetensors")
+        save_lora_file(path, *self._lora_tensors_and_metadata(step, epoch))
+        self._save_state(step, epoch, batch_offset, optimizer, scheduler)
+        self.last_good_save = path
+        self.callbacks.on_save(path, step)
+
+    def _save_final(self, step: int, epoch: int, batch_offset: int, optimizer, scheduler) -> None:
+        if not self.runtime.is_main_process:
+            return
+        cfg = self.cfg
+        tensors, metadata = self._lora_tensors_and_metadata(step, epoch)
+        named = os.path.join(cfg.output_dir, f"{self.output_name}.safetensors")
+        diffusers_name = os.path.join(cfg.output_dir, FINAL_DIFFUSERS_NAME)
+        for path in (diffusers_name, named):
+            save_lora_file(path, tensors, metadata)
+        self._save_state(step, epoch, batch_offset, optimizer, scheduler)
+        self.saved_files += [diffusers_name, named]
+        self.last_good_save = named
+        self.callbacks.on_save(named, step)
+
+    def _save_state(self, step: int, epoch: int, batch_offset: int, optimizer, scheduler) -> None:
+        cfg = self.cfg
+        if cfg.save_state:
+            save_training_state(os.path.join(cfg.output_dir, f"state-{step}"), step=step, epoch=epoch,
+                                weights=self.network.kohya_state_dict(torch.float32), optimizer=optimizer,
+                                scheduler=scheduler, info={"batch_in_epoch": batch_offset,
+                                                           "started_at": self.started_at, "seed": cfg.seed})
