@@ -148,3 +148,28 @@ def test_unknown_model_and_undetectable_path(tmp_path):
     (tmp_path / "readme.txt").write_text("hi")
     with pytest.raises(CaptionerUnavailable, match="cannot tell"):
         load_captioner(str(tmp_path), CPU)
+
+
+def test_clip_checkpoint_without_config_needs_and_uses_the_architecture(models, tmp_path, images):
+    import json
+
+    import open_clip
+
+    # Register the tiny architecture under a name, as the built-in ones (ViT-L-14, ...) are.
+    with open(os.path.join(models["clip"], "open_clip_config.json"), encoding="utf-8") as fh:
+        model_cfg = json.load(fh)["model_cfg"]
+    config_dir = tmp_path / "configs"
+    config_dir.mkdir()
+    (config_dir / "TinyCaptionTestCLIP.json").write_text(json.dumps(model_cfg), encoding="utf-8")
+    open_clip.add_model_config(str(config_dir))
+    weights_only = tmp_path / "weights_only"
+    weights_only.mkdir()
+    _copy(os.path.join(models["clip"], "open_clip_model.safetensors"), weights_only)
+    with pytest.raises(CaptionerUnavailable, match="--clip-arch"):
+        load_captioner("clip", CaptionerOptions(device="cpu", model_path=str(weights_only)))
+    for path in (weights_only, weights_only / "open_clip_model.safetensors"):
+        captioner = load_captioner("clip", CaptionerOptions(device="cpu", model_path=str(path),
+                                                            clip_arch="TinyCaptionTestCLIP"))
+        assert len(_run(images, captioner, overwrite=True).captioned) == 5
+    with pytest.raises(CaptionerUnavailable, match="--clip-arch"):
+        load_captioner(str(weights_only / "open_clip_model.safetensors"), CPU)

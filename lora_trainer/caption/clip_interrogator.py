@@ -13,7 +13,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 from PIL import Image
 
 from lora_trainer.caption.base import Captioner, CaptionerUnavailable, resolve_device
-from lora_trainer.caption.locate import WeightsSpec, resolve_weights_folder
+from lora_trainer.caption.locate import WeightsSpec, hf_cache_snapshot, resolve_weights_folder
 from lora_trainer.caption.phrases import DEFAULT_PHRASE_LISTS
 
 CLIP_WEIGHTS = WeightsSpec(
@@ -25,6 +25,7 @@ CLIP_WEIGHTS = WeightsSpec(
     ),
     suggested_folder="models/caption/clip",
 )
+DEFAULT_CLIP_ARCH = "ViT-L-14"  # the architecture of CLIP_WEIGHTS.repo_id, and of SD 1.x's text encoder
 
 # How many phrases each list contributes; the flavour list describes several aspects, the others one each.
 DEFAULT_TOP_K: Dict[str, int] = {"medium": 1, "style": 1, "lighting": 1, "flavour": 3}
@@ -100,28 +101,55 @@ class ClipInterrogator(Captioner):
             self._base.close()
 
 
+def _checkpoint_in(folder: str) -> Optional[str]:
+    for alternatives in CLIP_WEIGHTS.required[1:]:
+        for name in alternatives:
+            if os.path.isfile(os.path.join(folder, name)):
+                return os.path.join(folder, name)
+    return None
+
+
+def _model_source(model_path: Optional[str], arch: Optional[str]) -> Tuple[str, Optional[str], str]:
+    """(open_clip model name, checkpoint file or None, what to name in errors) for the local weights.
+
+    A folder with open_clip_config.json loads as ``local-dir:``; a lone checkpoint, or a folder (or cached
+    snapshot, as open_clip's own downloads leave it) holding only the weights, needs the architecture name.
+    """
+    if model_path and os.path.isfile(model_path):
+        if not arch:
+            raise CaptionerUnavailable(
+                f"{model_path} is a single checkpoint file: also pass --clip-arch with its open_clip architecture "
+                f"(e.g. {DEFAULT_CLIP_ARCH}), or give a folder holding open_clip_config.json and the weights.")
+        return arch, model_path, model_path
+    folder = model_path or hf_cache_snapshot(CLIP_WEIGHTS.repo_id)
+    arch = arch or (None if model_path else DEFAULT_CLIP_ARCH)
+    if folder and os.path.isdir(folder) and not os.path.isfile(os.path.join(folder, "open_clip_config.json")):
+        checkpoint = _checkpoint_in(folder)
+        if arch and checkpoint:
+            return arch, checkpoint, checkpoint
+        if checkpoint:
+            raise CaptionerUnavailable(
+                f"{folder} holds CLIP weights but no open_clip_config.json: pass --clip-arch with their open_clip "
+                f"architecture (e.g. {DEFAULT_CLIP_ARCH}), or add the open_clip_config.json from "
+                f"https://huggingface.co/{CLIP_WEIGHTS.repo_id} (or the model's own repository).")
+    folder = resolve_weights_folder(CLIP_WEIGHTS, model_path)
+    return "local-dir:" + folder, None, folder
+
+
 def _open_clip_model(model_path: Optional[str], arch: Optional[str], device: str):
-    """(model, preprocess, tokenizer) from a local open_clip folder, or from one checkpoint file plus ``arch``."""
+    """(model, preprocess, tokenizer) from local files only; see ``_model_source``."""
+    name, checkpoint, source = _model_source(model_path, arch)
     try:
         import open_clip
     except ImportError as exc:
         raise CaptionerUnavailable(f"CLIP interrogation needs open_clip_torch ({exc}); "
                                    "install it with `pip install lora-trainer[caption]`.") from None
-    if model_path and os.path.isfile(model_path):
-        if not arch:
-            raise CaptionerUnavailable(
-                f"{model_path} is a single checkpoint file: also pass --clip-arch with its open_clip architecture "
-                f"(e.g. ViT-L-14), or give a folder holding open_clip_config.json and the weights.")
-        if arch not in open_clip.list_models():
-            raise CaptionerUnavailable(f"unknown open_clip architecture {arch!r}; "
-                                       f"known ones include {', '.join(open_clip.list_models()[:8])}, ...")
-        name, pretrained, source = arch, model_path, model_path
-    else:
-        folder = resolve_weights_folder(CLIP_WEIGHTS, model_path)
-        name, pretrained, source = "local-dir:" + folder, None, folder
+    if not name.startswith("local-dir:") and name not in open_clip.list_models():
+        raise CaptionerUnavailable(f"unknown open_clip architecture {name!r} for {source}; "
+                                   f"known ones include {', '.join(open_clip.list_models()[:8])}, ...")
     precision = "fp16" if device.startswith("cuda") else "fp32"
     try:
-        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained, device=device,
+        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=checkpoint, device=device,
                                                                      precision=precision)
         tokenizer = open_clip.get_tokenizer(name)
     except (OSError, ValueError, RuntimeError, KeyError) as exc:

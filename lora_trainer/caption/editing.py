@@ -11,7 +11,7 @@ import re
 from typing import Iterable, List, Optional, Tuple
 
 from lora_trainer.caption.run import image_name
-from lora_trainer.caption.tags import add_trigger, remove_tag
+from lora_trainer.caption.tags import add_trigger, remove_tag, split_tags
 from lora_trainer.data.captions import (
     METADATA_FILENAME,
     read_metadata_csv,
@@ -83,7 +83,7 @@ def add_trigger_word(rows: Iterable[CaptionRow], word: str, position: str = "sta
         raise ValueError(f"position must be 'start' or 'end', not {position!r}")
     result = []
     for name, caption in rows:
-        if word.strip() and word.strip() in [part.strip() for part in caption.split(",")]:
+        if word.strip() and word.strip() in split_tags(caption):
             result.append((name, caption))
         elif position == "start":
             result.append((name, add_trigger(caption, prefix=word)))

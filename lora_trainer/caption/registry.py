@@ -93,12 +93,14 @@ def _with_model_path(options: CaptionerOptions, path: str) -> CaptionerOptions:
     return replace(options, model_path=path)
 
 
-def load_captioner(model: str, options: CaptionerOptions = CaptionerOptions()) -> Captioner:
-    """A captioner by name (``blip``/``clip``/``wd14``) or from a local path whose kind is detected."""
-    loaders = captioner_loaders()
+def load_captioner(model: str, options: CaptionerOptions = CaptionerOptions(),
+                   loaders: Optional[Dict[str, Callable[[CaptionerOptions], Captioner]]] = None) -> Captioner:
+    """A captioner by name (``blip``/``clip``/``wd14``, or any name in ``loaders``) or from a local path whose
+    kind is detected. ``loaders`` defaults to ``captioner_loaders()``."""
+    loaders = captioner_loaders() if loaders is None else loaders
     if model in loaders:
         return loaders[model](options)
     if os.path.exists(model):
         kind = detect_kind(model)
-        return loaders[kind](_with_model_path(options, model))
+        return captioner_loaders()[kind](_with_model_path(options, model))
     raise CaptionerUnavailable(f"unknown captioner {model!r}: use one of {', '.join(loaders)} or a local model path.")

@@ -117,9 +117,7 @@ def caption_folder(folder: str, captioner: Captioner, options: CaptionRunOptions
             for name, path in batch:
                 image, reason = _load(path)
                 if image is None:
-                    report.failed.append((name, reason))
-                    if progress is not None:
-                        progress.write(f"skipped {name}: {reason}")
+                    report.failed.append((name, reason))  # the caller reports these (the CLI, the tab)
                 else:
                     loaded.append((name, path, image))
             captions = captioner.caption([image for _, _, image in loaded]) if loaded else []
