@@ -59,6 +59,7 @@ def render_loss_plot(steps: Sequence[int], losses: Sequence[float], *, width: in
     finite = [(s, v) for s, v in zip(steps, losses, strict=False) if math.isfinite(v)]
     draw.rectangle((left, top, right, bottom), outline=AXIS)
     if not finite:
+        draw.text((left, 4), title or "Loss", fill=TEXT, font=font)
         draw.text((left + 10, (top + bottom) // 2 - 6), "No loss values yet", fill=TEXT, font=font)
         return image
     xs, ys = downsample([s for s, _ in finite], [v for _, v in finite], limit=max(2, right - left))
@@ -87,6 +88,6 @@ def render_loss_plot(steps: Sequence[int], losses: Sequence[float], *, width: in
     draw.text((left, bottom + 6), f"step {int(x_lo)}", fill=TEXT, font=font)
     end_label = f"step {int(x_hi)}"
     draw.text((right - 8 * len(end_label), bottom + 6), end_label, fill=TEXT, font=font)
-    caption = title or f"loss {_label(finite[-1][1])} (smoothed {_label(smoothed[-1])})"
+    caption = title or f"Loss {_label(finite[-1][1])} (smoothed {_label(smoothed[-1])})"
     draw.text((left, 4), caption, fill=TEXT, font=font)
     return image

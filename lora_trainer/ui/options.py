@@ -92,7 +92,8 @@ def form_fields(cls: Type[CommonConfig] = ImageConfig) -> List[FormField]:
         else:  # text, optional numbers (blank = default) and lists (comma-separated)
             spec = FormField(kind="text", default=to_widget(_field_default(f)), integer=annotation is int, **common)
         result.append(spec)
-    result.sort(key=lambda s: s.advanced)  # stable: keeps declaration order within each group
+    # basic options in BASIC_KEYS' order (most changed first), advanced ones in declaration order
+    result.sort(key=lambda s: (s.advanced, BASIC_KEYS.index(s.key) if s.key in BASIC_KEYS else 0))
     return result
 
 

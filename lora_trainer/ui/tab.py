@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 POLL_SECONDS = 1.0
 OPTIONS_PER_ROW = 4
+PREVIEW_HEIGHT = 260  # pixels, about the loss plot's height
 PREVIEWS_SHOWN = 8  # the newest previews; older ones stay on disk
 ELEM = "lora_trainer_"  # elem_id prefix: stable selectors for CSS, the WebUI's JS and browser tests
 
@@ -131,9 +132,11 @@ class TrainerTab:
             self.progress = gr.Textbox(label="Progress", value=progress_text(JobStatus()), lines=2,
                                        interactive=False, elem_id=f"{ELEM}progress")
             with gr.Row():
-                self.loss_plot = gr.Image(value=render_loss_plot([], []), label="Loss", type="pil",
-                                          interactive=False, elem_id=f"{ELEM}loss_plot")
-                self.gallery = gr.Gallery(label="Previews", columns=4, elem_id=f"{ELEM}previews")
+                # The plot carries its own title: gradio's label would cover its top-left corner.
+                self.loss_plot = gr.Image(value=render_loss_plot([], []), label="Loss", show_label=False,
+                                          type="pil", interactive=False, elem_id=f"{ELEM}loss_plot")
+                self.gallery = gr.Gallery(label="Previews", columns=4, height=PREVIEW_HEIGHT, object_fit="contain",
+                                          elem_id=f"{ELEM}previews")
             self.lora_list = gr.Dataframe(label="Finished LoRA files (select one to try it)",
                                           elem_id=f"{ELEM}lora_list", **compat.dataframe_kwargs(TABLE_HEADERS))
             with gr.Row():

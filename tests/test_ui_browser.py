@@ -1,0 +1,183 @@
+"""The standalone app in a real browser: Debian's chromium driven by Playwright, the app served on 127.0.0.1.
+
+The trainer is a fake injected through the job runner (the steps, saves and files of a real run, without a
+model), so this tests the page: form, Train, live progress and loss plot, refusal, cancel, the finished list.
+"""
+
+import os
+import shutil
+import socket
+import threading
+import time
+
+import pytest
+
+CHROMIUM = "/usr/bin/chromium"
+if not os.path.exists(CHROMIUM):
+    pytest.skip(f"{CHROMIUM} is missing (apt-get install chromium): browser tests need it",
+                allow_module_level=True)
+playwright_api = pytest.importorskip("playwright.sync_api")
+pytest.importorskip("gradio")
+
+from lora_trainer.jobs import JobRunner  # noqa: E402
+from lora_trainer.train.callbacks import StepInfo  # noqa: E402
+from lora_trainer.train.run import TrainingResult  # noqa: E402
+from lora_trainer.ui.standalone import build_app, launch  # noqa: E402
+
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+TIMEOUT_MS = 20_000
+STEPS, PAUSE_AT = 20, 8
+
+
+class GatedTrainer:
+    """Runs PAUSE_AT steps, waits for the test to say go (so it can look at a run in progress), then finishes."""
+
+    def __init__(self):
+        self.go = threading.Event()
+
+    def __call__(self, cfg, callbacks, **kwargs):
+        for cb in callbacks:
+            cb.on_train_start(STEPS, 0, {})
+        start = time.time()
+        for step in range(1, STEPS + 1):
+            if step == PAUSE_AT + 1:
+                self.go.wait(15)
+            if step == PAUSE_AT:
+                self.write_preview(cfg, callbacks, step)
+            time.sleep(0.02)
+            info = StepInfo(step, STEPS, 1, 1.0 / step + 0.05 * (step % 3), 1e-4, time.time() - start)
+            for cb in callbacks:
+                cb.on_step_end(info)
+            if any(cb.should_stop() for cb in callbacks):
+                return TrainingResult("cancelled", step, [], f"Cancelled at step {step}; nothing saved yet.")
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        path = os.path.join(cfg.output_dir, f"{cfg.output_name}.safetensors")
+        with open(path, "wb") as fh:
+            fh.write(b"not really a LoRA")
+        for cb in callbacks:
+            cb.on_save(path, STEPS)
+        return TrainingResult("finished", STEPS, [path], "")
+
+    @staticmethod
+    def write_preview(cfg, callbacks, step):
+        from PIL import Image
+
+        folder = os.path.join(cfg.output_dir, "samples")
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, f"{cfg.output_name}_{step}.png")
+        Image.new("RGB", (64, 64), (30, 120, 200)).save(path)
+        for cb in callbacks:
+            cb.on_preview([path], step)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    root = tmp_path_factory.mktemp("browser")
+    (root / "data").mkdir()
+    trainer = GatedTrainer()
+    app = build_app(str(root / "loras"), JobRunner(trainer=trainer))
+    port = free_port()
+    launch(app, "127.0.0.1", port, block=False)
+    try:
+        yield f"http://127.0.0.1:{port}/", root, trainer
+    finally:
+        app.close()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def page(served):
+    with playwright_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        pg = browser.new_page(viewport={"width": 1280, "height": 1400})
+        pg.set_default_timeout(TIMEOUT_MS)
+        # Keep the browser on this machine: anything not served by the app (web fonts, CDNs) is refused at once.
+        pg.route("**/*", lambda route: route.continue_() if route.request.url.startswith("http://127.0.0.1")
+                 else route.abort())
+        pg.goto(served[0])
+        pg.locator("#lora_trainer_train").wait_for()
+        yield pg
+        browser.close()
+
+
+def field(pg, elem_id):
+    return pg.locator(f"#{elem_id}").locator("input, textarea").first
+
+
+def progress(pg):
+    return field(pg, "lora_trainer_progress").input_value()
+
+
+def wait_progress(pg, *needles):
+    deadline = time.time() + TIMEOUT_MS / 1000
+    while time.time() < deadline:
+        text = progress(pg)
+        if all(n in text for n in needles):
+            return text
+        time.sleep(0.1)
+    raise AssertionError(f"progress never showed {needles}; last: {progress(pg)!r}")
+
+
+def plot_src(pg):
+    return pg.locator("#lora_trainer_loss_plot img").first.get_attribute("src")
+
+
+def fill_form(pg, root, name):
+    field(pg, "lora_trainer_dataset").fill(str(root / "data"))
+    field(pg, "lora_trainer_base_model").fill(str(root / "model"))
+    field(pg, "lora_trainer_output_name").fill(name)
+    field(pg, "lora_trainer_opt_max_train_steps").fill(str(STEPS))
+
+
+def test_train_from_the_page(served, page):
+    url, root, trainer = served
+    trainer.go.clear()
+    assert "Idle" in progress(page)
+    empty_plot = plot_src(page)
+    fill_form(page, root, "browser_lora")
+    page.locator("#lora_trainer_train").click()
+
+    running = wait_progress(page, "Running", f"step {PAUSE_AT}/{STEPS}")
+    assert "loss" in running and "it/s" in running and "ETA" in running
+    page.locator("#lora_trainer_notice").get_by_text("Train started").wait_for()
+    page.wait_for_function("(s) => document.querySelector('#lora_trainer_loss_plot img')?.src !== s", arg=empty_plot)
+    mid_plot = plot_src(page)
+
+    page.locator("#lora_trainer_train").click()  # a second Train while one runs is refused with a message
+    page.locator("#lora_trainer_notice").get_by_text("already in progress").wait_for()
+
+    trainer.go.set()
+    wait_progress(page, "Finished", f"step {STEPS}/{STEPS}")
+    page.wait_for_function("(s) => document.querySelector('#lora_trainer_loss_plot img')?.src !== s", arg=mid_plot)
+    # gradio's table keeps hidden measuring copies of its cells: read its text rather than a cell's visibility
+    page.wait_for_function("() => document.querySelector('#lora_trainer_lora_list')?.textContent"
+                           ".includes('browser_lora.safetensors')")
+    page.locator("#lora_trainer_previews img").first.wait_for()
+    page.wait_for_function(
+        "() => document.querySelector('#lora_trainer_try_it input, #lora_trainer_try_it textarea')?.value"
+        " === '<lora:browser_lora:0.8>'")
+    assert (root / "loras" / "browser_lora" / "browser_lora.safetensors").is_file()
+    if os.environ.get("LORA_TRAINER_SCREENSHOT"):  # for a person to look at the page
+        page.screenshot(path=os.environ["LORA_TRAINER_SCREENSHOT"], full_page=True)
+
+
+def test_cancel_from_the_page(served, page):
+    url, root, trainer = served
+    trainer.go.clear()
+    fill_form(page, root, "cancelled_lora")
+    page.locator("#lora_trainer_train").click()
+    wait_progress(page, "Running", f"step {PAUSE_AT}/{STEPS}")
+    page.locator("#lora_trainer_cancel").click()
+    page.locator("#lora_trainer_notice").get_by_text("Cancelling").wait_for()
+    trainer.go.set()
+    text = wait_progress(page, "Cancelled")
+    assert f"step {PAUSE_AT + 1}/{STEPS}" in text  # stopped at the first step after the cancel
+    assert not (root / "loras" / "cancelled_lora" / "cancelled_lora.safetensors").exists()
