@@ -48,8 +48,11 @@ def build_tiny_lm(folder: str, *, seed: int = 0, chat_template: str | None = CHA
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tokenizer = build_tokenizer(chat_template)
+    # initializer_range 0.3 (not 0.02): with small frozen lm_head rows behind the final RMSNorm, the logits
+    # could not grow past ~1, and no adapter on q/v could make the model confident of anything.
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.3,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         initializer_range=0.3,
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(seed)

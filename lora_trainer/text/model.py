@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import warnings
 from dataclasses import dataclass
-from typing import List
+from typing import Iterator, List
 
 import torch
 
@@ -73,8 +75,20 @@ def load_base_model(base_model: str, dtype: torch.dtype, gradient_checkpointing:
     model.config.use_cache = False  # the key/value cache only serves generation
     if gradient_checkpointing:
         # Non-reentrant checkpointing lets gradients reach the adapter although the embeddings are frozen.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 renamed it
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     return model
+
+
+@contextlib.contextmanager
+def _quiet_peft() -> Iterator[None]:
+    # peft probes a model attribute that transformers 5 deprecates; the warning is not the user's to act on.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+        yield
 
 
 def attach_adapter(model, cfg: TextConfig, settings: LoraSettings):
@@ -89,7 +103,8 @@ def attach_adapter(model, cfg: TextConfig, settings: LoraSettings):
             raise ModelLoadError(f"network_weights: {cfg.network_weights} is not a PEFT adapter folder (no "
                                  "adapter_config.json there).")
         try:
-            peft_model = PeftModel.from_pretrained(model, folder, is_trainable=True)
+            with _quiet_peft():
+                peft_model = PeftModel.from_pretrained(model, folder, is_trainable=True)
         except Exception as exc:
             raise ModelLoadError(f"network_weights: cannot load the adapter in {folder} onto {cfg.base_model}: "
                                  f"{exc}") from exc
@@ -97,7 +112,8 @@ def attach_adapter(model, cfg: TextConfig, settings: LoraSettings):
         lora = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
                           target_modules=settings.target_modules, bias="none", task_type="CAUSAL_LM")
         try:
-            peft_model = get_peft_model(model, lora)
+            with _quiet_peft():
+                peft_model = get_peft_model(model, lora)
         except ValueError as exc:  # e.g. no module matches target_modules
             raise ModelLoadError(f"target_modules {settings.target_modules}: {exc}") from exc
     for param in peft_model.parameters():
