@@ -13,6 +13,7 @@ from lora_trainer.errors import LoraTrainerError
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``caption`` command's options."""
     parser = argparse.ArgumentParser(
         prog="lora_trainer caption",
         description="Caption every image in a folder and write filename,prompt rows to metadata.csv. Weights are "

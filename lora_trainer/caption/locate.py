@@ -45,6 +45,7 @@ def hf_cache_snapshot(repo_id: str) -> Optional[str]:
 
 
 def hf_cache_root() -> str:
+    """The Hugging Face hub cache folder (``HF_HUB_CACHE``), for messages."""
     try:
         from huggingface_hub import constants
 
