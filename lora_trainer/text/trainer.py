@@ -150,7 +150,7 @@ def _train(cfg: TextConfig, dataset, callbacks: List[TrainingCallback], runtime)
                 message = (f"Out of memory at step {step + 1}. Lower batch_size or max_seq_length, or turn on "
                            "gradient_checkpointing.")
                 break
-            if loss is None or not math.isfinite(loss):
+            if not math.isfinite(loss):
                 status = "stopped"
                 message = (f"The loss became {loss} at step {step + 1}, so training stopped; the adapter was "
                            "not updated with it. Try a lower learning_rate or mixed_precision: no.")
@@ -178,11 +178,17 @@ def _train(cfg: TextConfig, dataset, callbacks: List[TrainingCallback], runtime)
             message = f"Cancelled after step {done}."
         kept = f" The last good save is {last_save}." if last_save else " Nothing was saved in this run."
         return TrainingResult(status, done, [], message + kept, losses)
+    except KeyboardInterrupt:
+        status = "cancelled"
+        raise
+    except BaseException:
+        status = "stopped"  # the listeners learn that the run did not finish; the error itself propagates
+        raise
     finally:
         listeners.on_train_end(info, status)
 
 
-def _optimizer_step(model, params, optimizer, runtime, cfg: TextConfig, batches) -> Optional[float]:
+def _optimizer_step(model, params, optimizer, runtime, cfg: TextConfig, batches) -> float:
     """Forward and backward over the step's micro-batches and update the adapter; returns the mean token
     loss, or a non-finite value (without updating) when the loss blew up."""
     # Every trained token weighs the same, however the step's tokens fall into micro-batches and processes.
