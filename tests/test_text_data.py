@@ -211,3 +211,27 @@ def test_batch_schedule_covers_each_epoch_and_is_a_function_of_the_step():
     shares = [BatchSchedule(10, 3, 2, 5, num_processes=2, process_index=p).micro_batches(0) for p in (0, 1)]
     assert [len(mb) for share in shares for mb in share] == [3, 3, 3, 3]
     assert {i for share in shares for mb in share for i in mb} == set(range(10))
+
+
+CHATML_WITH_DEFAULT_SYSTEM = (
+    "{% if messages[0]['role'] != 'system' %}<|im_start|>system\nyou are helpful<|im_end|>\n{% endif %}"
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_chat_segments_with_a_template_that_adds_a_default_system_turn():
+    tokenizer = build_tokenizer(CHATML_WITH_DEFAULT_SYSTEM)
+    messages = (("user", "say hello"), ("assistant", "hello world"), ("user", "again"), ("assistant", "hello"))
+    segments = chat_segments(tokenizer, messages, "x")
+    assert [t for t, trained in segments if trained] == ["hello world<|im_end|>\n", "hello<|im_end|>\n"]
+    assert segments[0] == ("<|im_start|>system\nyou are helpful<|im_end|>\n<|im_start|>user\nsay hello<|im_end|>\n",
+                           False)
+    assert segments[1] == ("<|im_start|>assistant\n", False)
+
+
+def test_chat_template_that_rewrites_earlier_turns_is_explained():
+    tokenizer = build_tokenizer("{% for m in messages %}{% if loop.last %}[last] {% endif %}{{ m['content'] }} "
+                                "{% endfor %}")
+    with pytest.raises(DatasetError, match=r"d.jsonl line 3: the tokenizer's chat template renders this "
+                                           r"conversation differently once more turns follow"):
+        chat_segments(tokenizer, (("user", "hi"), ("assistant", "hello")), "d.jsonl line 3")
