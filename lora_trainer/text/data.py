@@ -87,7 +87,9 @@ def _describe(record: Any) -> str:
     if isinstance(record, dict):
         keys = ", ".join(repr(k) for k in record) or "none"
         return f"an object with keys {keys}"
-    return f"a JSON {type(record).__name__.replace('dict', 'object').replace('str', 'string')}"
+    kinds = {list: "a JSON list", str: "a JSON string", bool: "a JSON true/false", int: "a JSON number",
+             float: "a JSON number", type(None): "JSON null"}
+    return kinds.get(type(record), type(record).__name__)
 
 
 def _string(record: dict, key: str, where: str, *, required: bool = True, nonempty: bool = False) -> str:
