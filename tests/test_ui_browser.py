@@ -1,9 +1,11 @@
 """The standalone app in a real browser: Debian's chromium driven by Playwright, the app served on 127.0.0.1.
 
-The trainer is a fake injected through the job runner (the steps, saves and files of a real run, without a
-model), so this tests the page: form, Train, live progress and loss plot, refusal, cancel, the finished list.
+Most tests inject a gated fake trainer through the job runner (the steps, saves and files of a real run,
+timed by the test), to check the page: form, Train, live progress and loss plot, refusal, cancel, the
+finished list. One test trains a real tiny SD1 checkpoint through the app's standard engine path.
 """
 
+import contextlib
 import os
 import shutil
 import socket
@@ -77,35 +79,53 @@ def free_port():
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory):
+@contextlib.contextmanager
+def serve(root, runner):
+    """The standalone app for ``root/loras`` on a free loopback port, closed afterwards."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    root = tmp_path_factory.mktemp("browser")
-    (root / "data").mkdir()
-    trainer = GatedTrainer()
-    app = build_app(str(root / "loras"), JobRunner(trainer=trainer))
+    app = build_app(str(root / "loras"), runner)
     port = free_port()
     launch(app, "127.0.0.1", port, block=False)
     try:
-        yield f"http://127.0.0.1:{port}/", root, trainer
+        yield f"http://127.0.0.1:{port}/"
     finally:
         app.close()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
-def page(served):
+def browser():
     with playwright_api.sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-        pg = browser.new_page(viewport={"width": 1280, "height": 1400})
-        pg.set_default_timeout(TIMEOUT_MS)
-        # Keep the browser on this machine: anything not served by the app (web fonts, CDNs) is refused at once.
-        pg.route("**/*", lambda route: route.continue_() if route.request.url.startswith("http://127.0.0.1")
-                 else route.abort())
-        pg.goto(served[0])
-        pg.locator("#lora_trainer_train").wait_for()
-        yield pg
-        browser.close()
+        chromium = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        yield chromium
+        chromium.close()
+
+
+def open_page(browser, url):
+    pg = browser.new_page(viewport={"width": 1280, "height": 1400})
+    pg.set_default_timeout(TIMEOUT_MS)
+    # Keep the browser on this machine: anything not served by the app (web fonts, CDNs) is refused at once.
+    pg.route("**/*", lambda route: route.continue_() if route.request.url.startswith("http://127.0.0.1")
+             else route.abort())
+    pg.goto(url)
+    pg.locator("#lora_trainer_train").wait_for()
+    return pg
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    root = tmp_path_factory.mktemp("browser")
+    (root / "data").mkdir()
+    trainer = GatedTrainer()
+    with serve(root, JobRunner(trainer=trainer)) as url:
+        yield url, root, trainer
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def page(served, browser):
+    pg = open_page(browser, served[0])
+    yield pg
+    pg.close()
 
 
 def field(pg, elem_id):
@@ -130,11 +150,13 @@ def plot_src(pg):
     return pg.locator("#lora_trainer_loss_plot img").first.get_attribute("src")
 
 
-def fill_form(pg, root, name):
+def fill_form(pg, root, name, base_model=None, steps=STEPS, **options):
     field(pg, "lora_trainer_dataset").fill(str(root / "data"))
-    field(pg, "lora_trainer_base_model").fill(str(root / "model"))
+    field(pg, "lora_trainer_base_model").fill(base_model or str(root / "model"))
     field(pg, "lora_trainer_output_name").fill(name)
-    field(pg, "lora_trainer_opt_max_train_steps").fill(str(STEPS))
+    field(pg, "lora_trainer_opt_max_train_steps").fill(str(steps))
+    for key, value in options.items():
+        field(pg, f"lora_trainer_opt_{key}").fill(str(value))
 
 
 def test_train_from_the_page(served, page):
@@ -181,3 +203,31 @@ def test_cancel_from_the_page(served, page):
     text = wait_progress(page, "Cancelled")
     assert f"step {PAUSE_AT + 1}/{STEPS}" in text  # stopped at the first step after the cancel
     assert not (root / "loras" / "cancelled_lora" / "cancelled_lora.safetensors").exists()
+
+
+def test_real_tiny_training_from_the_page(tmp_path, browser):
+    """The product path end to end: no fake, the standard engine trains a tiny SD1 checkpoint on 4 images."""
+    from image_fixtures import tiny_checkpoint
+    from safetensors import safe_open
+    from tiny_models import make_image_folder
+
+    make_image_folder(str(tmp_path / "data"), count=4)
+    checkpoint = tiny_checkpoint(tmp_path)
+    with serve(tmp_path, JobRunner()) as url:
+        pg = open_page(browser, url)
+        fill_form(pg, tmp_path, "tiny_ui", base_model=checkpoint, steps=6, resolution=64, lora_rank=4)
+        pg.locator("#lora_trainer_train").click()
+        done = wait_progress(pg, "Finished", "step 6/6")
+        assert "loss" in done
+        pg.wait_for_function(
+            "() => document.querySelector('#lora_trainer_try_it input, #lora_trainer_try_it textarea')?.value"
+            " === '<lora:tiny_ui:0.8>'")
+        pg.wait_for_function("() => document.querySelector('#lora_trainer_lora_list')?.textContent"
+                             ".includes('tiny_ui.safetensors')")
+        assert "pytorch_lora_weights" not in pg.locator("#lora_trainer_lora_list").text_content()
+        pg.close()
+    lora = tmp_path / "loras" / "tiny_ui" / "tiny_ui.safetensors"
+    with safe_open(str(lora), framework="pt") as fh:
+        assert fh.metadata()["ss_output_name"] == "tiny_ui"
+        assert fh.metadata()["ss_network_dim"] == "4"
+        assert any(k.startswith("lora_unet_") for k in fh.keys())

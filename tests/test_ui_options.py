@@ -10,7 +10,14 @@ from lora_trainer.errors import ConfigError
 from lora_trainer.jobs import JobStatus
 from lora_trainer.ui import options
 from lora_trainer.ui.loss_plot import downsample, render_loss_plot, smooth
-from lora_trainer.ui.status_view import format_duration, lora_table, progress_text, try_it_prompt
+from lora_trainer.ui.status_view import (
+    DIFFUSERS_COPY_NAME,
+    format_duration,
+    lora_table,
+    main_lora_file,
+    progress_text,
+    try_it_prompt,
+)
 
 
 def specs_by_key():
@@ -114,6 +121,7 @@ def test_lora_table_lists_runs_but_not_states(tmp_path):
     (tmp_path / "run" / "state-10" / "weights.safetensors").write_bytes(b"x")
     (tmp_path / "run" / "run.safetensors").write_bytes(b"x" * 10)
     (tmp_path / "top.safetensors").write_bytes(b"x")
+    (tmp_path / "run" / DIFFUSERS_COPY_NAME).write_bytes(b"x")  # the unnamed diffusers copy is not listed
     (tmp_path / "notes.txt").write_text("x")
     rows = lora_table(str(tmp_path))
     assert sorted(r[0] for r in rows) == ["run", "top"]
@@ -137,3 +145,16 @@ def test_loss_plot_changes_with_new_points():
     first = render_loss_plot([1, 2], [1.0, 0.5]).tobytes()
     second = render_loss_plot([1, 2, 3], [1.0, 0.5, 0.2]).tobytes()
     assert first != second
+
+
+def test_main_lora_file_is_the_named_one():
+    files = ["/o/pytorch_lora_weights.safetensors", "/o/style.safetensors"]
+    assert main_lora_file(files, "style") == "/o/style.safetensors"
+    assert main_lora_file(["/o/style-step00000010.safetensors"], "style") == "/o/style-step00000010.safetensors"
+    assert main_lora_file(files[:1], "style") is None and main_lora_file([], "x") is None
+
+
+def test_diffusers_copy_name_matches_the_image_trainer():
+    from lora_trainer.train.image_trainer import FINAL_DIFFUSERS_NAME
+
+    assert DIFFUSERS_COPY_NAME == FINAL_DIFFUSERS_NAME

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from typing import Iterable, List, Optional
+from typing import Iterable, List, Optional, Sequence
 
 from lora_trainer.jobs import CANCELLED, FAILED, FINISHED, IDLE, RUNNING, JobStatus
 
@@ -14,6 +14,9 @@ TRY_IT_WEIGHT = 0.8
 LIST_DEPTH = 2  # lora_dir/<name>.safetensors and lora_dir/<run folder>/<name>.safetensors
 SKIPPED_FOLDERS = ("logs", "samples", ".lora_trainer_cache")  # run folders hold these beside the LoRA
 STATE_PREFIX = "state-"  # resumable training states, not LoRAs
+# The image trainer also writes each LoRA under diffusers' default name (image_trainer.FINAL_DIFFUSERS_NAME);
+# that copy has no alias of its own, so it is not listed.
+DIFFUSERS_COPY_NAME = "pytorch_lora_weights.safetensors"
 TABLE_HEADERS = ["LoRA", "Size (MB)", "Modified", "File"]
 
 STATE_TITLES = {IDLE: "Idle", RUNNING: "Running", FINISHED: "Finished", CANCELLED: "Cancelled", FAILED: "Failed"}
@@ -55,6 +58,15 @@ def try_it_prompt(lora_path: str, weight: float = TRY_IT_WEIGHT) -> str:
     return f"<lora:{name}:{weight:g}>"
 
 
+def main_lora_file(output_files: Sequence[str], output_name: str) -> Optional[str]:
+    """The file a run's "Try it" names: the one called after the run, else the last that is not the diffusers copy."""
+    for path in output_files:
+        if os.path.splitext(os.path.basename(path))[0] == output_name:
+            return path
+    named = [p for p in output_files if os.path.basename(p) != DIFFUSERS_COPY_NAME]
+    return named[-1] if named else None
+
+
 def find_lora_files(folder: str, depth: int = LIST_DEPTH) -> List[str]:
     """LoRA files in ``folder`` and its run subfolders, skipping training states, logs and caches."""
     found: List[str] = []
@@ -67,7 +79,7 @@ def find_lora_files(folder: str, depth: int = LIST_DEPTH) -> List[str]:
     for entry in entries:
         if entry.name.startswith("."):
             continue
-        if entry.is_file() and entry.name.lower().endswith(LORA_EXTENSION):
+        if entry.is_file() and entry.name.lower().endswith(LORA_EXTENSION) and entry.name != DIFFUSERS_COPY_NAME:
             found.append(entry.path)
         elif (entry.is_dir() and depth > 1 and not entry.name.startswith(STATE_PREFIX)
               and entry.name not in SKIPPED_FOLDERS):
@@ -78,7 +90,8 @@ def find_lora_files(folder: str, depth: int = LIST_DEPTH) -> List[str]:
 def lora_table(folder: str, extra: Iterable[str] = ()) -> List[List[object]]:
     """Rows for the finished-files table, newest first: files in ``folder`` plus ``extra`` (this session's runs)."""
     paths = {os.path.abspath(p) for p in find_lora_files(folder)}
-    paths.update(os.path.abspath(p) for p in extra if os.path.isfile(p))
+    paths.update(os.path.abspath(p) for p in extra
+                 if os.path.isfile(p) and os.path.basename(p) != DIFFUSERS_COPY_NAME)
     rows = []
     for path in paths:
         try:

@@ -32,7 +32,7 @@ from lora_trainer.ui.options import (
     quick_check_config,
     widget_values_from_mapping,
 )
-from lora_trainer.ui.status_view import TABLE_HEADERS, lora_table, progress_text, try_it_prompt
+from lora_trainer.ui.status_view import TABLE_HEADERS, lora_table, main_lora_file, progress_text, try_it_prompt
 
 log = logging.getLogger(__name__)
 
@@ -292,10 +292,13 @@ class TrainerTab:
     @staticmethod
     def _try_it_update(status: JobStatus, seen: Dict[str, Any]) -> Any:
         """Fill "Try it" once when a run finishes; afterwards the user's edits stay."""
-        if status.state != FINISHED or not status.output_files or seen.get("try_it") == status.job_id:
+        if status.state != FINISHED or seen.get("try_it") == status.job_id:
+            return compat.no_change()
+        path = main_lora_file(status.output_files, status.output_name)
+        if path is None:
             return compat.no_change()
         seen["try_it"] = status.job_id
-        return try_it_prompt(status.output_files[0])
+        return try_it_prompt(path)
 
 
 def build_tab(backend: UiBackend, runner: Optional[JobRunner] = None) -> gr.Blocks:
