@@ -281,3 +281,19 @@ def test_epochs_set_the_length_and_epoch_saves(base_model, capitals, tmp_path):
     result = train_text(cfg, runtime=cpu_runtime())
     assert result.step == 6  # 4 samples in batches of 2: 2 steps an epoch
     assert sorted(n for n in os.listdir(out) if n.startswith("caps")) == ["caps", "caps-step00000004"]
+
+
+def test_packed_samples_do_not_see_each_other(base_model, capitals):
+    from lora_trainer.text.batches import collate
+    from lora_trainer.text.data import load_text_dataset
+    from lora_trainer.text.tokenize import tokenize_dataset
+
+    dataset = load_text_dataset(os.path.dirname(capitals))
+    tokenizer = load_tokenizer(base_model)
+    single = tokenize_dataset(dataset, tokenizer, max_seq_length=40).sequences
+    packed = collate(tokenize_dataset(dataset, tokenizer, max_seq_length=40, packing=True).sequences[:1], 0)
+    model = fresh_base(base_model)
+    with torch.no_grad():
+        together = model(**packed.model_inputs(), use_cache=False).logits[0]  # as in training
+        apart = [model(input_ids=torch.tensor([row.input_ids])).logits[0] for row in single[:3]]
+    torch.testing.assert_close(together[:sum(len(r) for r in single[:3])], torch.cat(apart), rtol=0, atol=1e-4)

@@ -201,7 +201,8 @@ def _optimizer_step(model, params, optimizer, runtime, cfg: TextConfig, batches)
     for batch in batches:
         batch = batch.to(runtime.device)
         with runtime.autocast():
-            logits = model(**batch.model_inputs()).logits
+            # No cache: transformers keeps packed samples apart (by their position ids) only without one.
+            logits = model(**batch.model_inputs(), use_cache=False).logits
         token_loss = summed_token_loss(logits, batch.labels)
         # Gradients are averaged over processes later, hence the factor num_processes here.
         runtime.backward(token_loss * (runtime.num_processes / global_tokens))
