@@ -187,6 +187,12 @@ def test_train_from_the_page(served, page):
         "() => document.querySelector('#lora_trainer_try_it input, #lora_trainer_try_it textarea')?.value"
         " === '<lora:browser_lora:0.8>'")
     assert (root / "loras" / "browser_lora" / "browser_lora.safetensors").is_file()
+
+    field(page, "lora_trainer_try_it").fill("something else")  # selecting a listed LoRA fills "Try it" again
+    page.locator("#lora_trainer_lora_list [role=gridcell]").filter(has_text="browser_lora").first.click()
+    page.wait_for_function(
+        "() => document.querySelector('#lora_trainer_try_it input, #lora_trainer_try_it textarea')?.value"
+        " === '<lora:browser_lora:0.8>'")
     if os.environ.get("LORA_TRAINER_SCREENSHOT"):  # for a person to look at the page
         page.screenshot(path=os.environ["LORA_TRAINER_SCREENSHOT"], full_page=True)
 

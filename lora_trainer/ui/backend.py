@@ -14,6 +14,8 @@ from lora_trainer.config import CommonConfig, resolved_output_name
 from lora_trainer.ui.options import final_lora_path
 
 MODEL_WEIGHT_EXTENSIONS = (".safetensors", ".ckpt", ".bin", ".pt", ".pth")
+# For a WebUI backend's send_prompt_js: javascript/lora_trainer.js, which the host injects into its page.
+WEBUI_SEND_PROMPT_JS = "(prompt) => loraTrainerSendToTxt2img(prompt)"
 
 
 class UiBackend:

@@ -5,8 +5,8 @@ launches. Handlers are methods of ``TrainerTab`` so tests can call them without 
 differences go through ``gradio_compat``; host differences through the ``UiBackend``.
 """
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations`` here: gradio finds the ``evt: gr.SelectData`` argument of a handler
+# by its annotation, and not every supported gradio version resolves annotations written as strings.
 import logging
 import os
 import tempfile
@@ -140,8 +140,9 @@ class TrainerTab:
             self.lora_list = gr.Dataframe(label="Finished LoRA files (select one to try it)",
                                           elem_id=f"{ELEM}lora_list", **compat.dataframe_kwargs(TABLE_HEADERS))
             with gr.Row():
+                # interactive: gradio would otherwise lock an output-only box, and the user edits the prompt here
                 self.try_it = gr.Textbox(label="Try it: add this to your prompt", elem_id=f"{ELEM}try_it",
-                                         max_lines=1)
+                                         max_lines=1, interactive=True)
                 send_js = self.backend.send_prompt_js()
                 if send_js:
                     send = gr.Button("Send to txt2img", elem_id=f"{ELEM}send_to_txt2img")
