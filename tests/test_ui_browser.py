@@ -237,3 +237,17 @@ def test_real_tiny_training_from_the_page(tmp_path, browser):
         assert fh.metadata()["ss_output_name"] == "tiny_ui"
         assert fh.metadata()["ss_network_dim"] == "4"
         assert any(k.startswith("lora_unet_") for k in fh.keys())
+
+
+def test_send_to_txt2img_helper_appends_the_prompt(browser):
+    """javascript/lora_trainer.js on a page shaped like the WebUI's txt2img prompt box."""
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "javascript",
+                          "lora_trainer.js")
+    pg = browser.new_page()
+    pg.set_content("<div id='txt2img_prompt'><textarea>a cat</textarea></div>"
+                   "<script>window.switched = 0; function switch_to_txt2img() { window.switched += 1; }</script>")
+    pg.add_script_tag(path=script)
+    pg.evaluate("loraTrainerSendToTxt2img('<lora:style:0.8>')")
+    assert pg.locator("#txt2img_prompt textarea").input_value() == "a cat <lora:style:0.8>"
+    assert pg.evaluate("window.switched") == 1
+    pg.close()
