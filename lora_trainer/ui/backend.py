@@ -26,7 +26,8 @@ class UiBackend:
     def describe_model(self) -> Optional[str]:
         """A line naming the base model the host has loaded (e.g. "the loaded checkpoint `x` (SDXL)").
 
-        None means the user chooses the base model: the tab shows a path box instead.
+        None means the user chooses the base model: the tab shows a path box instead. The tab asks again on
+        every poll (about once a second) so a checkpoint switch shows up: keep it cheap.
         """
         return None
 
