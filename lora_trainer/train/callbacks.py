@@ -18,12 +18,13 @@ class StepInfo:
     epoch: int
     loss: float
     lr: float
-    elapsed_s: float
+    elapsed_s: float  # since this run (or resume) started
     extra: Dict[str, float] = field(default_factory=dict)
+    start_step: int = 0  # the step this run resumed from: rates count only steps done in this run
 
     @property
     def it_per_s(self) -> float:
-        return self.step / self.elapsed_s if self.elapsed_s > 0 else 0.0
+        return (self.step - self.start_step) / self.elapsed_s if self.elapsed_s > 0 else 0.0
 
     @property
     def eta_s(self) -> float:
@@ -39,6 +40,9 @@ class TrainingCallback:
     def on_step_end(self, info: StepInfo) -> None: ...
 
     def on_save(self, path: str, step: int) -> None: ...
+
+    def on_preview(self, paths: List[str], step: int) -> None:
+        """Preview images generated with the LoRA active (the WebUI backend makes them)."""
 
     def on_train_end(self, info: Optional[StepInfo], status: str) -> None: ...
 
@@ -61,6 +65,10 @@ class CallbackList(TrainingCallback):
     def on_save(self, path, step):
         for c in self.callbacks:
             c.on_save(path, step)
+
+    def on_preview(self, paths, step):
+        for c in self.callbacks:
+            c.on_preview(paths, step)
 
     def on_train_end(self, info, status):
         for c in self.callbacks:

@@ -216,7 +216,7 @@ class ImageTrainingSession:
             self.log(f"resumed from {cfg.resume} at step {step}")
 
         self.callbacks.on_train_start(total_steps, step, {"images": len(dataset.samples), "arch": self.adapter.arch})
-        t0, info, losses = time.time(), None, []
+        t0, info, losses, start_step = time.time(), None, [], step
         status, message = "finished", ""
         try:
             while step < total_steps:
@@ -241,7 +241,8 @@ class ImageTrainingSession:
                     step += 1
                     batch_offset += len(group)
                     losses.append(loss_value)
-                    info = StepInfo(step, total_steps, epoch, loss_value, scheduler.get_last_lr()[0], time.time() - t0)
+                    info = StepInfo(step, total_steps, epoch, loss_value, scheduler.get_last_lr()[0], time.time() - t0,
+                                    start_step=start_step)
                     self.callbacks.on_step_end(info)
                     at_epoch_end = batch_offset >= len(batches)
                     if step < total_steps and self._save_due(step, epoch + 1 if at_epoch_end else None):
