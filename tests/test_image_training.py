@@ -62,12 +62,14 @@ def test_seed_config_trains_from_the_command_line(tmp_path):
 
 
 def test_loss_falls_on_a_memorisation_task(tmp_path):
-    base = tiny_checkpoint(tmp_path)
+    # The SD2-v model: its v target carries the images themselves, which a LoRA on a random toy UNet can
+    # memorise (an eps target is pure noise there and its loss floor hides any learning).
+    base = tiny_checkpoint(tmp_path, "sd2")
     cfg = image_config(tmp_path, base, max_train_steps=60, learning_rate=3e-3, lora_rank=8, batch_size=4,
                        seed=3, save_state=False)
     result = train(cfg)
     first, last = sum(result.losses[:10]) / 10, sum(result.losses[-10:]) / 10
-    assert last < 0.8 * first, (first, last)
+    assert last < 0.6 * first, (first, last)
 
 
 def _lora(path):
