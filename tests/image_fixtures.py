@@ -6,12 +6,12 @@ import os
 from typing import Optional
 
 import torch
+from tiny_models import build_tiny, make_image_folder, save_single_file
 
 from lora_trainer.config import config_from_dict
 from lora_trainer.train.callbacks import TrainingCallback
 from lora_trainer.train.image_trainer import train_image
 from lora_trainer.train.runtime import LocalRuntime
-from tiny_models import build_tiny, make_image_folder, save_single_file
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -15,12 +15,13 @@ from lora_trainer.models.loading import load_stable_diffusion
 def _diffusers_pipeline(arch, model):
     from diffusers import DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
+    scheduler = DDPMScheduler(steps_offset=1, clip_sample=False)
     if arch == "sdxl":
         return StableDiffusionXLPipeline(vae=model.vae, text_encoder=model.text_encoders[0],
                                          text_encoder_2=model.text_encoders[1], tokenizer=model.tokenizers[0],
-                                         tokenizer_2=model.tokenizers[1], unet=model.unet, scheduler=DDPMScheduler(steps_offset=1, clip_sample=False))
+                                         tokenizer_2=model.tokenizers[1], unet=model.unet, scheduler=scheduler)
     return StableDiffusionPipeline(vae=model.vae, text_encoder=model.text_encoders[0], tokenizer=model.tokenizers[0],
-                                   unet=model.unet, scheduler=DDPMScheduler(steps_offset=1, clip_sample=False), safety_checker=None,
+                                   unet=model.unet, scheduler=scheduler, safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
 
 

@@ -71,7 +71,8 @@ def build_tiny(arch: str, seed: int = 0) -> TinyPipelineParts:
         unet = UNet2DConditionModel(
             sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(32, 64),
             # Attention only at the lower resolution keeps 512 px runs (the seed config's default) quick.
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
             cross_attention_dim=64, attention_head_dim=8, norm_num_groups=32)
         prediction = "epsilon"
     elif arch == "sd2":

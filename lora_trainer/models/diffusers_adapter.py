@@ -58,14 +58,17 @@ class DiffusersAdapter(DiffusionAdapter):
         want_text = text_encoders and self.text_encoders is None
         if not (want_unet or want_vae or want_text):
             return
-        model = load_stable_diffusion(self.path, load_unet=want_unet, load_vae=want_vae, load_text_encoders=want_text,
+        if want_vae:
+            # The VAE encodes in fp32: fp16 SD VAEs overflow to NaN at training resolutions.
+            self.vae = load_stable_diffusion(self.path, load_unet=False, load_vae=True, load_text_encoders=False,
+                                             dtype=torch.float32).vae.to(self.device)
+        if not (want_unet or want_text):
+            return
+        model = load_stable_diffusion(self.path, load_unet=want_unet, load_vae=False, load_text_encoders=want_text,
                                       dtype=self.dtype, prediction_type=self._prediction_override)
         if want_unet:
             self.unet = model.unet.to(self.device)
             self.unet.set_attn_processor(_sdpa_processor())
-        if want_vae:
-            # The VAE encodes in fp32: fp16 SD VAEs overflow to NaN at training resolutions.
-            self.vae = model.vae.to(self.device, torch.float32)
         if want_text:
             self.text_encoders = [te.to(self.device) for te in model.text_encoders]
 

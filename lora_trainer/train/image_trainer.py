@@ -77,8 +77,9 @@ class ImageTrainingSession:
 
     def run(self, adapter: Optional[DiffusionAdapter]) -> TrainingResult:
         cfg, runtime = self.cfg, self.runtime
-        if cfg.output_name and (os.sep in cfg.output_name or "/" in cfg.output_name or cfg.output_name.startswith(".")):
-            raise ConfigError(f"output_name: {cfg.output_name!r} must be a plain file name (no folders, no leading dot).")
+        name = cfg.output_name
+        if name and (os.sep in name or "/" in name or name.startswith(".")):
+            raise ConfigError(f"output_name: {name!r} must be a plain file name (no folders, no leading dot).")
         # The dataset is read before any model loads: an empty or broken folder fails in seconds.
         self.dataset = ImageCaptionDataset(cfg)
         for line in self.dataset.summary_lines():
@@ -111,7 +112,8 @@ class ImageTrainingSession:
                                    writer=self.runtime.is_main_process)
         self.cache_latents = cfg.cache_latents and not cfg.random_flip
         self.cache_text = not cfg.train_text_encoder and dataset.captions_are_fixed()
-        missing_latents = [s for s in dataset.samples if self.cache_latents and not self.cache.has(self.cache.latent_key(s))]
+        missing_latents = [s for s in dataset.samples
+                           if self.cache_latents and not self.cache.has(self.cache.latent_key(s))]
         missing_text = [c for c in dataset.all_caption_variants()
                         if self.cache_text and not self.cache.has(self.cache.text_key(c, cfg.clip_skip))]
         if missing_latents or missing_text:
