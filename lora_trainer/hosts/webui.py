@@ -1,0 +1,546 @@
+"""The AUTOMATIC1111 WebUI as a host: the one module of the package that imports the WebUI's ``modules.*``.
+
+Every ``modules`` import happens inside a function, so importing this file costs nothing and works outside
+the WebUI (the tests inject stand-in ``modules`` packages). What lives here:
+
+- facts about the host (device, precision, ``--lowvram``/``--medvram``/fp8, the Lora folder, API credentials)
+  and the refusals that follow from them;
+- the builtin Lora extension's state: unloading networks it merged into the live weights before training,
+  and forgetting a name after its file was rewritten;
+- two callbacks the backend adds to every run: one mirrors progress into ``shared.state`` and turns the
+  WebUI's Interrupt into ``should_stop()``, one renders previews with the host's own txt2img pipeline;
+- ``WebUIBackend``, the tab's and the REST API's answers for this host, with the job hooks (hold the GPU
+  queue lock for the whole run) and the trainer wrapper that adds the callbacks above.
+
+Files: the engine writes into a job folder outside the Lora folder (intermediate saves, states, logs,
+previews, the diffusers-named copy); only the final ``<name>.safetensors`` is copied, atomically, into the
+Lora folder, so the host's Lora list never shows intermediates or two files with one alias.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import sys
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence
+
+from lora_trainer.config import CommonConfig, ImageConfig, resolved_output_name
+from lora_trainer.errors import ConfigError
+from lora_trainer.jobs import JobHooks, default_trainer
+from lora_trainer.train.callbacks import CallbackList, StepInfo, TrainingCallback
+from lora_trainer.ui.backend import WEBUI_SEND_PROMPT_JS, UiBackend
+
+log = logging.getLogger(__name__)
+
+JOBS_FOLDER = os.path.join("outputs", "lora_trainer")  # under the WebUI's data folder: one sub-folder per run
+PREVIEW_FOLDER = "samples"  # inside the job folder; jobs.py scans the same folder name
+BUILTIN_LORA_MODULE = "networks"  # the builtin Lora extension's module (we never name a module like it)
+STATE_JOB_NAME = "lora_trainer"
+
+# The extra memory of a run, roughly: fp32 LoRA weight + gradient + two AdamW moments = 16 bytes a parameter.
+BYTES_PER_TRAINED_PARAM = 16
+# Activations of one 512x512 SD1 sample in fp16 with the frozen base (measured orders of magnitude, not
+# promises); scaled by pixel count, batch size and architecture, divided when checkpointing recomputes them.
+ACTIVATION_GIB_PER_SD1_512_SAMPLE = 2.5
+ARCH_ACTIVATION_FACTOR = {"SD1": 1.0, "SD2": 1.2, "SDXL": 1.6}
+CHECKPOINTING_DIVISOR = 4.0
+
+
+# --- host facts ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class HostFacts:
+    """What the host's settings mean for training."""
+
+    device: Any  # torch.device
+    dtype: Any  # torch.dtype of the UNet weights
+    lowvram: bool
+    medvram: bool
+    fp8: bool
+
+    @property
+    def mixed_precision(self) -> str:
+        """The engine's precision name for the host's weights: autocast to what the host computes in."""
+        import torch
+
+        if getattr(self.device, "type", "cpu") == "cpu":
+            return "bf16" if self.dtype == torch.bfloat16 else "no"
+        if self.dtype == torch.float16:
+            return "fp16"
+        if self.dtype == torch.bfloat16:
+            return "bf16"
+        return "no"
+
+
+def loaded_model() -> Any:
+    """The checkpoint the WebUI holds right now, or None; never triggers a load (the tab polls this)."""
+    from modules import sd_models
+
+    return getattr(sd_models.model_data, "sd_model", None)
+
+
+def host_model() -> Any:
+    """The loaded checkpoint, loading it if the WebUI has not yet (as a generation would)."""
+    from modules import shared
+
+    model = shared.sd_model
+    if model is None:
+        raise ConfigError("No checkpoint is loaded in the WebUI: choose one in the checkpoint menu first.")
+    return model
+
+
+def architecture(model: Any) -> str:
+    """"SD1", "SD2" or "SDXL", from the flags the WebUI sets on its models."""
+    if getattr(model, "is_sdxl", False):
+        return "SDXL"
+    if getattr(model, "is_sd2", False):
+        return "SD2"
+    return "SD1"
+
+
+def prediction_label(model: Any) -> str:
+    return "v-prediction" if getattr(model, "parameterization", "eps") == "v" else "epsilon"
+
+
+def checkpoint_name(model: Any) -> str:
+    info = getattr(model, "sd_checkpoint_info", None)
+    for attr in ("name_for_extra", "model_name", "name", "title"):
+        value = getattr(info, attr, None)
+        if value:
+            return str(value)
+    return "unknown checkpoint"
+
+
+def host_facts(model: Any) -> HostFacts:
+    from modules import devices, shared
+
+    opts = shared.cmd_opts
+    medvram = bool(getattr(opts, "medvram", False)
+                   or (getattr(opts, "medvram_sdxl", False) and architecture(model) == "SDXL"))
+    dtype = getattr(devices, "dtype_unet", None) or devices.dtype
+    return HostFacts(device=devices.device, dtype=dtype, lowvram=bool(getattr(opts, "lowvram", False)),
+                     medvram=medvram, fp8=bool(getattr(devices, "fp8", False)))
+
+
+def refusal(cfg: CommonConfig, facts: HostFacts) -> Optional[str]:
+    """Why this run cannot train on this host, or None. Said before starting, never mid-run."""
+    if facts.lowvram:
+        return ("The WebUI runs with --lowvram, which moves model blocks between devices during every forward "
+                "pass; training through that is not supported. Restart the WebUI without --lowvram "
+                "(--medvram works for UNet-only training).")
+    if facts.fp8:
+        return ("The WebUI stores the model's weights in fp8 (Settings > Optimizations > FP8 weight), which "
+                "cannot be trained through. Set FP8 weight to Disable, reload the checkpoint, and try again.")
+    if facts.medvram and isinstance(cfg, ImageConfig) and cfg.train_text_encoder:
+        return ("Text-encoder training does not work under --medvram (the WebUI moves the text encoder off the "
+                "GPU between uses). Untick \"Train text encoder\" or restart the WebUI without --medvram.")
+    return None
+
+
+def lora_dir() -> str:
+    """The builtin Lora extension's folder, ``--lora-dir`` respected."""
+    from modules import shared
+
+    folder = getattr(shared.cmd_opts, "lora_dir", None)
+    if not folder:
+        from modules import paths
+
+        folder = os.path.join(paths.models_path, "Lora")
+    return os.path.abspath(folder)
+
+
+def jobs_dir() -> str:
+    """Where runs keep their intermediates: the WebUI's data folder, outside the Lora folder."""
+    from modules import paths_internal
+
+    return os.path.abspath(os.path.join(paths_internal.data_path, JOBS_FOLDER))
+
+
+def api_credentials() -> Dict[str, str]:
+    """``--api-auth "u1:p1,u2:p2"`` as {user: password}; empty when the host's API is open."""
+    from modules import shared
+
+    return parse_api_auth(getattr(shared.cmd_opts, "api_auth", None))
+
+
+def parse_api_auth(spec: Optional[str]) -> Dict[str, str]:
+    credentials: Dict[str, str] = {}
+    for item in (spec or "").split(","):
+        item = item.strip()
+        if not item:
+            continue
+        user, sep, password = item.partition(":")
+        if sep:  # the host itself ignores entries without a colon too
+            credentials[user] = password
+    return credentials
+
+
+# --- the builtin Lora extension ------------------------------------------------------------------------------
+def builtin_networks() -> Any:
+    """The builtin Lora extension's ``networks`` module when the host loaded it, else None (disabled)."""
+    return sys.modules.get(BUILTIN_LORA_MODULE)
+
+
+def _restore_module(networks: Any, module: Any) -> bool:
+    """Put one module's backed-up weights back and forget what was applied; True if it had a backup."""
+    had_backup = (getattr(module, "network_weights_backup", None) is not None
+                  or getattr(module, "network_bias_backup", None) is not None)
+    if had_backup:
+        networks.network_restore_weights_from_backup(module)
+    # Cleared even without a backup: an empty name tuple is what a never-touched module has.
+    module.network_current_names = ()
+    module.network_weights_backup = None
+    module.network_bias_backup = None
+    return had_backup
+
+
+def unload_host_networks(model: Any, networks: Any = None) -> int:
+    """Undo every LoRA the host merged into ``model``'s weights; returns how many modules were restored.
+
+    The builtin extension keeps deltas merged between generations; training on them would train on a
+    modified model. Its next generation re-applies whatever that prompt asks for, from restored weights.
+    """
+    networks = networks if networks is not None else builtin_networks()
+    if networks is None or model is None:
+        return 0
+    restored = 0
+    for module in model.modules():
+        if hasattr(module, "network_current_names") or hasattr(module, "network_weights_backup"):
+            restored += _restore_module(networks, module)
+    networks.loaded_networks.clear()
+    return restored
+
+
+def refresh_host_networks(name: str, model: Any = None, networks: Any = None) -> None:
+    """After ``name``'s file was (re)written: rescan the Lora folder and drop what the host remembers of it."""
+    networks = networks if networks is not None else builtin_networks()
+    if networks is None:
+        return
+    networks.networks_in_memory.pop(name, None)
+    if any(getattr(net, "name", None) == name for net in networks.loaded_networks):
+        unload_host_networks(model, networks)  # merged old weights must not survive under the same name
+    networks.list_available_networks()
+
+
+# --- callbacks the backend adds to each run ------------------------------------------------------------------
+class HostProgress(TrainingCallback):
+    """Mirror progress into ``shared.state`` (the host's progress bar) and obey its Interrupt button."""
+
+    def __init__(self, state: Any, output_name: str) -> None:
+        self.state = state
+        self.output_name = output_name
+
+    def on_train_start(self, total_steps: int, start_step: int, summary: Dict[str, Any]) -> None:
+        self._show(start_step, total_steps, "starting")
+
+    def on_step_end(self, info: StepInfo) -> None:
+        self._show(info.step, info.total_steps, f"loss {info.loss:.4f}")
+
+    def _show(self, step: int, total: int, detail: str) -> None:
+        state = self.state
+        state.job_count = max(int(total), 1)
+        state.job_no = int(step)
+        state.sampling_step = 0
+        state.sampling_steps = 0
+        state.textinfo = f"Training LoRA {self.output_name}: step {step}/{total}, {detail}"
+
+    def should_stop(self) -> bool:
+        return bool(getattr(self.state, "interrupted", False))
+
+
+@dataclass(frozen=True)
+class PreviewSettings:
+    """Preview images every ``every_n_steps`` (0 = none), made with the host's txt2img."""
+
+    every_n_steps: int = 0
+    prompt: str = ""  # blank: the output name
+    negative_prompt: str = ""
+    steps: int = 20
+    width: int = 0  # 0: the training resolution
+    height: int = 0
+    cfg_scale: float = 7.0
+    seed: int = 42
+    sampler_name: str = "Euler"
+
+    @classmethod
+    def from_mapping(cls, raw: Optional[Mapping[str, Any]]) -> "PreviewSettings":
+        """Validate a request's ``preview`` object; unknown keys and bad values are ConfigErrors."""
+        if raw is None:
+            return cls()
+        if not isinstance(raw, Mapping):
+            raise ConfigError("preview must be an object such as {\"every_n_steps\": 50, \"prompt\": \"...\"}.")
+        known = cls.__dataclass_fields__
+        values: Dict[str, Any] = {}
+        for key, value in raw.items():
+            if key not in known:
+                raise ConfigError(f"preview: unknown key {key!r}; known keys: {', '.join(known)}.")
+            kind = known[key].type
+            try:
+                values[key] = str(value) if kind == "str" else (float(value) if kind == "float" else int(value))
+            except (TypeError, ValueError):
+                raise ConfigError(f"preview.{key}: {value!r} is not a valid {kind}.") from None
+        settings = cls(**values)
+        if settings.every_n_steps < 0 or settings.steps < 1 or not 0 <= settings.width <= 2048 \
+                or not 0 <= settings.height <= 2048:
+            raise ConfigError("preview: every_n_steps >= 0, steps >= 1 and sizes from 0 to 2048 are allowed.")
+        return settings
+
+    def for_run(self, cfg: CommonConfig) -> "PreviewSettings":
+        """Fill the blanks from the run: the prompt names the LoRA, the size is the training resolution."""
+        side = int(getattr(cfg, "resolution", 512)) // 8 * 8
+        return replace(self, prompt=self.prompt or resolved_output_name(cfg),
+                       width=self.width or side, height=self.height or side)
+
+
+# (settings) -> PIL images: the host's txt2img with the LoRA live in the model.
+PreviewRenderer = Callable[[PreviewSettings], Sequence[Any]]
+
+
+class HostPreviews(TrainingCallback):
+    """Every N steps, render previews and hand their paths to the other callbacks' ``on_preview``.
+
+    The LoRA being trained is already live in the host's modules (the engine wraps their forward), so a
+    plain txt2img shows it at strength 1 - the same as ``<lora:name:1>`` with the saved file. Naming the tag
+    would apply it twice and make the builtin extension merge a delta into the frozen weights mid-run.
+    """
+
+    def __init__(self, settings: PreviewSettings, output_dir: str, render: PreviewRenderer,
+                 deliver: TrainingCallback, state: Any = None) -> None:
+        self.settings = settings
+        self.folder = os.path.join(output_dir, PREVIEW_FOLDER)
+        self.render = render
+        self.deliver = deliver
+        self.state = state
+
+    def on_step_end(self, info: StepInfo) -> None:
+        every = self.settings.every_n_steps
+        if every > 0 and info.step > 0 and info.step % every == 0:
+            self.make(info.step)
+
+    def make(self, step: int) -> List[str]:
+        """Render and save this step's previews; a failure is logged and training goes on."""
+        saved = self._snapshot_state()
+        try:
+            images = list(self.render(self.settings))
+        except Exception:
+            log.exception("Preview at step %s failed; training continues", step)
+            return []
+        finally:
+            self._restore_state(saved)
+        paths = [self._save(image, step, i) for i, image in enumerate(images)]
+        if paths:
+            self.deliver.on_preview(paths, step)
+        return paths
+
+    def _save(self, image: Any, step: int, index: int) -> str:
+        from lora_trainer.io.atomic import atomic_write
+
+        path = os.path.join(self.folder, f"preview-step{step:08d}-{index}.png")
+        atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
+        return path
+
+    def _snapshot_state(self) -> Dict[str, Any]:
+        # txt2img moves the host's job counters (nextjob, sampling steps); put ours back afterwards.
+        if self.state is None:
+            return {}
+        return {k: getattr(self.state, k, None) for k in ("job_count", "job_no", "textinfo")}
+
+    def _restore_state(self, saved: Dict[str, Any]) -> None:
+        for key, value in saved.items():
+            setattr(self.state, key, value)
+        if self.state is not None:
+            self.state.sampling_step = 0
+            self.state.sampling_steps = 0
+
+
+def render_host_preview(settings: PreviewSettings) -> List[Any]:
+    """One txt2img with the host's pipeline, nothing written to its outputs. Call inside the queue lock."""
+    from modules import processing, shared
+
+    p = processing.StableDiffusionProcessingTxt2Img(
+        sd_model=shared.sd_model, prompt=settings.prompt, negative_prompt=settings.negative_prompt,
+        steps=settings.steps, width=settings.width, height=settings.height, cfg_scale=settings.cfg_scale,
+        seed=settings.seed, sampler_name=settings.sampler_name, batch_size=1, n_iter=1,
+        do_not_save_samples=True, do_not_save_grid=True)
+    try:
+        processed = processing.process_images(p)
+    finally:
+        close = getattr(p, "close", None)
+        if close:
+            close()
+    return list(processed.images)
+
+
+# --- the backend ---------------------------------------------------------------------------------------------
+def estimate_extra_memory(model: Any, cfg: CommonConfig) -> str:
+    """The memory a run adds to the loaded checkpoint: LoRA weights, optimizer state, activations."""
+    import torch
+
+    rank = cfg.lora_rank or 8
+    te = isinstance(cfg, ImageConfig) and cfg.train_text_encoder
+    params = 0
+    for module in model.modules():
+        name = type(module).__name__
+        in_unet_block = name in ("SpatialTransformer", "SpatialTransformer3D")
+        in_te_block = te and name in ("CLIPAttention", "CLIPMLP", "ResidualAttentionBlock")
+        if not (in_unet_block or in_te_block):
+            continue
+        for sub in module.modules():
+            if isinstance(sub, torch.nn.Linear):
+                params += rank * (sub.in_features + sub.out_features)
+            elif isinstance(sub, torch.nn.Conv2d) and sub.kernel_size == (1, 1):
+                params += rank * (sub.in_channels + sub.out_channels)
+    arch = architecture(model)
+    resolution = getattr(cfg, "resolution", 512)
+    activations = (ACTIVATION_GIB_PER_SD1_512_SAMPLE * ARCH_ACTIVATION_FACTOR[arch] * cfg.batch_size
+                   * (resolution / 512) ** 2)
+    if cfg.gradient_checkpointing:
+        activations /= CHECKPOINTING_DIVISOR
+    lora_gib = params * BYTES_PER_TRAINED_PARAM / 2**30
+    return (f"Extra memory beyond the loaded checkpoint (no second copy of it is loaded): about "
+            f"{lora_gib:.2f} GiB for {params / 1e6:.1f} M LoRA parameters with their gradients and optimizer "
+            f"state, plus roughly {activations:.1f} GiB of activations for batch {cfg.batch_size} at "
+            f"{resolution} px{' with gradient checkpointing' if cfg.gradient_checkpointing else ''}. "
+            "If that is too much: lower batch size, resolution or rank, or turn on gradient checkpointing.")
+
+
+class WebUIBackend(UiBackend):
+    """The tab's and the REST API's answers inside AUTOMATIC1111: train the loaded checkpoint in place."""
+
+    title = "LoRA Trainer"
+
+    def __init__(self, default_preview: Optional[Callable[[], PreviewSettings]] = None,
+                 render_preview: PreviewRenderer = render_host_preview) -> None:
+        # The preview defaults come from the host's settings page, read when each run starts.
+        self.default_preview = default_preview or PreviewSettings
+        self.render_preview = render_preview
+        self._cfg: Optional[CommonConfig] = None  # the running job's config (one job at a time)
+
+    # --- what the tab shows ------------------------------------------------------------------------------
+    def describe_model(self) -> Optional[str]:
+        model = loaded_model()
+        if model is None:
+            return "Base model: **the loaded checkpoint** (none is loaded yet: the WebUI loads it on first use)."
+        return (f"Base model: **the loaded checkpoint** `{checkpoint_name(model)}` ({architecture(model)}, "
+                f"{prediction_label(model)}). Training runs in place on the weights the WebUI holds.")
+
+    def resolve_base_model(self, typed: str) -> str:
+        # The config still needs a base_model; it names the checkpoint for the LoRA's metadata.
+        model = loaded_model()
+        info = getattr(model, "sd_checkpoint_info", None)
+        return getattr(info, "filename", None) or typed or "webui-loaded-checkpoint"
+
+    def lora_dir(self) -> str:
+        return lora_dir()
+
+    def jobs_dir(self) -> str:
+        return jobs_dir()
+
+    def default_output_dir(self, output_name: str) -> str:
+        return os.path.join(self.jobs_dir(), output_name)
+
+    def final_lora_path(self, cfg: CommonConfig) -> str:
+        return os.path.join(self.lora_dir(), resolved_output_name(cfg) + ".safetensors")
+
+    def estimate_memory(self, cfg: CommonConfig) -> str:
+        model = loaded_model()
+        if model is None:
+            return ""
+        try:
+            return estimate_extra_memory(model, cfg)
+        except Exception:  # an estimate must never block a start
+            log.exception("Memory estimate failed")
+            return ""
+
+    def send_prompt_js(self) -> Optional[str]:
+        return WEBUI_SEND_PROMPT_JS
+
+    # --- what the trainer gets ---------------------------------------------------------------------------
+    def make_backend_kwargs(self, cfg: CommonConfig, preview: Optional[Mapping[str, Any]] = None
+                            ) -> Dict[str, Any]:
+        """The runtime and the host-model adapter; refuses here (before any work) what cannot train."""
+        if cfg.task_type != "image-generation":
+            raise ConfigError("The WebUI tab trains image LoRAs on the loaded checkpoint; text-generation "
+                              "runs use the standalone command line.")
+        from lora_trainer.train.runtime import LocalRuntime
+
+        model = host_model()
+        facts = host_facts(model)
+        problem = refusal(cfg, facts)
+        if problem:
+            raise ConfigError(problem)
+        from lora_trainer.hosts.ldm_adapter import LdmHostAdapter
+
+        adapter = LdmHostAdapter(model, device=facts.device, dtype=facts.dtype, lowvram=facts.lowvram,
+                                 medvram=facts.medvram, fp8=facts.fp8)
+        settings = PreviewSettings.from_mapping(preview) if preview is not None else self.default_preview()
+        return {"runtime": LocalRuntime(facts.device, facts.mixed_precision), "adapter": adapter,
+                "preview": settings.for_run(cfg)}
+
+    def train(self, cfg: CommonConfig, callbacks: List[TrainingCallback], **backend_kwargs: Any) -> Any:
+        """The JobRunner's trainer: the engine plus the host progress and preview callbacks."""
+        from modules import shared
+
+        preview: Optional[PreviewSettings] = backend_kwargs.pop("preview", None)
+        extra: List[TrainingCallback] = [HostProgress(shared.state, resolved_output_name(cfg))]
+        if preview is not None and preview.every_n_steps > 0:
+            extra.append(HostPreviews(preview, cfg.output_dir, self.render_preview,
+                                      deliver=CallbackList(list(callbacks)), state=shared.state))
+        return default_trainer(cfg, callbacks=[*callbacks, *extra], **backend_kwargs)
+
+    # --- job hooks -----------------------------------------------------------------------------------------
+    def job_hooks(self) -> JobHooks:
+        return JobHooks(guard=self.hold_gpu, before_start=self.before_start, after_save=self.after_save,
+                        after_end=self.after_end)
+
+    @contextlib.contextmanager
+    def hold_gpu(self, cfg: CommonConfig) -> Iterator[None]:
+        """The host's GPU queue lock for the whole run: no generation runs while we train, and vice versa."""
+        from modules import call_queue, shared
+
+        with call_queue.queue_lock:
+            shared.state.begin(job=STATE_JOB_NAME)
+            shared.state.job_count = 1
+            shared.state.job_no = 0
+            shared.state.textinfo = f"Training LoRA {resolved_output_name(cfg)}: loading…"
+            try:
+                yield
+            finally:
+                shared.state.end()
+
+    def before_start(self, cfg: CommonConfig) -> None:
+        """Inside the lock: refuse what cannot train, then give the model back its own weights."""
+        model = host_model()
+        problem = refusal(cfg, host_facts(model))
+        if problem:
+            raise ConfigError(problem)
+        restored = unload_host_networks(model)
+        if restored:
+            log.info("Unloaded LoRA deltas the WebUI had merged into %d modules before training", restored)
+        self._cfg = cfg
+
+    def after_save(self, path: str) -> None:
+        """Publish the final file into the Lora folder (atomically) and make the host load it afresh."""
+        cfg = self._cfg
+        if cfg is None:
+            return
+        name = resolved_output_name(cfg)
+        produced = os.path.join(cfg.output_dir, name + ".safetensors")
+        if os.path.abspath(path) != os.path.abspath(produced):
+            return  # an intermediate save: it stays in the job folder
+        target = self.final_lora_path(cfg)
+        if os.path.abspath(target) != os.path.abspath(path):
+            from lora_trainer.io.atomic import atomic_write
+
+            atomic_write(target, lambda tmp: shutil.copyfile(path, tmp))
+        refresh_host_networks(name, loaded_model())
+
+    def after_end(self, status: Any) -> None:
+        self._cfg = None
+
+
+__all__ = ["HostFacts", "HostPreviews", "HostProgress", "PreviewSettings", "WebUIBackend", "api_credentials",
+           "architecture", "estimate_extra_memory", "host_facts", "jobs_dir", "lora_dir", "parse_api_auth",
+           "refresh_host_networks", "refusal", "render_host_preview", "unload_host_networks"]
