@@ -18,11 +18,13 @@ from typing import Any, List, Optional, Tuple
 
 from modules import script_callbacks
 
-# The host puts an extension's folder on sys.path only while it imports the extension's scripts; keep it so
-# the lazy imports below (made later, from the host's callbacks) find the lora_trainer package.
+# The host puts an extension's folder on sys.path only while it imports the extension's scripts, then puts
+# the old sys.path back. Importing the (tiny) package now keeps it in sys.modules, so the lazy imports below,
+# made later from the host's callbacks, find its submodules through the package's own __path__.
 EXTENSION_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if EXTENSION_ROOT not in sys.path:
+if EXTENSION_ROOT not in sys.path:  # imported some other way (a test): make the package importable
     sys.path.append(EXTENSION_ROOT)
+import lora_trainer  # noqa: E402,F401  (only its __init__: a version string)
 
 SETTINGS_SECTION = ("lora_trainer", "LoRA Trainer")
 _lock = threading.Lock()
