@@ -1,0 +1,341 @@
+"""The WebUI's live model (``shared.sd_model``) as the engine's ``DiffusionAdapter``.
+
+SD1.x/SD2.x are ldm ``LatentDiffusion`` objects, SDXL is sgm's ``DiffusionEngine`` as the WebUI patches it
+(``get_learned_conditioning`` returns ``{"crossattn", "vector"}``, ``apply_model`` runs the UNet, the VAE
+encoding comes back scaled). Nothing from the WebUI (``modules.*``) is imported: the host glue hands over the
+model object and a few facts (device, dtype, --medvram/--lowvram, fp8), so the real ldm classes can test this.
+
+Training never copies the model: LoRA layers wrap the live Linears (see ``lora/layer.py``), the base is frozen,
+the host's own checkpointing (which loses LoRA gradients when the base is frozen) is switched off, and
+``restore()`` puts every flag, mode and attribute back exactly. The LoRA names are the standalone engine's:
+SD1/SD2 UNet modules under diffusers-style names, SDXL under sgm names, text encoders under transformers'
+CLIP names (open_clip's fused attention is split into q/k/v views to get there).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from typing import Callable, ContextManager, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from lora_trainer.errors import ConfigError, ModelLoadError
+from lora_trainer.export.kohya_names import text_lora_name, unet_lora_name_from_ldm
+from lora_trainer.hosts.fused_attention import QKV, projection_views, split_projection_forward
+from lora_trainer.hosts.module_changes import ModuleChanges
+from lora_trainer.lora.layer import is_lora_target
+from lora_trainer.lora.targets import NEVER_TRAINED, TEXT_CONTAINERS, UNET_CONTAINERS, find_targets
+from lora_trainer.models.adapter import Conditioning, DiffusionAdapter, SizeCondition
+from lora_trainer.models.architecture import SD1, SD2, SDXL
+from lora_trainer.models.ldm_names import UNetLayout, UNetNameMap, open_clip_to_hf
+
+CONTEXT_TOKENS = 77  # one CLIP window; the host's longer prompts (several windows) are cut here, as sd-scripts does
+SIZE_KEYS = ("original_size_as_tuple", "crop_coords_top_left", "target_size_as_tuple")  # SDXL, time_ids order
+UNET_BLOCKS = ("BasicTransformerBlock", "ResBlock")  # ldm and sgm UNets
+TEXT_BLOCKS = ("CLIPEncoderLayer", "ResidualAttentionBlock")  # transformers CLIP, open_clip
+# Flags of the host's own checkpointing (ldm/sgm helpers, open_clip, transformers); all must be off to train.
+HOST_CHECKPOINT_FLAGS = ("checkpoint", "use_checkpoint", "grad_checkpointing", "gradient_checkpointing")
+OPEN_CLIP_PARTS = ("attn.out_proj", "mlp.c_fc", "mlp.c_proj")
+
+ClipSkipScope = Callable[[int], ContextManager]
+_FLOAT8 = tuple(getattr(torch, name) for name in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
+                if hasattr(torch, name))
+
+
+# ---------------------------------------------------------------- reading the host model
+
+
+def unwrapped(embedder: nn.Module) -> nn.Module:
+    """The original ldm/sgm text embedder behind the WebUI's prompt wrapper (``.wrapped``), or itself."""
+    return getattr(embedder, "wrapped", embedder)
+
+
+def open_clip_model(embedder: nn.Module) -> Optional[nn.Module]:
+    """The open_clip model of an ldm/sgm OpenCLIP embedder, or None for a transformers CLIP embedder."""
+    model = getattr(embedder, "model", None)
+    return model if model is not None and hasattr(getattr(model, "transformer", None), "resblocks") else None
+
+
+def text_embedders(model: nn.Module) -> List[nn.Module]:
+    """The host's text embedders (wrapped or not), in the order of the standalone engine's text encoders."""
+    if hasattr(model, "conditioner"):
+        return [e for e in model.conditioner.embedders if getattr(unwrapped(e), "input_key", "txt") == "txt"]
+    return [model.cond_stage_model]
+
+
+def host_architecture(model: nn.Module) -> str:
+    if hasattr(model, "conditioner"):
+        kinds = [open_clip_model(unwrapped(e)) is None for e in text_embedders(model)]
+        if kinds != [True, False]:
+            raise ModelLoadError("this SDXL model has no CLIP-L + OpenCLIP-G text encoder pair (the SDXL refiner "
+                                 "has only one); train on an SDXL base model.")
+        return SDXL
+    embedder = unwrapped(model.cond_stage_model)
+    if open_clip_model(embedder) is not None:
+        return SD2
+    if hasattr(embedder, "transformer"):
+        return SD1
+    raise ModelLoadError(f"unsupported host model: its text encoder ({type(embedder).__name__}) is neither "
+                         "transformers CLIP (SD1) nor open_clip (SD2/SDXL).")
+
+
+def ldm_unet_layout(unet: nn.Module) -> UNetLayout:
+    """Levels, resnets per level and which levels attend, read from an ldm/sgm ``UNetModel``."""
+    per_level = unet.num_res_blocks
+    layers = int(per_level[0] if isinstance(per_level, (list, tuple)) else per_level)
+    attends = tuple(any(type(m).__name__ in UNET_CONTAINERS for m in unet.input_blocks[1 + i * (layers + 1)])
+                    for i in range(len(unet.channel_mult)))
+    return UNetLayout(layers, attends)
+
+
+def prediction_type_of(model: nn.Module) -> str:
+    parameterization = getattr(model, "parameterization", "eps")
+    if parameterization not in ("eps", "v"):
+        raise ModelLoadError(f"the host model predicts {parameterization!r}; only eps and v models can be trained.")
+    return "v_prediction" if parameterization == "v" else "epsilon"
+
+
+def checkpoint_info_value(model: nn.Module, *attributes: str) -> Optional[str]:
+    """The first of ``attributes`` the WebUI's ``sd_checkpoint_info`` has (name, hash), if it has one."""
+    info = getattr(model, "sd_checkpoint_info", None)
+    for attribute in attributes:
+        value = getattr(info, attribute, None)
+        if value:
+            return str(value)
+    return None
+
+
+def weights_fingerprint(model: nn.Module) -> str:
+    """A cheap identity when the host names no hash: parameter names, shapes and a few values."""
+    digest = hashlib.sha1()
+    for index, (name, param) in enumerate(model.named_parameters()):
+        digest.update(f"{name}{tuple(param.shape)}".encode())
+        if index % 64 == 0:  # a sample of values: a few device syncs, not one per tensor
+            digest.update(param.detach().flatten()[:256].float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _checkpointed(forward: Callable) -> Callable:
+    """``forward`` under non-reentrant ``torch.utils.checkpoint`` (it keeps the graph to LoRA weights that are
+    not among the block's inputs or parameters, which the host's reentrant helpers drop)."""
+
+    def run(*args, **kwargs):
+        if not torch.is_grad_enabled():
+            return forward(*args, **kwargs)
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+    return run
+
+
+# ---------------------------------------------------------------- the adapter
+
+
+class LdmHostAdapter(DiffusionAdapter):
+    """Drives the host's loaded ldm/sgm model for the trainer; ``load``/``release`` are no-ops (the host owns
+    the parts). Use as a context manager, or call ``restore()``, to undo every change training made."""
+
+    def __init__(self, model: nn.Module, *, device: torch.device, dtype: torch.dtype = torch.float32,
+                 lowvram: bool = False, medvram: bool = False, fp8: bool = False,
+                 autocast: Optional[Callable[[], ContextManager]] = None,
+                 clip_skip_scope: Optional[ClipSkipScope] = None,
+                 model_name: Optional[str] = None, identity: Optional[str] = None):
+        """``autocast``: the host's compute context (the WebUI's ``devices.autocast``). ``clip_skip_scope(n)``:
+        a context in which the host's prompt encoding stops n layers from the end (the WebUI's "Clip skip")."""
+        if lowvram:
+            raise ConfigError("The host runs with --lowvram, which moves model blocks between devices during every "
+                              "forward pass; training through that is not supported. Restart without --lowvram "
+                              "(--medvram works for UNet-only training).")
+        if fp8 or any(p.dtype in _FLOAT8 for p in model.parameters()):
+            raise ConfigError("The host stores the model's weights in fp8, which cannot be trained through. Turn "
+                              "fp8 weight storage off, reload the checkpoint, and try again.")
+        self.model = model
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.medvram = medvram
+        self.arch = host_architecture(model)
+        self.prediction_type = prediction_type_of(model)
+        # The WebUI may swap in a rescaled schedule for sampling; training uses the model's own.
+        ac = getattr(model, "alphas_cumprod_original", None)
+        ac = model.alphas_cumprod if ac is None else ac
+        self.alphas_cumprod = ac.detach().to(self.device, torch.float32).clone()
+        self.unet: nn.Module = model.model.diffusion_model
+        self.names = UNetNameMap(ldm_unet_layout(self.unet))
+        self.model_name = model_name or checkpoint_info_value(model, "name_for_extra", "model_name", "name") \
+            or type(model).__name__
+        self.identity = identity or checkpoint_info_value(model, "sha256", "shorthash", "filename") \
+            or weights_fingerprint(model)
+        self._autocast = autocast or contextlib.nullcontext
+        self._clip_skip_scope = clip_skip_scope
+        self._changes = ModuleChanges()
+
+    # ------------------------------------------------------------ the host owns the parts
+
+    def load(self, *, unet: bool, vae: bool, text_encoders: bool) -> None:
+        """Nothing to load: the host holds every part."""
+
+    def release(self, *, vae: bool = False, text_encoders: bool = False) -> None:
+        """Nothing to free: the parts are the host's, and it keeps using them."""
+
+    def __enter__(self) -> "LdmHostAdapter":
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        self.restore()
+
+    # ------------------------------------------------------------ encoders
+
+    @torch.no_grad()
+    def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        vae_dtype = next(self.model.first_stage_model.parameters()).dtype
+        with self._autocast():
+            posterior = self.model.encode_first_stage(pixels.to(self.device, vae_dtype))
+            # The distribution's mean, as the standalone engine caches (ldm would sample; sgm in the WebUI
+            # already returns the mean).
+            if callable(getattr(posterior, "mode", None)):
+                posterior = posterior.mode()
+            latents = self.model.get_first_stage_encoding(posterior).float()
+        if not torch.isfinite(latents).all():
+            raise ConfigError("The host's VAE produced NaN/inf latents (an fp16 VAE overflows on some images); "
+                              "start the WebUI with --no-half-vae and try again.")
+        return latents
+
+    def encode_text(self, captions: Sequence[str], clip_skip: int) -> Conditioning:
+        with self._clip_skip(clip_skip), self._autocast():
+            cond = self.model.get_learned_conditioning(list(captions))
+        if isinstance(cond, dict):  # SDXL: the vector is [pooled OpenCLIP-G, size embeddings]
+            vector = cond["vector"]
+            return {"crossattn": cond["crossattn"][:, :CONTEXT_TOKENS].float(),
+                    "pooled": vector[:, :vector.shape[1] - self._size_vector_width()].float()}
+        return {"crossattn": cond[:, :CONTEXT_TOKENS].float()}
+
+    def _clip_skip(self, clip_skip: int) -> ContextManager:
+        if self._clip_skip_scope is not None:
+            return self._clip_skip_scope(clip_skip)
+        if clip_skip > 1 and self.arch != SD2:  # SD2 always uses its penultimate layer
+            raise ConfigError(f"clip_skip {clip_skip} needs the host's own Clip skip setting, and this host did not "
+                              "say how to set it; use clip_skip 1 or set Clip skip in the host's settings.")
+        return contextlib.nullcontext()
+
+    # ------------------------------------------------------------ denoiser
+
+    def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning,
+                sizes: Optional[Sequence[SizeCondition]] = None) -> torch.Tensor:
+        dtype = next(self.unet.parameters()).dtype
+        x = noisy.to(self.device, dtype)
+        context = cond["crossattn"].to(self.device, dtype)
+        with self._autocast():
+            if self.arch == SDXL:
+                vector = self._sdxl_vector(cond["pooled"], sizes).to(dtype)
+                return self.model.apply_model(x, timesteps, {"crossattn": context, "vector": vector})
+            return self.model.apply_model(x, timesteps, context)
+
+    def _size_embedders(self) -> List[nn.Module]:
+        return [e for e in self.model.conditioner.embedders if getattr(e, "input_key", None) in SIZE_KEYS]
+
+    def _size_vector_width(self) -> int:
+        # Each of sgm's ConcatTimestepEmbedderND embeds two numbers with ``outdim`` channels each.
+        return sum(2 * int(e.outdim) for e in self._size_embedders())
+
+    def _sdxl_vector(self, pooled: torch.Tensor, sizes: Sequence[SizeCondition]) -> torch.Tensor:
+        """sgm's ``y``: the pooled text embedding, then each sample's size/crop conditions embedded by the
+        host's own embedders (the WebUI's conditioning would use one fixed size for the whole batch)."""
+        ids = torch.tensor([s.time_ids() for s in sizes], device=self.device, dtype=torch.float32)
+        columns = {key: ids[:, 2 * i:2 * i + 2] for i, key in enumerate(SIZE_KEYS)}
+        parts = [pooled.to(self.device)]
+        parts += [e(columns[e.input_key]).to(pooled.dtype) for e in self._size_embedders()]
+        return torch.cat(parts, dim=1)
+
+    # ------------------------------------------------------------ LoRA wiring
+
+    def _begin_training(self) -> None:
+        """Freeze the host model and switch its own checkpointing off; recorded for ``restore``."""
+        if not self._changes.empty:
+            return
+        self._changes.remember_modes(self.model)
+        self._changes.freeze(self.model)
+        for module in self.model.modules():
+            for flag in HOST_CHECKPOINT_FLAGS:
+                if module.__dict__.get(flag) is True:
+                    self._changes.set_attribute(module, flag, False)
+
+    def lora_targets(self, train_text_encoder: bool, extra: Sequence[str] = ()) -> List[Tuple[str, nn.Module]]:
+        if train_text_encoder and self.medvram:
+            raise ConfigError("Text-encoder training does not work under --medvram (the host moves the text "
+                              "encoder off the GPU between uses). Turn off train_text_encoder or restart the host "
+                              "without --medvram.")
+        self._begin_training()
+        targets = [(unet_lora_name_from_ldm(path, self.arch, self.names), module)
+                   for path, module in self._unet_modules(extra)]
+        if train_text_encoder:
+            for index, embedder in enumerate(text_embedders(self.model)):
+                targets += self._text_targets(unwrapped(embedder), index)
+        return targets
+
+    def _unet_modules(self, extra: Sequence[str]) -> List[Tuple[str, nn.Module]]:
+        """The standard targets, plus modules whose diffusers-style path contains an ``extra`` substring (the
+        standalone engine matches ``target_modules`` against diffusers paths, so the host does too)."""
+        found = dict(find_targets(self.unet, UNET_CONTAINERS))
+        if extra:
+            find_targets(nn.Module(), (), extra)  # refuses substrings that name never-trained layers
+            for path, module in self.unet.named_modules():
+                diffusers = self.names.to_diffusers(path) if path else None
+                if path in found or diffusers is None or not is_lora_target(module):
+                    continue
+                if any(s in diffusers for s in extra) and \
+                        not any(diffusers.startswith(b) or f".{b}" in diffusers for b in NEVER_TRAINED):
+                    found[path] = module
+        order = {path: i for i, (path, _) in enumerate(self.unet.named_modules())}
+        return sorted(found.items(), key=lambda item: order[item[0]])
+
+    def _text_targets(self, embedder: nn.Module, index: int) -> List[Tuple[str, nn.Module]]:
+        clip = open_clip_model(embedder)
+        if clip is None:  # transformers CLIP: the standalone engine's own module paths
+            return [(text_lora_name(path, self.arch, index), module)
+                    for path, module in find_targets(embedder.transformer, TEXT_CONTAINERS)]
+        targets = []
+        for layer, block in enumerate(clip.transformer.resblocks[:self._open_clip_layers_used(embedder)]):
+            hf = f"text_model.encoder.layers.{layer}."
+            views = projection_views(block.attn)
+            self._changes.wrap_forward(block.attn, lambda _old, a=block.attn, v=views: split_projection_forward(a, v))
+            targets += [(text_lora_name(f"{hf}self_attn.{name}", self.arch, index), view)
+                        for name, view in zip(QKV, views)]
+            for part in OPEN_CLIP_PARTS:
+                name = open_clip_to_hf(f"transformer.resblocks.{layer}.{part}.weight")[:-len(".weight")]
+                targets.append((text_lora_name(name, self.arch, index), block.get_submodule(part)))
+        return targets
+
+    @staticmethod
+    def _open_clip_layers_used(embedder: nn.Module) -> int:
+        """ldm's SD2 embedder stops ``layer_idx`` blocks before the end (the standalone SD2 text encoder has
+        no such layers); sgm's SDXL embedder runs every block (the last one makes the pooled output)."""
+        blocks = len(open_clip_model(embedder).transformer.resblocks)
+        if getattr(embedder, "return_pooled", False) or getattr(embedder, "always_return_pooled", False):
+            return blocks
+        return blocks - int(getattr(embedder, "layer_idx", 0) or 0)
+
+    def text_encoder_modules(self) -> List[nn.Module]:
+        modules = []
+        for embedder in text_embedders(self.model):
+            inner = unwrapped(embedder)
+            modules.append(open_clip_model(inner) or inner.transformer)
+        return modules
+
+    def enable_gradient_checkpointing(self, text_encoders: bool) -> None:
+        self._begin_training()
+        roots: List[Tuple[nn.Module, Tuple[str, ...]]] = [(self.unet, UNET_BLOCKS)]
+        if text_encoders:
+            roots += [(module, TEXT_BLOCKS) for module in self.text_encoder_modules()]
+        for root, block_names in roots:
+            for module in root.modules():
+                if type(module).__name__ in block_names:
+                    self._changes.wrap_forward(module, _checkpointed)
+
+    def restore(self) -> None:
+        """Undo every change training made: flags, modes, wrapped forwards, host checkpointing switches."""
+        self._changes.undo()
+
+
+__all__ = ["LdmHostAdapter", "host_architecture", "ldm_unet_layout", "text_embedders", "unwrapped"]
