@@ -99,12 +99,13 @@ def host(tmp_path, monkeypatch):
     pkg.__path__ = []
     shared = types.ModuleType("modules.shared")
     shared.state, shared.cmd_opts, shared.sd_model = state, cmd_opts, model
-    shared.opts = types.SimpleNamespace()
+    shared.opts = types.SimpleNamespace(data={"CLIP_stop_at_last_layers": 1})
     call_queue = types.ModuleType("modules.call_queue")
     call_queue.queue_lock = ns.lock
     devices = types.ModuleType("modules.devices")
     devices.device, devices.dtype, devices.dtype_unet, devices.fp8 = torch.device("cpu"), torch.float32, \
         torch.float32, False
+    devices.autocast = lambda: torch.autocast("cpu", enabled=False)
     sd_models = types.ModuleType("modules.sd_models")
     sd_models.model_data = types.SimpleNamespace(sd_model=model)
     paths_internal = types.ModuleType("modules.paths_internal")
@@ -388,6 +389,10 @@ def test_make_backend_kwargs_builds_runtime_and_adapter(host, tmp_path, monkeypa
     assert made["model"] is host.model and made["dtype"] == torch.float32
     assert made["lowvram"] is False and made["fp8"] is False
     assert kwargs["preview"] == webui.PreviewSettings(every_n_steps=5, prompt="cats", width=320, height=320)
+    assert made["autocast"] is host.devices.autocast
+    with made["clip_skip_scope"](2):
+        assert host.shared.opts.data["CLIP_stop_at_last_layers"] == 2
+    assert host.shared.opts.data["CLIP_stop_at_last_layers"] == 1
 
 
 def test_host_precision_maps_to_engine_precision():

@@ -139,6 +139,28 @@ def refusal(cfg: CommonConfig, facts: HostFacts) -> Optional[str]:
     return None
 
 
+@contextlib.contextmanager
+def host_clip_skip(clip_skip: int) -> Iterator[None]:
+    """Encode prompts with the run's clip skip: the host's prompt wrapper reads its "Clip skip" setting.
+
+    Written into the settings' data directly (no on-change callbacks, no settings file write) and put back.
+    """
+    from modules import shared
+
+    data = shared.opts.data
+    key = "CLIP_stop_at_last_layers"
+    missing = object()
+    before = data.get(key, missing)
+    data[key] = int(clip_skip)
+    try:
+        yield
+    finally:
+        if before is missing:
+            data.pop(key, None)
+        else:
+            data[key] = before
+
+
 def lora_dir() -> str:
     """The builtin Lora extension's folder, ``--lora-dir`` respected."""
     from modules import shared
@@ -471,10 +493,13 @@ class WebUIBackend(UiBackend):
         problem = refusal(cfg, facts)
         if problem:
             raise ConfigError(problem)
+        from modules import devices
+
         from lora_trainer.hosts.ldm_adapter import LdmHostAdapter
 
         adapter = LdmHostAdapter(model, device=facts.device, dtype=facts.dtype, lowvram=facts.lowvram,
-                                 medvram=facts.medvram, fp8=facts.fp8)
+                                 medvram=facts.medvram, fp8=facts.fp8, autocast=devices.autocast,
+                                 clip_skip_scope=host_clip_skip)
         settings = PreviewSettings.from_mapping(preview) if preview is not None else self.default_preview()
         return {"runtime": LocalRuntime(facts.device, facts.mixed_precision), "adapter": adapter,
                 "preview": settings.for_run(cfg)}
