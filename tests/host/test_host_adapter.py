@@ -1,0 +1,221 @@
+"""The host model adapter on real ldm models (the classes the WebUI loads for SD1.x/SD2.x), under the WebUI's
+pins: it trains through the engine, writes the standalone engine's keys, and leaves the host model exactly as
+it found it after success, cancel and error."""
+
+from __future__ import annotations
+
+import glob
+import os
+
+import pytest
+import torch
+from image_fixtures import StopAfter, image_config
+from ldm_tiny import PromptWrapper, build_ldm
+from safetensors.torch import load_file
+
+from lora_trainer.errors import ConfigError
+from lora_trainer.hosts.ldm_adapter import LdmHostAdapter
+from lora_trainer.train.callbacks import TrainingCallback
+from lora_trainer.train.image_trainer import train_image
+from lora_trainer.train.runtime import LocalRuntime
+
+CPU = torch.device("cpu")
+
+
+def snapshot(model: torch.nn.Module) -> dict:
+    """Everything training could leave changed on a host model."""
+    return {
+        "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
+        "requires_grad": {n: p.requires_grad for n, p in model.named_parameters()},
+        "training": {n: m.training for n, m in model.named_modules()},
+        "types": {n: type(m) for n, m in model.named_modules()},
+        "attributes": {n: {k: v for k, v in vars(m).items() if isinstance(v, (bool, int, float, str))}
+                       for n, m in model.named_modules()},
+        "instance_forward": sorted(n for n, m in model.named_modules() if "forward" in vars(m)),
+    }
+
+
+def assert_restored(model: torch.nn.Module, before: dict) -> None:
+    after = snapshot(model)
+    assert after["state"].keys() == before["state"].keys()
+    changed = [k for k, v in before["state"].items() if not torch.equal(v, after["state"][k])]
+    assert not changed, changed[:5]
+    for key in ("requires_grad", "training", "types", "attributes", "instance_forward"):
+        assert after[key] == before[key], key
+    assert all(p.grad is None for p in model.parameters())
+
+
+def fixed_prediction(model: torch.nn.Module) -> torch.Tensor:
+    """The UNet's output on fixed inputs: what a txt2img step computes."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(1, 4, 8, 8, generator=g)
+    context = torch.randn(1, 77, 64, generator=g)
+    with torch.no_grad():
+        return model.apply_model(x, torch.tensor([500]), context)
+
+
+def run(cfg, adapter, callbacks=None):
+    torch.set_num_threads(2)
+    return train_image(cfg, callbacks=callbacks, runtime=LocalRuntime(CPU), adapter=adapter, log=lambda *a: None)
+
+
+def lora_names(path: str) -> set:
+    return {k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in load_file(path)}
+
+
+def no_partial_files(folder: str) -> bool:
+    return not [p for p in glob.glob(os.path.join(folder, "**", "*"), recursive=True)
+                if p.endswith(".tmp") or os.path.basename(p).startswith(".tmp")]
+
+
+@pytest.fixture(scope="module")
+def work_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("ldm"))
+
+
+@pytest.mark.parametrize("arch", ["sd1", "sd2"])
+def test_trains_on_the_live_model_with_the_standalone_keys(arch, reference_dir, work_dir, tmp_path):
+    model = build_ldm(arch, work_dir, os.path.join(reference_dir, f"tiny_{arch}.safetensors"))
+    if arch == "sd1":
+        model.cond_stage_model = PromptWrapper(model.cond_stage_model)  # the WebUI's layout: .wrapped
+    before, prediction = snapshot(model), fixed_prediction(model)
+    cfg = image_config(tmp_path, "host", train_text_encoder=True, gradient_checkpointing=True, max_train_steps=2,
+                       output_name=f"host_{arch}")
+    with LdmHostAdapter(model, device=CPU, model_name=f"tiny_{arch}") as adapter:
+        assert adapter.arch == arch
+        assert adapter.prediction_type == ("epsilon" if arch == "sd1" else "v_prediction")
+        result = run(cfg, adapter)
+    assert result.status == "finished", result.message
+    host_file = os.path.join(cfg.output_dir, f"host_{arch}.safetensors")
+    standalone = os.path.join(reference_dir, f"standalone_{arch}", f"standalone_{arch}.safetensors")
+    assert load_file(host_file).keys() == load_file(standalone).keys()
+    names = lora_names(host_file)
+    assert any(n.startswith("lora_te_text_model_encoder_layers_0_self_attn_q_proj") for n in names)
+    # Every LoRA learned something: gradients reached the UNet and the text encoder through the host's paths.
+    tensors = load_file(host_file)
+    untrained = [k for k, v in tensors.items() if k.endswith("lora_up.weight") and not v.abs().sum() > 0]
+    assert not untrained, untrained[:5]
+    assert_restored(model, before)
+    assert torch.equal(fixed_prediction(model), prediction)
+    assert no_partial_files(cfg.output_dir)
+
+
+def test_sd2_text_targets_skip_the_unused_last_layer(work_dir):
+    model = build_ldm("sd2", work_dir)
+    adapter = LdmHostAdapter(model, device=CPU)
+    names = [name for name, _ in adapter.lora_targets(train_text_encoder=True)]
+    adapter.restore()
+    text = sorted({n.split("_layers_")[1].split("_")[0] for n in names if n.startswith("lora_te_")})
+    assert text == ["0", "1"]  # three open_clip blocks; the penultimate-layer encoder runs two
+    for part in ("self_attn_q_proj", "self_attn_k_proj", "self_attn_v_proj", "self_attn_out_proj", "mlp_fc1",
+                 "mlp_fc2"):
+        assert f"lora_te_text_model_encoder_layers_1_{part}" in names
+
+
+class FailAt(TrainingCallback):
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, info):
+        if info.step >= self.step:
+            raise RuntimeError("boom")
+
+
+def test_cancel_keeps_the_last_save_and_restores(work_dir, tmp_path):
+    model = build_ldm("sd1", work_dir)
+    before = snapshot(model)
+    cfg = image_config(tmp_path, "host", max_train_steps=6, gradient_checkpointing=True, output_name="cancelled")
+    with LdmHostAdapter(model, device=CPU) as adapter:
+        result = run(cfg, adapter, [StopAfter(2)])
+    assert result.status == "cancelled"
+    assert [os.path.basename(p) for p in result.output_files] == ["cancelled-step00000002.safetensors"]
+    assert not os.path.exists(os.path.join(cfg.output_dir, "cancelled.safetensors"))
+    assert no_partial_files(cfg.output_dir)
+    assert_restored(model, before)
+
+
+def test_an_error_mid_run_restores_and_leaves_no_partial_file(work_dir, tmp_path):
+    model = build_ldm("sd2", work_dir)
+    before = snapshot(model)
+    cfg = image_config(tmp_path, "host", max_train_steps=6, train_text_encoder=True, gradient_checkpointing=True,
+                       output_name="failed")
+    with pytest.raises(RuntimeError, match="boom"):
+        with LdmHostAdapter(model, device=CPU) as adapter:
+            run(cfg, adapter, [FailAt(2)])
+    assert not glob.glob(os.path.join(cfg.output_dir, "failed*.safetensors"))
+    assert no_partial_files(cfg.output_dir)
+    assert_restored(model, before)
+
+
+def test_encode_pixels_is_the_scaled_posterior_mean(work_dir):
+    model = build_ldm("sd1", work_dir)
+    pixels = torch.rand(1, 3, 64, 64) * 2 - 1
+    latents = LdmHostAdapter(model, device=CPU).encode_pixels(pixels)
+    with torch.no_grad():
+        expected = model.first_stage_model.encode(pixels).mode() * 0.18215
+    assert latents.shape == (1, 4, 8, 8)
+    torch.testing.assert_close(latents, expected)
+
+
+def test_text_conditioning_keeps_the_graph_for_text_encoder_training(work_dir):
+    model = build_ldm("sd1", work_dir)
+    adapter = LdmHostAdapter(model, device=CPU)
+    targets = dict(adapter.lora_targets(train_text_encoder=True))
+    q = targets["lora_te_text_model_encoder_layers_0_self_attn_q_proj"]
+    extra = torch.nn.Parameter(torch.zeros(q.out_features))
+    q.forward = lambda x, base=q.forward: base(x) + extra  # a stand-in LoRA on one host Linear
+    cond = adapter.encode_text(["a photo"], clip_skip=1)
+    cond["crossattn"].sum().backward()
+    del q.forward
+    adapter.restore()
+    assert cond["crossattn"].shape == (1, 77, 64)
+    assert extra.grad is not None and extra.grad.abs().sum() > 0
+
+
+def test_clip_skip_goes_through_the_hosts_setting(work_dir):
+    model = build_ldm("sd1", work_dir)
+    with pytest.raises(ConfigError, match="Clip skip"):
+        LdmHostAdapter(model, device=CPU).encode_text(["a photo"], clip_skip=2)
+    seen = []
+
+    class Scope:
+        def __init__(self, n):
+            seen.append(n)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    LdmHostAdapter(model, device=CPU, clip_skip_scope=Scope).encode_text(["a photo"], clip_skip=2)
+    assert seen == [2]
+
+
+def test_refuses_what_cannot_train(work_dir):
+    model = build_ldm("sd1", work_dir)
+    with pytest.raises(ConfigError, match="--lowvram"):
+        LdmHostAdapter(model, device=CPU, lowvram=True)
+    with pytest.raises(ConfigError, match="fp8"):
+        LdmHostAdapter(model, device=CPU, fp8=True)
+    before = snapshot(model)
+    adapter = LdmHostAdapter(model, device=CPU, medvram=True)
+    with pytest.raises(ConfigError, match="--medvram"):
+        adapter.lora_targets(train_text_encoder=True)
+    assert adapter.lora_targets(train_text_encoder=False)  # UNet-only training works under --medvram
+    adapter.restore()
+    assert_restored(model, before)
+
+
+def test_identity_and_name_come_from_the_hosts_checkpoint_info(work_dir):
+    model = build_ldm("sd1", work_dir)
+
+    class Info:
+        name_for_extra = "my_model"
+        sha256 = "abc123"
+
+    model.sd_checkpoint_info = Info()
+    adapter = LdmHostAdapter(model, device=CPU)
+    assert (adapter.model_name, adapter.identity) == ("my_model", "abc123")
+    del model.sd_checkpoint_info
+    assert len(LdmHostAdapter(model, device=CPU).identity) == 16
