@@ -15,10 +15,19 @@ def _train(args: argparse.Namespace) -> int:
     from lora_trainer.train.callbacks import TqdmProgress
     from lora_trainer.train.run import run_training
 
+    from lora_trainer.train.cpu_launch import missing_cpu_ranks, start_missing_ranks
+
     cfg = load_config(args.config)
-    result = run_training(cfg, callbacks=[TqdmProgress()])
+    workers = start_missing_ranks(missing_cpu_ranks())
+    try:
+        result = run_training(cfg, callbacks=[TqdmProgress()])
+    finally:
+        failed_workers = sum(1 for w in workers if w.wait() != 0)
     if result.message:
         print(result.message, file=sys.stderr if result.status != "finished" else sys.stdout)
+    if failed_workers:
+        print(f"error: {failed_workers} of the other training processes failed", file=sys.stderr)
+        return 1
     return 0 if result.status == "finished" else 1
 
 

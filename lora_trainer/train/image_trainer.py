@@ -95,7 +95,8 @@ class ImageTrainingSession:
         elif cfg.prediction_type:
             adapter.prediction_type = cfg.prediction_type
         self.adapter = adapter
-        self.log(f"model: {adapter.model_name} ({adapter.arch}, {adapter.prediction_type})")
+        self.log(f"model: {adapter.model_name} ({adapter.arch}, {adapter.prediction_type}); training on "
+                 f"{runtime.device} in {runtime.num_processes} process(es)")
         self._prepare_encodings()
         self.network = self._build_network()
         try:
