@@ -288,6 +288,7 @@ def test_after_save_publishes_final_file_and_resets_host_state(host, tmp_path, m
     lora_dir = host.cmd_opts.lora_dir
     assert os.listdir(lora_dir) == ["cats.safetensors"]  # no intermediate, no temporary left behind
     assert open(os.path.join(lora_dir, "cats.safetensors"), "rb").read() == b"final weights"
+    assert os.stat(os.path.join(lora_dir, "cats.safetensors")).st_mode & 0o777 == 0o644
     job_dir = backend.default_output_dir("cats")
     assert job_dir.startswith(os.path.join(host.data, "outputs")) and not job_dir.startswith(lora_dir)
     assert os.path.exists(os.path.join(job_dir, "cats-step00000002.safetensors"))

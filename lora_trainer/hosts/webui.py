@@ -39,6 +39,7 @@ JOBS_FOLDER = os.path.join("outputs", "lora_trainer")  # under the WebUI's data 
 PREVIEW_FOLDER = "samples"  # inside the job folder; jobs.py scans the same folder name
 BUILTIN_LORA_MODULE = "networks"  # the builtin Lora extension's module (we never name a module like it)
 STATE_JOB_NAME = "lora_trainer"
+PUBLISHED_FILE_MODE = 0o644
 
 # The extra memory of a run, roughly: fp32 LoRA weight + gradient + two AdamW moments = 16 bytes a parameter.
 BYTES_PER_TRAINED_PARAM = 16
@@ -559,7 +560,13 @@ class WebUIBackend(UiBackend):
         if os.path.abspath(target) != os.path.abspath(path):
             from lora_trainer.io.atomic import atomic_write
 
-            atomic_write(target, lambda tmp: shutil.copyfile(path, tmp))
+            def copy(tmp: str) -> None:
+                shutil.copyfile(path, tmp)
+                # The temporary file is created private (0600); the Lora folder's files are normally readable
+                # by the other programs that share the folder (another WebUI, a file server, backups).
+                os.chmod(tmp, PUBLISHED_FILE_MODE)
+
+            atomic_write(target, copy)
         refresh_host_networks(name, loaded_model())
 
     def after_end(self, status: Any) -> None:
