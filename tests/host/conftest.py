@@ -1,7 +1,9 @@
-"""The host tests run only where the WebUI's `ldm` package is installed (``.venv-host``, see
-``tools/setup_host_env.sh``); elsewhere this folder is skipped. Before `ldm` is imported, the same
+"""The host tests run only in the host-pinned environments (``tools/setup_host_env.sh``): the adapter tests
+where the WebUI's `ldm` package is installed (``.venv-host``), the UI test under a host's gradio (3.x in
+``.venv-host``, 4.x in ``.venv-forge``). The main suite skips this folder. Before `ldm` is imported, the same
 pytorch_lightning shim the WebUI applies makes ``pytorch_lightning.utilities.distributed`` importable again."""
 
+import importlib.metadata
 import importlib.util
 import os
 import sys
@@ -19,12 +21,22 @@ def apply_webui_lightning_shim() -> None:
     sys.modules["pytorch_lightning.utilities.distributed"] = rank_zero
 
 
+def host_gradio() -> bool:
+    """gradio 3.x (AUTOMATIC1111) or 4.x (Forge) is installed; the main environment has a current one."""
+    try:
+        return importlib.metadata.version("gradio").split(".")[0] in ("3", "4")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+
+
 HAS_LDM = importlib.util.find_spec("ldm") is not None and importlib.util.find_spec("pytorch_lightning") is not None
+collect_ignore = []
 if HAS_LDM:
     apply_webui_lightning_shim()
-    collect_ignore_glob = []
 else:
-    collect_ignore_glob = ["test_*.py"]
+    collect_ignore.append("test_host_adapter.py")
+if not host_gradio():
+    collect_ignore.append("test_host_ui.py")
 
 REFERENCE_ENV = "LORA_TRAINER_HOST_REFERENCE"
 
