@@ -58,6 +58,8 @@ class SpatialTransformer(nn.Module):
 class FakeModel(nn.Module):
     def __init__(self):
         super().__init__()
+        self.model = nn.Module()
+        self.model.diffusion_model = nn.Identity()
         self.block = SpatialTransformer()
         self.other = nn.Linear(4, 4)
         self.is_sdxl = False
@@ -452,3 +454,16 @@ def test_tab_script_imports_nothing_heavy():
                          capture_output=True, text=True, timeout=120, cwd="/")
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("change, fragment", [
+    (lambda m: setattr(m, "forge_objects", object()), "Forge"),
+    (lambda m: setattr(m, "is_sd3", True), "SD3"),
+    (lambda m: delattr(m, "model"), "not an ldm/sgm"),
+])
+def test_models_the_trainer_cannot_drive_are_named_in_the_tab(host, tmp_path, change, fragment):
+    change(host.model)
+    backend = webui.WebUIBackend()
+    assert "Cannot train here" in backend.describe_model() and fragment in backend.describe_model()
+    with pytest.raises(webui.ConfigError, match=fragment):
+        backend.make_backend_kwargs(make_cfg(tmp_path, backend))

@@ -93,7 +93,9 @@ def host_model() -> Any:
 
 
 def architecture(model: Any) -> str:
-    """"SD1", "SD2" or "SDXL", from the flags the WebUI sets on its models."""
+    """"SD1", "SD2", "SDXL" or "SD3", from the flags the WebUI sets on its models."""
+    if getattr(model, "is_sd3", False):
+        return "SD3"
     if getattr(model, "is_sdxl", False):
         return "SDXL"
     if getattr(model, "is_sd2", False):
@@ -123,6 +125,20 @@ def host_facts(model: Any) -> HostFacts:
     dtype = getattr(devices, "dtype_unet", None) or devices.dtype
     return HostFacts(device=devices.device, dtype=dtype, lowvram=bool(getattr(opts, "lowvram", False)),
                      medvram=medvram, fp8=bool(getattr(devices, "fp8", False)))
+
+
+def model_refusal(model: Any) -> Optional[str]:
+    """Why the loaded model cannot be trained here at all (said in the tab as soon as it is loaded), or None."""
+    if hasattr(model, "forge_objects"):
+        return ("This looks like Forge: its models are reached through Forge's own objects, which this version "
+                "of the trainer does not drive yet, so training is refused here. Use the standalone app "
+                "(python -m lora_trainer ui) with the same checkpoint file.")
+    if architecture(model) == "SD3":
+        return "SD3 checkpoints are not supported by the trainer (SD1.x, SD2.x and SDXL are)."
+    if not hasattr(getattr(model, "model", None), "diffusion_model"):
+        return (f"The loaded model ({type(model).__name__}) is not an ldm/sgm Stable Diffusion model the trainer "
+                "knows; training is refused.")
+    return None
 
 
 def refusal(cfg: CommonConfig, facts: HostFacts) -> Optional[str]:
@@ -417,7 +433,7 @@ def estimate_extra_memory(model: Any, cfg: CommonConfig) -> str:
                 params += rank * (sub.in_channels + sub.out_channels)
     arch = architecture(model)
     resolution = getattr(cfg, "resolution", 512)
-    activations = (ACTIVATION_GIB_PER_SD1_512_SAMPLE * ARCH_ACTIVATION_FACTOR[arch] * cfg.batch_size
+    activations = (ACTIVATION_GIB_PER_SD1_512_SAMPLE * ARCH_ACTIVATION_FACTOR.get(arch, 2.0) * cfg.batch_size
                    * (resolution / 512) ** 2)
     if cfg.gradient_checkpointing:
         activations /= CHECKPOINTING_DIVISOR
@@ -446,6 +462,9 @@ class WebUIBackend(UiBackend):
         model = loaded_model()
         if model is None:
             return "Base model: **the loaded checkpoint** (none is loaded yet: the WebUI loads it on first use)."
+        problem = model_refusal(model)
+        if problem:
+            return f"Base model: the loaded checkpoint `{checkpoint_name(model)}`. **Cannot train here:** {problem}"
         return (f"Base model: **the loaded checkpoint** `{checkpoint_name(model)}` ({architecture(model)}, "
                 f"{prediction_label(model)}). Training runs in place on the weights the WebUI holds.")
 
@@ -491,7 +510,7 @@ class WebUIBackend(UiBackend):
 
         model = host_model()
         facts = host_facts(model)
-        problem = refusal(cfg, facts)
+        problem = model_refusal(model) or refusal(cfg, facts)
         if problem:
             raise ConfigError(problem)
         from modules import devices
@@ -539,7 +558,7 @@ class WebUIBackend(UiBackend):
     def before_start(self, cfg: CommonConfig) -> None:
         """Inside the lock: refuse what cannot train, then give the model back its own weights."""
         model = host_model()
-        problem = refusal(cfg, host_facts(model))
+        problem = model_refusal(model) or refusal(cfg, host_facts(model))
         if problem:
             raise ConfigError(problem)
         restored = unload_host_networks(model)
@@ -574,5 +593,6 @@ class WebUIBackend(UiBackend):
 
 
 __all__ = ["HostFacts", "HostPreviews", "HostProgress", "PreviewSettings", "WebUIBackend", "api_credentials",
-           "architecture", "estimate_extra_memory", "host_facts", "jobs_dir", "lora_dir", "parse_api_auth",
+           "architecture", "estimate_extra_memory", "host_facts", "jobs_dir", "lora_dir", "model_refusal",
+           "parse_api_auth",
            "refresh_host_networks", "refusal", "render_host_preview", "unload_host_networks"]
