@@ -84,20 +84,27 @@ def _rename(name: str, pairs: Iterable[Tuple[str, str, str]], internal: Dict[str
     return None
 
 
-class UNetNameMap:
-    """Bidirectional diffusers <-> ldm/sgm name map for one UNet layout (parameters or module paths)."""
+class PrefixNameMap:
+    """Bidirectional diffusers <-> ldm name map from (diffusers prefix, ldm prefix, kind) block pairs."""
 
-    def __init__(self, layout: UNetLayout):
+    def __init__(self, pairs: List[Tuple[str, str, str]], internal: Dict[str, Sequence[Tuple[str, str]]]):
         # Longest prefixes first so that e.g. "input_blocks.1.0" never matches "input_blocks.10.0".
-        self.pairs = sorted(unet_block_prefixes(layout), key=lambda p: -len(p[1]))
-        self.pairs_by_diffusers = sorted(self.pairs, key=lambda p: -len(p[0]))
-        self.internal = {"resnet": RESNET_UNET}
+        self.pairs = sorted(pairs, key=lambda p: -len(p[1]))
+        self.pairs_by_diffusers = sorted(pairs, key=lambda p: -len(p[0]))
+        self.internal = internal
 
     def to_ldm(self, name: str) -> Optional[str]:
         return _rename(name, self.pairs_by_diffusers, self.internal, reverse=False)
 
     def to_diffusers(self, name: str) -> Optional[str]:
         return _rename(name, self.pairs, self.internal, reverse=True)
+
+
+class UNetNameMap(PrefixNameMap):
+    """diffusers UNet2DConditionModel <-> ldm/sgm UNet names (parameters or module paths) for one layout."""
+
+    def __init__(self, layout: UNetLayout):
+        super().__init__(unet_block_prefixes(layout), {"resnet": RESNET_UNET})
 
 
 def vae_block_prefixes(levels: int, layers_per_block: int) -> List[Tuple[str, str, str]]:
@@ -123,60 +130,49 @@ def vae_block_prefixes(levels: int, layers_per_block: int) -> List[Tuple[str, st
     return pairs
 
 
-class VaeNameMap:
+class VaeNameMap(PrefixNameMap):
     """diffusers AutoencoderKL <-> ldm first_stage_model names (attention weights also change shape)."""
 
     def __init__(self, levels: int, layers_per_block: int):
-        pairs = vae_block_prefixes(levels, layers_per_block)
-        self.pairs = sorted(pairs, key=lambda p: -len(p[1]))
-        self.pairs_by_diffusers = sorted(pairs, key=lambda p: -len(p[0]))
-        self.internal = {"resnet": RESNET_VAE, "attention": ATTENTION_VAE}
-
-    def to_ldm(self, name: str) -> Optional[str]:
-        return _rename(name, self.pairs_by_diffusers, self.internal, reverse=False)
-
-    def to_diffusers(self, name: str) -> Optional[str]:
-        return _rename(name, self.pairs, self.internal, reverse=True)
+        super().__init__(vae_block_prefixes(levels, layers_per_block),
+                         {"resnet": RESNET_VAE, "attention": ATTENTION_VAE})
 
 
 OPEN_CLIP_LAYER = (("ln_1", "layer_norm1"), ("ln_2", "layer_norm2"), ("attn.out_proj", "self_attn.out_proj"),
                    ("mlp.c_fc", "mlp.fc1"), ("mlp.c_proj", "mlp.fc2"))
 
 
-def open_clip_to_hf(name: str) -> Optional[str]:
-    """open_clip text-tower name -> HF CLIPTextModel name (fused in_proj is split by the caller)."""
-    simple = {"token_embedding.weight": "text_model.embeddings.token_embedding.weight",
-              "positional_embedding": "text_model.embeddings.position_embedding.weight",
-              "ln_final.weight": "text_model.final_layer_norm.weight",
-              "ln_final.bias": "text_model.final_layer_norm.bias",
-              "text_projection": "text_projection.weight"}
-    if name in simple:
-        return simple[name]
-    if not name.startswith("transformer.resblocks."):
+# open_clip text-tower names <-> transformers CLIPTextModel names (outside the per-layer blocks).
+OPEN_CLIP_TOP_LEVEL = (("token_embedding.weight", "text_model.embeddings.token_embedding.weight"),
+                       ("positional_embedding", "text_model.embeddings.position_embedding.weight"),
+                       ("ln_final.weight", "text_model.final_layer_norm.weight"),
+                       ("ln_final.bias", "text_model.final_layer_norm.bias"),
+                       ("text_projection", "text_projection.weight"))
+OPEN_CLIP_BLOCKS = ("transformer.resblocks.", "text_model.encoder.layers.")
+
+
+def _clip_rename(name: str, reverse: bool) -> Optional[str]:
+    top = {(b if reverse else a): (a if reverse else b) for a, b in OPEN_CLIP_TOP_LEVEL}
+    if name in top:
+        return top[name]
+    src_blocks, dst_blocks = OPEN_CLIP_BLOCKS[::-1] if reverse else OPEN_CLIP_BLOCKS
+    if not name.startswith(src_blocks):
         return None
-    index, rest = name[len("transformer.resblocks."):].split(".", 1)
-    for src, dst in OPEN_CLIP_LAYER:
+    index, rest = name[len(src_blocks):].split(".", 1)
+    for open_clip_part, hf_part in OPEN_CLIP_LAYER:
+        src, dst = (hf_part, open_clip_part) if reverse else (open_clip_part, hf_part)
         if rest.startswith(src + "."):
-            return f"text_model.encoder.layers.{index}.{dst}{rest[len(src):]}"
-    if rest.startswith("attn.in_proj_"):
-        return f"text_model.encoder.layers.{index}.self_attn.in_proj_{rest[len('attn.in_proj_'):]}"
+            return f"{dst_blocks}{index}.{dst}{rest[len(src):]}"
+    if not reverse and rest.startswith("attn.in_proj_"):
+        return f"{dst_blocks}{index}.self_attn.in_proj_{rest[len('attn.in_proj_'):]}"
     return None
+
+
+def open_clip_to_hf(name: str) -> Optional[str]:
+    """open_clip text-tower name -> HF CLIPTextModel name (the fused in_proj is split by the caller)."""
+    return _clip_rename(name, reverse=False)
 
 
 def hf_clip_to_open_clip(name: str) -> Optional[str]:
     """HF CLIPTextModel name -> open_clip name (q/k/v projections are fused by the caller)."""
-    simple = {"text_model.embeddings.token_embedding.weight": "token_embedding.weight",
-              "text_model.embeddings.position_embedding.weight": "positional_embedding",
-              "text_model.final_layer_norm.weight": "ln_final.weight",
-              "text_model.final_layer_norm.bias": "ln_final.bias",
-              "text_projection.weight": "text_projection"}
-    if name in simple:
-        return simple[name]
-    prefix = "text_model.encoder.layers."
-    if not name.startswith(prefix):
-        return None
-    index, rest = name[len(prefix):].split(".", 1)
-    for dst, src in OPEN_CLIP_LAYER:
-        if rest.startswith(src + "."):
-            return f"transformer.resblocks.{index}.{dst}{rest[len(src):]}"
-    return None
+    return _clip_rename(name, reverse=True)
