@@ -411,6 +411,9 @@ def test_memory_estimate_counts_lora_params_only(host, tmp_path):
     text = backend.estimate_memory(make_cfg(tmp_path, backend, lora_rank=4, resolution=512, batch_size=2))
     # to_q (8+8) and proj_in (8+8) at rank 4: 128 parameters; "other" is outside a transformer block.
     assert "0.0 M LoRA parameters" in text and "no second copy" in text and "batch 2 at 512 px" in text
+    assert "precision" not in text
+    text = backend.estimate_memory(make_cfg(tmp_path, backend, mixed_precision="bf16"))
+    assert "Computing in the WebUI's precision (no)" in text
 
 
 # --- the script the host imports -----------------------------------------------------------------------------

@@ -491,7 +491,13 @@ class WebUIBackend(UiBackend):
         if model is None:
             return ""
         try:
-            return estimate_extra_memory(model, cfg)
+            text = estimate_extra_memory(model, cfg)
+            precision = host_facts(model).mixed_precision
+            if precision != cfg.mixed_precision:
+                # The weights are the host's: their precision decides, not the form's option.
+                text += (f" Computing in the WebUI's precision ({precision}); the Mixed precision option "
+                         f"({cfg.mixed_precision}) does not apply to a loaded checkpoint.")
+            return text
         except Exception:  # an estimate must never block a start
             log.exception("Memory estimate failed")
             return ""
