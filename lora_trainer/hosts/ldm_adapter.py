@@ -193,8 +193,8 @@ class LdmHostAdapter(DiffusionAdapter):
         with self._autocast():
             posterior = self.model.encode_first_stage(pixels.to(self.device, vae_dtype))
             # The distribution's mean, as the standalone engine caches (ldm would sample; sgm in the WebUI
-            # already returns the mean).
-            if callable(getattr(posterior, "mode", None)):
+            # already returns the mean, as a tensor, whose own .mode() is the statistical mode).
+            if not isinstance(posterior, torch.Tensor) and callable(getattr(posterior, "mode", None)):
                 posterior = posterior.mode()
             latents = self.model.get_first_stage_encoding(posterior).float()
         if not torch.isfinite(latents).all():
@@ -272,6 +272,9 @@ class LdmHostAdapter(DiffusionAdapter):
         if train_text_encoder:
             for index, embedder in enumerate(text_embedders(self.model)):
                 targets += self._text_targets(unwrapped(embedder), index)
+                if hasattr(self.model, "conditioner"):
+                    # sgm's conditioner runs embedders that are not trainable under no_grad: no graph to LoRA.
+                    self._changes.set_attribute(embedder, "is_trainable", True)
         return targets
 
     def _unet_modules(self, extra: Sequence[str]) -> List[Tuple[str, nn.Module]]:

@@ -15,6 +15,13 @@ from torch import nn
 _MISSING = object()
 
 
+class _PropertyValue:
+    """The previous value of an attribute the class defines as a property (set and restored through it)."""
+
+    def __init__(self, value: Any):
+        self.value = value
+
+
 class ModuleChanges:
     """A log of temporary changes to modules, undone together."""
 
@@ -28,7 +35,12 @@ class ModuleChanges:
         return not (self._attributes or self._requires_grad or self._modes)
 
     def set_attribute(self, module: nn.Module, name: str, value: Any) -> None:
-        """Set an instance attribute (e.g. ``forward``), remembering whether the instance had its own before."""
+        """Set an instance attribute (e.g. ``forward``), remembering whether the instance had its own before.
+        Attributes the class defines as properties (sgm's ``is_trainable``) go through their setter."""
+        if isinstance(getattr(type(module), name, None), property):
+            self._attributes.append((module, name, _PropertyValue(getattr(module, name))))
+            setattr(module, name, value)
+            return
         self._attributes.append((module, name, module.__dict__.get(name, _MISSING)))
         object.__setattr__(module, name, value) if name == "forward" else setattr(module, name, value)
 
@@ -51,7 +63,9 @@ class ModuleChanges:
         """Restore everything recorded, newest first; safe to call twice."""
         while self._attributes:
             module, name, previous = self._attributes.pop()
-            if previous is _MISSING:
+            if isinstance(previous, _PropertyValue):
+                setattr(module, name, previous.value)
+            elif previous is _MISSING:
                 module.__dict__.pop(name, None)
             else:
                 object.__setattr__(module, name, previous)

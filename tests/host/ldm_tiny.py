@@ -49,18 +49,18 @@ def _clip_folder(folder: str) -> str:
 
 
 def _register_open_clip_arch(folder: str) -> None:
-    """A tiny open_clip model config (3 text layers, as SD2 files hold one more than the encoder uses; the MLP
-    is 4x wide, fixed in open_clip 2.20)."""
+    """Tiny open_clip model configs: SD2's (3 text layers, as SD2 files hold one more than the encoder uses)
+    and SDXL's OpenCLIP-G (2 layers, 32-wide projection). The MLP is 4x wide, fixed in open_clip 2.20."""
     import open_clip
 
     os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, f"{OPEN_CLIP_ARCH}.json")
-    with open(path, "w") as fh:
-        json.dump({"embed_dim": TEXT_WIDTH,
-                   "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "patch_size": 16},
-                   "text_cfg": {"context_length": 77, "vocab_size": VOCAB, "width": TEXT_WIDTH, "heads": 1,
-                                "layers": 3}}, fh)
-    open_clip.add_model_config(path)
+    for name, layers, embed in ((OPEN_CLIP_ARCH, 3, TEXT_WIDTH), (OPEN_CLIP_ARCH + "-g", 2, 32)):
+        path = os.path.join(folder, f"{name}.json")
+        with open(path, "w") as fh:
+            json.dump({"embed_dim": embed, "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "patch_size": 16},
+                       "text_cfg": {"context_length": 77, "vocab_size": VOCAB, "width": TEXT_WIDTH, "heads": 1,
+                                    "layers": layers}}, fh)
+        open_clip.add_model_config(path)
 
 
 def build_ldm(arch: str, work_dir: str, checkpoint: Optional[str] = None) -> nn.Module:
@@ -96,7 +96,8 @@ def load_single_file(model: nn.Module, path: str) -> None:
     """Load a single-file checkpoint as the WebUI does (its keys are the ldm state dict's)."""
     state = load_file(path)
     missing, unexpected = model.load_state_dict(state, strict=False)
-    weights = [k for k in missing if k.startswith(("model.diffusion_model.", "first_stage_model.", "cond_stage_model."))
+    parts = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conditioner.")
+    weights = [k for k in missing if k.startswith(parts)
                and not k.endswith(("position_ids", "logit_scale"))]
     assert not weights and not unexpected, (weights[:5], unexpected[:5])
 
@@ -111,12 +112,15 @@ def perturb_zero_parameters(model: nn.Module, seed: int = 3) -> None:
 
 
 class PromptWrapper(nn.Module):
-    """Shaped like the WebUI's prompt wrapper around ldm's embedder: the original under ``.wrapped``, and
-    ``forward(texts)`` returning the conditioning (the real one also parses emphasis and chunks prompts)."""
+    """Shaped like the WebUI's prompt wrapper around an ldm/sgm embedder: the original under ``.wrapped``, its
+    ``is_trainable``/``input_key`` copied, and ``forward(texts)`` returning the conditioning (the real one also
+    parses emphasis and chunks long prompts)."""
 
     def __init__(self, wrapped: nn.Module):
         super().__init__()
         self.wrapped = wrapped
+        self.is_trainable = getattr(wrapped, "is_trainable", False)
+        self.input_key = getattr(wrapped, "input_key", "txt")
 
     def forward(self, texts):
         return self.wrapped(texts)

@@ -15,21 +15,51 @@ sys.path.insert(0, os.path.dirname(HERE))  # tests/: tiny_models, image_fixtures
 from image_fixtures import image_config, train  # noqa: E402
 from tiny_models import VOCAB, build_tiny, save_single_file  # noqa: E402
 
-ARCHS = ("sd1", "sd2")
+ARCHS = ("sd1", "sd2", "sdxl")
+
+
+def _open_clip_shaped_encoder(projection: int = 0):
+    """A CLIP text encoder with open_clip 2.20's fixed 4x MLP width (the WebUI's open_clip cannot build the
+    2x width ``build_tiny`` uses)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(1)
+    config = CLIPTextConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+                            num_attention_heads=1, max_position_embeddings=77, hidden_act="gelu",
+                            projection_dim=projection or 64, bos_token_id=VOCAB - 2, eos_token_id=VOCAB - 1,
+                            pad_token_id=VOCAB - 1)
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config).eval()
+
+
+def _sdxl_unet():
+    """``build_tiny``'s SDXL UNet with one transformer block per level: the ldm UNet that stands in for sgm's
+    in the host tests takes a single depth."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(32, 64, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=128, attention_head_dim=[1, 1, 1], transformer_layers_per_block=1,
+        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=32 + 6 * 8, norm_num_groups=32)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in unet.parameters():
+            if p.abs().sum() == 0:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    return unet.eval()
 
 
 def host_shaped_parts(arch: str):
-    """``build_tiny``'s parts, but SD2's text encoder with open_clip 2.20's fixed 4x MLP width (the WebUI's
-    open_clip cannot build the 2x width ``build_tiny`` uses)."""
+    """``build_tiny``'s parts in shapes the host's classes can hold (see the two helpers above)."""
     parts = build_tiny(arch, seed=0)
     if arch == "sd2":
-        from transformers import CLIPTextConfig, CLIPTextModel
-
-        torch.manual_seed(1)
-        config = CLIPTextConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
-                                num_attention_heads=1, max_position_embeddings=77, hidden_act="gelu",
-                                bos_token_id=VOCAB - 2, eos_token_id=VOCAB - 1, pad_token_id=VOCAB - 1)
-        parts.text_encoders = [CLIPTextModel(config).eval()]
+        parts.text_encoders = [_open_clip_shaped_encoder()]
+    elif arch == "sdxl":
+        parts.text_encoders[1] = _open_clip_shaped_encoder(projection=32)
+        parts.unet = _sdxl_unet()
     return parts
 
 

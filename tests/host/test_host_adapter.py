@@ -12,6 +12,7 @@ import torch
 from image_fixtures import StopAfter, image_config
 from ldm_tiny import PromptWrapper, build_ldm
 from safetensors.torch import load_file
+from sgm_standin import build_sdxl
 
 from lora_trainer.errors import ConfigError
 from lora_trainer.hosts.ldm_adapter import LdmHostAdapter
@@ -49,9 +50,24 @@ def fixed_prediction(model: torch.nn.Module) -> torch.Tensor:
     """The UNet's output on fixed inputs: what a txt2img step computes."""
     g = torch.Generator().manual_seed(7)
     x = torch.randn(1, 4, 8, 8, generator=g)
-    context = torch.randn(1, 77, 64, generator=g)
+    sdxl = hasattr(model, "conditioner")
+    context = torch.randn(1, 77, 128 if sdxl else 64, generator=g)
+    cond = {"crossattn": context, "vector": torch.randn(1, 80, generator=g)} if sdxl else context
     with torch.no_grad():
-        return model.apply_model(x, torch.tensor([500]), context)
+        return model.apply_model(x, torch.tensor([500]), cond)
+
+
+def host_model(arch: str, work_dir: str, reference_dir: str) -> torch.nn.Module:
+    """The tiny checkpoint loaded into the host's classes, text encoders behind WebUI-style prompt wrappers."""
+    checkpoint = os.path.join(reference_dir, f"tiny_{arch}.safetensors")
+    if arch == "sdxl":
+        model = build_sdxl(work_dir, checkpoint)
+        for i in range(2):
+            model.conditioner.embedders[i] = PromptWrapper(model.conditioner.embedders[i])
+        return model
+    model = build_ldm(arch, work_dir, checkpoint)
+    model.cond_stage_model = PromptWrapper(model.cond_stage_model)
+    return model
 
 
 def run(cfg, adapter, callbacks=None):
@@ -73,27 +89,31 @@ def work_dir(tmp_path_factory):
     return str(tmp_path_factory.mktemp("ldm"))
 
 
-@pytest.mark.parametrize("arch", ["sd1", "sd2"])
+@pytest.mark.parametrize("arch", ["sd1", "sd2", "sdxl"])
 def test_trains_on_the_live_model_with_the_standalone_keys(arch, reference_dir, work_dir, tmp_path):
-    model = build_ldm(arch, work_dir, os.path.join(reference_dir, f"tiny_{arch}.safetensors"))
-    if arch == "sd1":
-        model.cond_stage_model = PromptWrapper(model.cond_stage_model)  # the WebUI's layout: .wrapped
+    """SD1/SD2: real ldm models. SDXL: the sgm stand-in (``sgm_standin.py``; no wheel ships sgm)."""
+    model = host_model(arch, work_dir, reference_dir)
     before, prediction = snapshot(model), fixed_prediction(model)
     cfg = image_config(tmp_path, "host", train_text_encoder=True, gradient_checkpointing=True, max_train_steps=2,
                        output_name=f"host_{arch}")
     with LdmHostAdapter(model, device=CPU, model_name=f"tiny_{arch}") as adapter:
         assert adapter.arch == arch
-        assert adapter.prediction_type == ("epsilon" if arch == "sd1" else "v_prediction")
+        assert adapter.prediction_type == ("v_prediction" if arch == "sd2" else "epsilon")
         result = run(cfg, adapter)
     assert result.status == "finished", result.message
     host_file = os.path.join(cfg.output_dir, f"host_{arch}.safetensors")
     standalone = os.path.join(reference_dir, f"standalone_{arch}", f"standalone_{arch}.safetensors")
     assert load_file(host_file).keys() == load_file(standalone).keys()
     names = lora_names(host_file)
-    assert any(n.startswith("lora_te_text_model_encoder_layers_0_self_attn_q_proj") for n in names)
+    prefixes = ["lora_te1_", "lora_te2_"] if arch == "sdxl" else ["lora_te_"]
+    for prefix in prefixes:
+        assert f"{prefix}text_model_encoder_layers_1_self_attn_q_proj" in names
     # Every LoRA learned something: gradients reached the UNet and the text encoder through the host's paths.
     tensors = load_file(host_file)
-    untrained = [k for k, v in tensors.items() if k.endswith("lora_up.weight") and not v.abs().sum() > 0]
+    untrained = [k for k, v in tensors.items() if k.endswith("lora_up.weight") and not v.abs().sum() > 0
+                 # SDXL conditions on CLIP-L's penultimate layer: its last layer has LoRA (as in the standalone
+                 # engine and sd-scripts) but no gradient.
+                 and not (arch == "sdxl" and k.startswith("lora_te1_text_model_encoder_layers_1_"))]
     assert not untrained, untrained[:5]
     assert_restored(model, before)
     assert torch.equal(fixed_prediction(model), prediction)
