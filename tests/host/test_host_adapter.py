@@ -239,3 +239,50 @@ def test_identity_and_name_come_from_the_hosts_checkpoint_info(work_dir):
     assert (adapter.model_name, adapter.identity) == ("my_model", "abc123")
     del model.sd_checkpoint_info
     assert len(LdmHostAdapter(model, device=CPU).identity) == 16
+
+
+def lora_gradients(adapter, network, checkpointing: bool) -> dict:
+    """LoRA gradients of one fixed denoising step, text encoder included."""
+    if checkpointing:
+        adapter.enable_gradient_checkpointing(text_encoders=True)
+    network.zero_grad(set_to_none=True)
+    g = torch.Generator().manual_seed(11)
+    cond = adapter.encode_text(["a red square", "a blue circle"], clip_skip=1)
+    prediction = adapter.predict(torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10, 900]), cond)
+    prediction.square().mean().backward()
+    return {n: p.grad.clone() for n, p in network.named_parameters()}
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(work_dir):
+    """Our non-reentrant block checkpointing (UNet and open_clip blocks) changes memory, not gradients."""
+    from lora_trainer.lora.network import LoRANetwork
+
+    model = build_ldm("sd2", work_dir)
+    before = snapshot(model)
+    with LdmHostAdapter(model, device=CPU) as adapter:
+        torch.manual_seed(0)
+        network = LoRANetwork(adapter.lora_targets(train_text_encoder=True), 4, 4.0)
+        with torch.no_grad():
+            for layer in network.layers.values():
+                layer.lora_up.weight.normal_(0, 0.1)  # non-zero, so the down-projections get gradients too
+        with network.attached():
+            plain = lora_gradients(adapter, network, checkpointing=False)
+            checkpointed = lora_gradients(adapter, network, checkpointing=True)
+    assert plain.keys() == checkpointed.keys()
+    assert all(g.abs().sum() > 0 for g in plain.values())
+    for name, grad in plain.items():
+        torch.testing.assert_close(checkpointed[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert_restored(model, before)
+
+
+def test_split_open_clip_attention_equals_the_fused_one(work_dir):
+    from lora_trainer.hosts.fused_attention import projection_views, split_projection_forward
+
+    attention = build_ldm("sd2", work_dir).cond_stage_model.model.transformer.resblocks[0].attn
+    x = torch.randn(77, 2, 64)
+    mask = torch.full((77, 77), float("-inf")).triu(1)
+    with torch.no_grad():
+        fused = attention(x, x, x, need_weights=False, attn_mask=mask)[0]
+        split = split_projection_forward(attention, projection_views(attention))(x, x, x, need_weights=False,
+                                                                                 attn_mask=mask)[0]
+    torch.testing.assert_close(split, fused, rtol=1e-5, atol=1e-6)
