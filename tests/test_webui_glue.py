@@ -82,10 +82,11 @@ class FakeNetworks(types.ModuleType):
 
     @staticmethod
     def network_restore_weights_from_backup(module):
+        # As the host does it: an in-place copy into the parameter itself (which requires grad in the WebUI).
         if getattr(module, "network_weights_backup", None) is not None:
-            module.weight.data.copy_(module.network_weights_backup)
+            module.weight.copy_(module.network_weights_backup)
         if getattr(module, "network_bias_backup", None) is not None:
-            module.bias.data.copy_(module.network_bias_backup)
+            module.bias.copy_(module.network_bias_backup)
 
 
 @pytest.fixture
@@ -267,6 +268,7 @@ def test_medvram_allows_unet_only_and_sdxl_flag_counts_only_for_sdxl(host, tmp_p
 # --- the builtin Lora extension --------------------------------------------------------------------------------
 def test_before_start_unloads_merged_networks(host, tmp_path):
     linear = host.model.other
+    assert linear.weight.requires_grad  # as the WebUI loads its model
     original = linear.weight.detach().clone()
     linear.network_weights_backup = original.clone()
     linear.network_bias_backup = None

@@ -241,13 +241,18 @@ def unload_host_networks(model: Any, networks: Any = None) -> int:
     The builtin extension keeps deltas merged between generations; training on them would train on a
     modified model. Its next generation re-applies whatever that prompt asks for, from restored weights.
     """
+    import torch
+
     networks = networks if networks is not None else builtin_networks()
     if networks is None or model is None:
         return 0
     restored = 0
-    for module in model.modules():
-        if hasattr(module, "network_current_names") or hasattr(module, "network_weights_backup"):
-            restored += _restore_module(networks, module)
+    # The host restores with an in-place copy_ into parameters that require grad (the WebUI loads the UNet
+    # that way); it only ever does so inside a no-grad forward, and so must we.
+    with torch.no_grad():
+        for module in model.modules():
+            if hasattr(module, "network_current_names") or hasattr(module, "network_weights_backup"):
+                restored += _restore_module(networks, module)
     networks.loaded_networks.clear()
     return restored
 
