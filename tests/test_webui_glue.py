@@ -472,3 +472,21 @@ def test_models_the_trainer_cannot_drive_are_named_in_the_tab(host, tmp_path, ch
     assert "Cannot train here" in backend.describe_model() and fragment in backend.describe_model()
     with pytest.raises(webui.ConfigError, match=fragment):
         backend.make_backend_kwargs(make_cfg(tmp_path, backend))
+
+
+def test_adapter_restored_even_when_the_engine_fails_early(host, tmp_path, monkeypatch):
+    """A safety net for the host's model: the trainer wrapper restores the adapter on every exit."""
+    restored = []
+
+    class Adapter:
+        def restore(self):
+            restored.append(True)
+
+    def failing_engine(cfg, callbacks, **kwargs):
+        raise RuntimeError("failed while building the network")
+
+    backend = webui.WebUIBackend()
+    runner = runner_for(backend, failing_engine, monkeypatch)
+    job = runner.start(make_cfg(tmp_path, backend), backend_kwargs={"adapter": Adapter()})
+    assert job.wait(10) and job.status().state == FAILED
+    assert restored == [True] and not host.lock.locked()

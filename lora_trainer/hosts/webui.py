@@ -544,7 +544,14 @@ class WebUIBackend(UiBackend):
         if preview is not None and preview.every_n_steps > 0:
             extra.append(HostPreviews(preview, cfg.output_dir, self.render_preview,
                                       deliver=CallbackList(list(callbacks)), state=shared.state))
-        return default_trainer(cfg, callbacks=[*callbacks, *extra], **backend_kwargs)
+        adapter = backend_kwargs.get("adapter")
+        try:
+            return default_trainer(cfg, callbacks=[*callbacks, *extra], **backend_kwargs)
+        finally:
+            # The host keeps generating with this model: put it back whatever the engine did or failed to do
+            # (restore is idempotent; the engine calls it too on its normal paths).
+            if adapter is not None and hasattr(adapter, "restore"):
+                adapter.restore()
 
     # --- job hooks -----------------------------------------------------------------------------------------
     def job_hooks(self) -> JobHooks:
