@@ -16,6 +16,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import torch
 
 from lora_trainer.errors import ModelLoadError
+from lora_trainer.io.safetensors_stream import SafetensorsStream
 from lora_trainer.models.architecture import (
     SD1,
     SD2,
@@ -151,13 +152,11 @@ class _CheckpointReader:
         self.path = path
         ext = os.path.splitext(path)[1].lower()
         if ext == ".safetensors":
-            from safetensors import safe_open
-
             try:
-                self.handle = safe_open(path, framework="pt")
-            except Exception as exc:
+                self.stream = SafetensorsStream(path)
+            except (OSError, ValueError) as exc:
                 raise ModelLoadError(f"{path} is not a readable .safetensors file ({exc}).") from None
-            self.keys = list(self.handle.keys())
+            self.keys = self.stream.keys()
             self.tensors = None
         elif ext in (".ckpt", ".pt", ".pth", ".bin"):
             try:
@@ -176,12 +175,12 @@ class _CheckpointReader:
     def shapes(self) -> Dict[str, Tuple[int, ...]]:
         if self.tensors is not None:
             return {k: tuple(self.tensors[k].shape) for k in self.keys}
-        return {k: tuple(self.handle.get_slice(k).get_shape()) for k in self.keys}
+        return {k: self.stream.shape(k) for k in self.keys}
 
     def get(self, key: str) -> torch.Tensor:
         if self.tensors is not None:
             return self.tensors[key]
-        return self.handle.get_tensor(key)
+        return self.stream.read(key)
 
     def items(self, prefix: str) -> Iterator[Tuple[str, torch.Tensor]]:
         for key in self.keys:
