@@ -22,8 +22,8 @@ setup_host() {
     local pip=(.venv-host/bin/python -m pip install -q)
     # The WebUI's own pins (requirements_versions.txt of v1.10) where they matter to code that runs in the host.
     "${pip[@]}" "${TORCH[@]}" "numpy<2" transformers==4.30.2 safetensors==0.4.2 "pydantic<2" fastapi==0.94.0 \
-        httpx==0.24.1 gradio==3.41.2 open_clip_torch==2.20.0 omegaconf==2.2.3 einops==0.4.1 \
-        pytorch_lightning pyyaml tqdm pillow pytest==9.2.0
+        httpx==0.24.1 gradio==3.41.2 open_clip_torch==2.20.0 timm==0.9.16 omegaconf==2.2.3 einops==0.4.1 \
+        pytorch_lightning==2.6.6 pyyaml tqdm pillow pytest==9.2.0
     # `ldm` (Stability-AI's stablediffusion code, as the WebUI clones it) without the wheel's stale pins.
     "${pip[@]}" --no-deps stable-diffusion-sdkit==2.1.5
     "${pip[@]}" --no-deps -e .
@@ -40,6 +40,12 @@ setup_forge() {
 case "$WHICH" in
     host) setup_host ;;
     forge) setup_forge ;;
-    all) setup_host; setup_forge ;;
+    all)  # side by side: mostly downloads and unpacking, so the two overlap well on two cores
+        setup_host > /tmp/setup_host_env.host.log 2>&1 & host=$!
+        setup_forge > /tmp/setup_host_env.forge.log 2>&1 & forge=$!
+        status=0
+        wait "$host" || { status=1; echo "setting up .venv-host failed:" >&2; tail -20 /tmp/setup_host_env.host.log >&2; }
+        wait "$forge" || { status=1; echo "setting up .venv-forge failed:" >&2; tail -20 /tmp/setup_host_env.forge.log >&2; }
+        exit "$status" ;;
     *) echo "usage: $0 [host|forge|all]" >&2; exit 2 ;;
 esac
