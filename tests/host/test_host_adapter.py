@@ -304,3 +304,22 @@ def test_a_failure_while_building_the_network_restores(work_dir, tmp_path):
     with pytest.raises(ModelLoadError):
         run(cfg, LdmHostAdapter(model, device=CPU))
     assert_restored(model, before)
+
+
+def test_sdxl_vector_is_rebuilt_per_sample_as_the_host_builds_it(reference_dir, work_dir):
+    """The adapter splits the host's vector into the pooled text part and re-embeds each sample's own sizes;
+    with the sizes the host used, it gets the host's vector back."""
+    from lora_trainer.models.adapter import SizeCondition
+
+    model = host_model("sdxl", work_dir, reference_dir)
+    adapter = LdmHostAdapter(model, device=CPU)
+    captions = ["a red square", "a blue circle"]
+    with torch.no_grad():
+        host = model.get_learned_conditioning(captions)
+        cond = adapter.encode_text(captions, clip_skip=1)
+        same = adapter._sdxl_vector(cond["pooled"], [SizeCondition((1024, 1024), (0, 0), (1024, 1024))] * 2)
+        other = adapter._sdxl_vector(cond["pooled"], [SizeCondition((640, 512), (8, 0), (512, 512))] * 2)
+    assert cond["crossattn"].shape == (2, 77, 128) and cond["pooled"].shape == (2, 32)
+    torch.testing.assert_close(same, host["vector"])
+    assert not torch.allclose(other, host["vector"])
+    torch.testing.assert_close(other[:, :32], host["vector"][:, :32])
