@@ -97,9 +97,9 @@ class ImageTrainingSession:
         self.adapter = adapter
         self.log(f"model: {adapter.model_name} ({adapter.arch}, {adapter.prediction_type}); training on "
                  f"{runtime.device} in {runtime.num_processes} process(es)")
-        self._prepare_encodings()
-        self.network = self._build_network()
-        try:
+        try:  # whatever fails from here on, the model (the host's, in the WebUI) is handed back as it was
+            self._prepare_encodings()
+            self.network = self._build_network()
             with self.network.attached():
                 return self._train_loop()
         finally:
