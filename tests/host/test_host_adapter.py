@@ -288,8 +288,6 @@ def test_split_open_clip_attention_equals_the_fused_one(work_dir):
     torch.testing.assert_close(split, fused, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.xfail(strict=True, reason="engine: ImageTrainingSession.run calls adapter.restore() only around the "
-                                       "loop, not around _build_network, which calls lora_targets (freezes)")
 def test_a_failure_while_building_the_network_restores(work_dir, tmp_path):
     from safetensors.torch import save_file
 
