@@ -8,3 +8,7 @@ PYTHON=${PYTHON:-python3}
 # torch and torchvision must match each other; these two come from the machine's local wheel store.
 .venv/bin/python -m pip install -q torch==2.14.1 torchvision==0.29.1
 .venv/bin/python -m pip install -q -e ".[standalone,text,caption,ui,dev]"
+# Debian's chromium for the browser tests (Playwright drives it; it cannot download its own browsers here).
+if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+fi
