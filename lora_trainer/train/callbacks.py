@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Optional
 class StepInfo:
     step: int  # optimizer steps done
     total_steps: int
-    epoch: int
+    epoch: int  # 1-based: the epoch this step belongs to
     loss: float
     lr: float
     elapsed_s: float  # since this run (or resume) started

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -190,76 +190,84 @@ class ImageTrainingSession:
 
     # ------------------------------------------------------------ the loop
 
-    def _train_loop(self) -> TrainingResult:
-        cfg, runtime, dataset = self.cfg, self.runtime, self.dataset
-        accumulation = cfg.gradient_accumulation_steps
-        batches_per_epoch = len(dataset.epoch_batches(0, cfg.seed, cfg.batch_size, runtime.process_index,
-                                                      runtime.num_processes))
-        steps_per_epoch = max(1, math.ceil(batches_per_epoch / accumulation))
-        total_steps = cfg.max_train_steps or cfg.epochs * steps_per_epoch
-        epochs = math.ceil(total_steps / steps_per_epoch)
-        self.total_steps, self.epochs = total_steps, epochs
+    def _plan_steps(self) -> None:
+        cfg, runtime = self.cfg, self.runtime
+        batches_per_epoch = len(self.dataset.epoch_batches(0, cfg.seed, cfg.batch_size, runtime.process_index,
+                                                           runtime.num_processes))
+        steps_per_epoch = max(1, math.ceil(batches_per_epoch / cfg.gradient_accumulation_steps))
+        self.total_steps = cfg.max_train_steps or cfg.epochs * steps_per_epoch
+        self.epochs = math.ceil(self.total_steps / steps_per_epoch)
 
-        params = [p for p in self.network.parameters() if p.requires_grad]
+    def _set_up_optimizer(self) -> Tuple[int, int, int]:
+        """Optimizer and schedule (resumed when asked); returns the (step, epoch, batch) to start from."""
+        cfg = self.cfg
+        self.params = [p for p in self.network.parameters() if p.requires_grad]
         groups = self.network.parameter_groups({"lora_unet": cfg.unet_lr, "lora_te": cfg.text_encoder_lr},
                                                cfg.learning_rate)
-        optimizer = build_optimizer(cfg.optimizer, groups, cfg.learning_rate, cfg.weight_decay)
-        scheduler = build_scheduler(cfg.lr_scheduler, optimizer, cfg.lr_warmup_steps, total_steps,
-                                    cfg.lr_scheduler_num_cycles)
-        step, epoch, batch_offset = 0, 0, 0
-        if cfg.resume:
-            state = load_training_state(cfg.resume)
-            self.network.load_kohya_state_dict(state.weights, cfg.resume)
-            optimizer.load_state_dict(state.optimizer)
-            scheduler.load_state_dict(state.scheduler)
-            restore_rng_state(state.rng)
-            step, epoch = state.step, state.epoch
-            batch_offset = int(state.info.get("batch_in_epoch", 0))
-            self.started_at = float(state.info.get("started_at", self.started_at))
-            self.log(f"resumed from {cfg.resume} at step {step}")
+        self.optimizer = build_optimizer(cfg.optimizer, groups, cfg.learning_rate, cfg.weight_decay)
+        self.scheduler = build_scheduler(cfg.lr_scheduler, self.optimizer, cfg.lr_warmup_steps, self.total_steps,
+                                         cfg.lr_scheduler_num_cycles)
+        if not cfg.resume:
+            return 0, 0, 0
+        state = load_training_state(cfg.resume)
+        self.network.load_kohya_state_dict(state.weights, cfg.resume)
+        self.optimizer.load_state_dict(state.optimizer)
+        self.scheduler.load_state_dict(state.scheduler)
+        restore_rng_state(state.rng)
+        self.started_at = float(state.info.get("started_at", self.started_at))
+        self.log(f"resumed from {cfg.resume} at step {state.step}")
+        return state.step, state.epoch, int(state.info.get("batch_in_epoch", 0))
 
+    def _optimizer_step(self, group: List[List[int]], epoch: int, step: int) -> float:
+        """One optimizer step over ``group`` (the gradient-accumulation micro-batches); returns the mean loss."""
+        cfg, runtime = self.cfg, self.runtime
+        loss_value = 0.0
+        for k, indices in enumerate(group):
+            loss = self._micro_step_loss(indices, epoch, step * cfg.gradient_accumulation_steps + k)
+            runtime.backward(loss / len(group))
+            loss_value += float(loss.detach()) / len(group)
+        runtime.reduce_gradients(self.params)
+        loss_value = runtime.mean_across_processes(loss_value)
+        if not math.isfinite(loss_value):
+            raise TrainingStopped(self._nan_message(step + 1))
+        if cfg.max_grad_norm > 0:
+            runtime.clip_grad_norm(self.params, cfg.max_grad_norm, self.optimizer)
+        runtime.optimizer_step(self.optimizer)
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss_value
+
+    def _train_loop(self) -> TrainingResult:
+        cfg, runtime, dataset = self.cfg, self.runtime, self.dataset
+        self._plan_steps()
+        step, epoch, batch_offset = self._set_up_optimizer()
+        total_steps = self.total_steps
         self.callbacks.on_train_start(total_steps, step, {"images": len(dataset.samples), "arch": self.adapter.arch})
         t0, info, losses, start_step = time.time(), None, [], step
         status, message = "finished", ""
         try:
-            while step < total_steps:
+            while step < total_steps and status == "finished":
                 batches = dataset.epoch_batches(epoch, cfg.seed, cfg.batch_size, runtime.process_index,
                                                 runtime.num_processes)
                 while batch_offset < len(batches) and step < total_steps:
-                    group = batches[batch_offset:batch_offset + accumulation]
-                    loss_value = 0.0
-                    for k, indices in enumerate(group):
-                        loss = self._micro_step_loss(indices, epoch, step * accumulation + k)
-                        runtime.backward(loss / len(group))
-                        loss_value += float(loss.detach()) / len(group)
-                    runtime.reduce_gradients(params)
-                    loss_value = runtime.mean_across_processes(loss_value)
-                    if not math.isfinite(loss_value):
-                        raise TrainingStopped(self._nan_message(step + 1))
-                    if cfg.max_grad_norm > 0:
-                        runtime.clip_grad_norm(params, cfg.max_grad_norm, optimizer)
-                    runtime.optimizer_step(optimizer)
-                    scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    step += 1
-                    batch_offset += len(group)
+                    group = batches[batch_offset:batch_offset + cfg.gradient_accumulation_steps]
+                    loss_value = self._optimizer_step(group, epoch, step)
+                    step, batch_offset = step + 1, batch_offset + len(group)
                     losses.append(loss_value)
-                    info = StepInfo(step, total_steps, epoch, loss_value, scheduler.get_last_lr()[0], time.time() - t0,
-                                    start_step=start_step)
+                    info = StepInfo(step, total_steps, epoch + 1, loss_value, self.scheduler.get_last_lr()[0],
+                                    time.time() - t0, start_step=start_step)
                     self.callbacks.on_step_end(info)
-                    at_epoch_end = batch_offset >= len(batches)
-                    if step < total_steps and self._save_due(step, epoch + 1 if at_epoch_end else None):
-                        self._save(step, epoch, batch_offset, optimizer, scheduler)
+                    finished_epoch = epoch + 1 if batch_offset >= len(batches) else None
+                    if step < total_steps and self._save_due(step, finished_epoch):
+                        self._save(step, epoch, batch_offset)
                     if runtime.broadcast_flag(self.callbacks.should_stop()):
                         status, message = "cancelled", f"cancelled at step {step}"
-                        self._save(step, epoch, batch_offset, optimizer, scheduler)
+                        self._save(step, epoch, batch_offset)
                         break
-                if status != "finished":
-                    break
                 if batch_offset >= len(batches):
                     epoch, batch_offset = epoch + 1, 0
             if status == "finished":
-                self._save_final(step, epoch, batch_offset, optimizer, scheduler)
+                self._save_final(step, epoch, batch_offset)
                 message = f"saved {', '.join(self.saved_files[-2:])}"
         except TrainingStopped as exc:
             status, message = "stopped", str(exc)
@@ -271,9 +279,8 @@ class ImageTrainingSession:
         finally:
             self.callbacks.on_train_end(info, status)
         runtime.wait_for_everyone()
-        return TrainingResult(status=status, step=step, output_files=list(self.saved_files[-2:]) if status == "finished"
-                              else ([self.last_good_save] if self.last_good_save else []), message=message,
-                              losses=losses)
+        kept = self.saved_files[-2:] if status == "finished" else [self.last_good_save] if self.last_good_save else []
+        return TrainingResult(status=status, step=step, output_files=list(kept), message=message, losses=losses)
 
     def _save_due(self, step: int, finished_epoch: Optional[int]) -> bool:
         cfg = self.cfg
@@ -302,17 +309,17 @@ class ImageTrainingSession:
                                  epoch=epoch, num_epochs=self.epochs, max_steps=self.total_steps)
         return tensors, metadata
 
-    def _save(self, step: int, epoch: int, batch_offset: int, optimizer, scheduler) -> None:
+    def _save(self, step: int, epoch: int, batch_offset: int) -> None:
         if not self.runtime.is_main_process:
             return
         cfg = self.cfg
         path = os.path.join(cfg.output_dir, f"{self.output_name}-step{step:08d}.safetensors")
         save_lora_file(path, *self._lora_tensors_and_metadata(step, epoch))
-        self._save_state(step, epoch, batch_offset, optimizer, scheduler)
+        self._save_state(step, epoch, batch_offset)
         self.last_good_save = path
         self.callbacks.on_save(path, step)
 
-    def _save_final(self, step: int, epoch: int, batch_offset: int, optimizer, scheduler) -> None:
+    def _save_final(self, step: int, epoch: int, batch_offset: int) -> None:
         if not self.runtime.is_main_process:
             return
         cfg = self.cfg
@@ -321,15 +328,15 @@ class ImageTrainingSession:
         diffusers_name = os.path.join(cfg.output_dir, FINAL_DIFFUSERS_NAME)
         for path in (diffusers_name, named):
             save_lora_file(path, tensors, metadata)
-        self._save_state(step, epoch, batch_offset, optimizer, scheduler)
+        self._save_state(step, epoch, batch_offset)
         self.saved_files += [diffusers_name, named]
         self.last_good_save = named
         self.callbacks.on_save(named, step)
 
-    def _save_state(self, step: int, epoch: int, batch_offset: int, optimizer, scheduler) -> None:
+    def _save_state(self, step: int, epoch: int, batch_offset: int) -> None:
         cfg = self.cfg
         if cfg.save_state:
             save_training_state(os.path.join(cfg.output_dir, f"state-{step}"), step=step, epoch=epoch,
-                                weights=self.network.kohya_state_dict(torch.float32), optimizer=optimizer,
-                                scheduler=scheduler, info={"batch_in_epoch": batch_offset,
+                                weights=self.network.kohya_state_dict(torch.float32), optimizer=self.optimizer,
+                                scheduler=self.scheduler, info={"batch_in_epoch": batch_offset,
                                                            "started_at": self.started_at, "seed": cfg.seed})
