@@ -8,14 +8,17 @@ from disk with the standard engine path; the WebUI glue subclasses ``UiBackend``
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, Optional
+from typing import Any, ContextManager, Dict, List, Optional
 
 from lora_trainer.config import CommonConfig, resolved_output_name
+from lora_trainer.ui.captioning import CaptionProgress, no_host_session
 from lora_trainer.ui.options import final_lora_path
 
 MODEL_WEIGHT_EXTENSIONS = (".safetensors", ".ckpt", ".bin", ".pt", ".pth")
 # For a WebUI backend's send_prompt_js: javascript/lora_trainer.js, which the host injects into its page.
 WEBUI_SEND_PROMPT_JS = "(prompt) => loraTrainerSendToTxt2img(prompt)"
+# The caption panel's choice that captions with the model at the "Model path" box, its kind told by its files.
+LOCAL_CAPTIONER = "local model path"
 
 
 class UiBackend:
@@ -58,6 +61,30 @@ class UiBackend:
     def send_prompt_js(self) -> Optional[str]:
         """JavaScript ``(prompt) => ...`` that sends the "Try it" prompt to the host's txt2img, or None."""
         return None
+
+    # --- captioning (the caption panel) --------------------------------------------------------------------
+    def captioner_choices(self) -> List[str]:
+        """The captioners the panel offers: ours by name, then a local model path; hosts add their own."""
+        from lora_trainer.caption.registry import captioner_loaders
+
+        return [*captioner_loaders(), LOCAL_CAPTIONER]
+
+    def load_captioner(self, choice: str, options: Any) -> Any:
+        """The ``Captioner`` for a panel choice (``options``: a ``CaptionerOptions``). Runs in the caption
+        thread, inside ``caption_session``; raises ``CaptionerUnavailable`` saying what is missing."""
+        from lora_trainer.caption.base import CaptionerUnavailable
+        from lora_trainer.caption.registry import load_captioner
+
+        if choice == LOCAL_CAPTIONER:
+            if not options.model_path:
+                raise CaptionerUnavailable("Enter the captioner's folder or file in \"Model path\" (a BLIP folder, "
+                                           "an open_clip folder or checkpoint, or a WD14 .onnx with its tags).")
+            return load_captioner(options.model_path, options)
+        return load_captioner(choice, options)
+
+    def caption_session(self, label: str) -> ContextManager[CaptionProgress]:
+        """Held for a whole caption run: the host's GPU lock and progress bar. The default holds nothing."""
+        return no_host_session(label)
 
 
 def _weights_size(path: str) -> int:

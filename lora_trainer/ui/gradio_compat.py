@@ -6,6 +6,7 @@ new gradio line means editing this file only.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import gradio as gr
@@ -67,6 +68,29 @@ def file_path(value: Any) -> Optional[str]:
 def dataframe_kwargs(headers: List[str]) -> Dict[str, Any]:
     """A read-only table with these columns (3.41's ``max_rows`` and 6.x's ``column_count`` are avoided)."""
     return {"headers": headers, "interactive": False, "wrap": True}
+
+
+def editable_table_kwargs(headers: List[str], read_only_columns: Sequence[int] = ()) -> Dict[str, Any]:
+    """An editable text table with exactly these columns; ``read_only_columns`` stay fixed where the version
+    can (6.x's ``static_columns``). Fixed column counts: ``col_count=(n, "fixed")`` before 6.0, then
+    ``column_count``."""
+    count = len(headers)
+    kwargs: Dict[str, Any] = {"headers": list(headers), "interactive": True, "wrap": True,
+                              "datatype": ["str"] * count}
+    if gradio_major() >= 6:
+        kwargs["column_count"] = count
+        if read_only_columns and "static_columns" in inspect.signature(gr.Dataframe.__init__).parameters:
+            kwargs["static_columns"] = list(read_only_columns)
+    else:
+        kwargs["col_count"] = (count, "fixed")
+    return kwargs
+
+
+def table_value(headers: List[str], rows: Sequence[Sequence[Any]]) -> Any:
+    """A Dataframe value every version shows the same, also when empty (a pandas frame with the columns)."""
+    import pandas as pd
+
+    return pd.DataFrame([list(r) for r in rows], columns=list(headers))
 
 
 def selected_row(evt: Any) -> Optional[int]:

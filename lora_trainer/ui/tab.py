@@ -21,6 +21,8 @@ from lora_trainer.errors import ConfigError, LoraTrainerError
 from lora_trainer.jobs import FINISHED, JobRunner, JobStatus
 from lora_trainer.ui import gradio_compat as compat
 from lora_trainer.ui.backend import UiBackend
+from lora_trainer.ui.caption_panel import CaptionPanel
+from lora_trainer.ui.captioning import CaptionRunner
 from lora_trainer.ui.loss_plot import render_loss_plot
 from lora_trainer.ui.options import (
     QUICK_CHECK_SUFFIX,
@@ -75,9 +77,10 @@ class TrainerTab:
     """The tab's components and handlers, bound to one backend and one job runner."""
 
     def __init__(self, backend: UiBackend, runner: Optional[JobRunner] = None,
-                 config_cls: type = ImageConfig) -> None:
+                 config_cls: type = ImageConfig, captions: Optional[CaptionRunner] = None) -> None:
         self.backend = backend
         self.runner = runner or JobRunner()
+        self.captions = captions or CaptionRunner(self.runner)  # excludes training while it captions
         self.config_cls = config_cls
         self.specs = form_fields(config_cls)
         self.yaml_dir: Optional[str] = None  # made on the first save: configs offered for download
@@ -94,6 +97,8 @@ class TrainerTab:
                 self.output_name = gr.Textbox(label="Output name", elem_id=f"{ELEM}output_name", max_lines=1,
                                               placeholder="my_lora",
                                               info="File name and the <lora:name> alias.")
+            self.caption_panel = CaptionPanel(self.backend, self.captions)
+            self.caption_panel.build(self.dataset, blocks)
             # The standalone app asks for a path; a host with a loaded checkpoint names it instead.
             self.base_model = gr.Textbox(label="Base model", elem_id=f"{ELEM}base_model", max_lines=1,
                                          visible=model_text is None,
@@ -198,7 +203,8 @@ class TrainerTab:
                     raise ConfigError(f"{target} already exists. Choose another output name or tick "
                                       "\"Overwrite an existing LoRA of the same name\".")
             estimate = self.backend.estimate_memory(cfg)
-            self.runner.start(cfg, label=label, backend_kwargs=self.backend.make_backend_kwargs(cfg))
+            with self.captions.training_start():  # refused while captioning rewrites the captions
+                self.runner.start(cfg, label=label, backend_kwargs=self.backend.make_backend_kwargs(cfg))
         except LoraTrainerError as exc:
             return f"**{label} not started:** {exc}"
         except Exception as exc:  # a bug must not leave the button dead without a word
@@ -302,6 +308,8 @@ class TrainerTab:
         return try_it_prompt(path)
 
 
-def build_tab(backend: UiBackend, runner: Optional[JobRunner] = None) -> gr.Blocks:
-    """The trainer tab for ``backend``; ``runner`` is the host's one job runner (a new one when None)."""
-    return TrainerTab(backend, runner).blocks
+def build_tab(backend: UiBackend, runner: Optional[JobRunner] = None,
+              captions: Optional[CaptionRunner] = None) -> gr.Blocks:
+    """The trainer tab for ``backend``; ``runner`` is the host's one job runner (a new one when None), and
+    ``captions`` its one caption runner (a new one bound to ``runner`` when None)."""
+    return TrainerTab(backend, runner, captions=captions).blocks
