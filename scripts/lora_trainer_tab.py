@@ -30,6 +30,7 @@ SETTINGS_SECTION = ("lora_trainer", "LoRA Trainer")
 _lock = threading.Lock()
 _backend: Optional[Any] = None
 _runner: Optional[Any] = None
+_captions: Optional[Any] = None
 
 
 def _preview_defaults() -> Any:
@@ -57,11 +58,23 @@ def backend_and_runner() -> Tuple[Any, Any]:
         return _backend, _runner
 
 
+def caption_runner() -> Any:
+    """The process's one caption runner, bound to its job runner: a reloaded UI sees a run still going."""
+    global _captions
+    _backend_now, runner = backend_and_runner()
+    with _lock:
+        if _captions is None:
+            from lora_trainer.ui.captioning import CaptionRunner
+
+            _captions = CaptionRunner(runner)
+        return _captions
+
+
 def on_ui_tabs() -> List[Tuple[Any, str, str]]:
     from lora_trainer.ui.tab import build_tab
 
     backend, runner = backend_and_runner()
-    return [(build_tab(backend, runner), backend.title, "lora_trainer")]
+    return [(build_tab(backend, runner, caption_runner()), backend.title, "lora_trainer")]
 
 
 def on_ui_settings() -> None:

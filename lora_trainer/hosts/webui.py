@@ -25,13 +25,15 @@ import os
 import shutil
 import sys
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence
+from typing import Any, Callable, ContextManager, Dict, Iterator, List, Mapping, Optional, Sequence
 
+from lora_trainer.caption.base import CallableCaptioner, Captioner, CaptionerUnavailable
 from lora_trainer.config import CommonConfig, ImageConfig, resolved_output_name
 from lora_trainer.errors import ConfigError
 from lora_trainer.jobs import JobHooks, default_trainer
 from lora_trainer.train.callbacks import CallbackList, StepInfo, TrainingCallback
 from lora_trainer.ui.backend import WEBUI_SEND_PROMPT_JS, UiBackend
+from lora_trainer.ui.captioning import CaptionProgress
 
 log = logging.getLogger(__name__)
 
@@ -417,6 +419,234 @@ def render_host_preview(settings: PreviewSettings) -> List[Any]:
     return list(processed.images)
 
 
+# --- the host's interrogators as captioners (the caption panel) ----------------------------------------------
+# The host's own interrogate() calls shared.state.begin/end itself and would end the caption run's progress
+# after the first image, so these call its load and caption pieces directly, inside host_caption_session.
+HOST_BLIP = "webui: BLIP"
+HOST_BLIP_CLIP = "webui: BLIP + CLIP"
+HOST_DEEPBOORU = "webui: DeepBooru"
+CAPTION_STATE_JOB_NAME = "lora_trainer_caption"
+
+
+@dataclass(frozen=True)
+class HostWeights:
+    """Where the host keeps (and on first use downloads) one interrogator's weights."""
+
+    what: str
+    folder: str
+    filename: str
+
+    def present(self) -> bool:
+        """True when a weights file of the expected kind is in the folder (the host takes any such file)."""
+        extension = os.path.splitext(self.filename)[1]
+        try:
+            return any(name.lower().endswith(extension) for name in os.listdir(self.folder))
+        except OSError:
+            return False
+
+    def unavailable(self, exc: BaseException) -> CaptionerUnavailable:
+        """The error for a failed load: missing weights (offline) said as such, anything else as it is."""
+        if self.present():
+            return CaptionerUnavailable(f"The WebUI's {self.what} could not be loaded from {self.folder}: "
+                                        f"{type(exc).__name__}: {exc}")
+        return CaptionerUnavailable(
+            f"The WebUI's {self.what} weights are not on disk and could not be downloaded "
+            f"({type(exc).__name__}: {exc}). Put {self.filename} into {self.folder} (the WebUI downloads it there "
+            "on first use when it is online). The other captioners still work.")
+
+
+def host_blip_weights() -> HostWeights:
+    from modules import paths
+
+    return HostWeights("BLIP captioner", os.path.join(paths.models_path, "BLIP"),
+                       "model_base_caption_capfilt_large.pth")
+
+
+def host_clip_weights() -> HostWeights:
+    from modules import shared
+
+    folder = getattr(shared.cmd_opts, "clip_models_path", None) or os.path.expanduser(os.path.join("~", ".cache",
+                                                                                                  "clip"))
+    return HostWeights("CLIP ViT-L/14 interrogator", folder, "ViT-L-14.pt")
+
+
+def host_deepbooru_weights() -> HostWeights:
+    from modules import paths
+
+    return HostWeights("DeepBooru tagger", os.path.join(paths.models_path, "torch_deepdanbooru"),
+                       "model-resnet_custom_v3.pt")
+
+
+class HostCaptioner(CallableCaptioner):
+    """A captioner that calls the host's interrogator per image; ``close`` gives its memory back once."""
+
+    batch_size = 1  # the host captions one image per call: the caption run reports and checks stop per image
+
+    def __init__(self, fn: Callable[[Any], str], release: Callable[[], None], name: str) -> None:
+        super().__init__(fn, name=name)
+        self._release: Optional[Callable[[], None]] = release
+
+    def close(self) -> None:
+        release, self._release = self._release, None
+        if release is not None:
+            release()
+
+
+@contextlib.contextmanager
+def scoped_host_options(**values: Any) -> Iterator[None]:
+    """Set host settings for a moment (in ``opts.data``, no callbacks, no settings file write), then put them back."""
+    from modules import shared
+
+    data = shared.opts.data
+    missing = object()
+    before = {key: data.get(key, missing) for key in values}
+    data.update(values)
+    try:
+        yield
+    finally:
+        for key, value in before.items():
+            if value is missing:
+                data.pop(key, None)
+            else:
+                data[key] = value
+
+
+def _make_room_for_interrogation() -> None:
+    """What the host does before interrogating: under --lowvram/--medvram the SD model leaves the GPU first."""
+    from modules import devices, shared
+
+    if getattr(shared.cmd_opts, "lowvram", False) or getattr(shared.cmd_opts, "medvram", False):
+        from modules import lowvram
+
+        lowvram.send_everything_to_cpu()
+        devices.torch_gc()
+
+
+def _load_host_blip(interrogator: Any) -> None:
+    """The BLIP half of the interrogator's ``load()``, so BLIP captions do not need the CLIP weights too."""
+    from modules import devices, shared
+
+    if interrogator.blip_model is None:
+        model = interrogator.load_blip_model()
+        if not getattr(shared.cmd_opts, "no_half", False) and not interrogator.running_on_cpu:
+            model = model.half()
+        interrogator.blip_model = model
+    interrogator.blip_model = interrogator.blip_model.to(devices.device_interrogate)
+    # generate_caption casts its input to ``interrogator.dtype``, which load() takes from the CLIP model.
+    interrogator.dtype = next(interrogator.blip_model.parameters()).dtype
+
+
+def _release_blip(interrogator: Any) -> None:
+    from modules import devices
+
+    interrogator.send_blip_to_ram()  # the host keeps it on the GPU only with "keep models in memory"
+    devices.torch_gc()
+
+
+def load_host_blip(options: Any) -> Captioner:
+    """BLIP captions from the host's interrogator (``shared.interrogator``), reusing a model it holds."""
+    from modules import shared
+
+    interrogator = shared.interrogator
+    _make_room_for_interrogation()
+    try:
+        _load_host_blip(interrogator)
+    except Exception as exc:
+        raise host_blip_weights().unavailable(exc) from exc
+    return HostCaptioner(interrogator.generate_caption, lambda: _release_blip(interrogator), HOST_BLIP)
+
+
+def _clip_phrases(interrogator: Any, categories: Sequence[Any], image: Any) -> List[str]:
+    """The best phrases of each of the host's CLIP categories for ``image`` (its rank(), without scores)."""
+    import torch
+    from modules import devices
+
+    pixels = interrogator.clip_preprocess(image).unsqueeze(0).type(interrogator.dtype)
+    with torch.no_grad(), devices.autocast():
+        features = interrogator.clip_model.encode_image(pixels.to(devices.device_interrogate)).type(interrogator.dtype)
+        features /= features.norm(dim=-1, keepdim=True)
+        return [match for category in categories
+                for match, _score in interrogator.rank(features, category.items, top_count=category.topn)]
+
+
+def load_host_blip_clip(options: Any) -> Captioner:
+    """The host's "Interrogate CLIP": a BLIP caption followed by CLIP's best phrases of each category."""
+    from modules import shared
+
+    interrogator = shared.interrogator
+    _make_room_for_interrogation()
+    try:
+        interrogator.load()
+    except Exception as exc:
+        weights = host_blip_weights() if interrogator.blip_model is None else host_clip_weights()
+        interrogator.unload()
+        raise weights.unavailable(exc) from exc
+    try:
+        categories = list(interrogator.categories())  # the phrase lists; offline and absent: BLIP alone
+    except Exception:
+        log.exception("The WebUI's CLIP categories could not be read; captions are BLIP's alone")
+        categories = []
+
+    def caption(image: Any) -> str:
+        return ", ".join([interrogator.generate_caption(image), *_clip_phrases(interrogator, categories, image)])
+
+    return HostCaptioner(caption, interrogator.unload, HOST_BLIP_CLIP)
+
+
+def load_host_deepbooru(options: Any) -> Captioner:
+    """DeepBooru tags from ``modules.deepbooru.model``, at the panel's threshold, without score weights."""
+    from modules import deepbooru
+
+    model = deepbooru.model
+    try:
+        model.start()
+    except Exception as exc:
+        raise host_deepbooru_weights().unavailable(exc) from exc
+    threshold = float(getattr(options, "threshold", 0.5))
+
+    def tag(image: Any) -> str:
+        with scoped_host_options(interrogate_deepbooru_score_threshold=threshold):
+            return model.tag_multi(image, force_disable_ranks=True)
+
+    return HostCaptioner(tag, model.stop, HOST_DEEPBOORU)
+
+
+def host_captioner_loaders() -> Dict[str, Callable[[Any], Captioner]]:
+    """The host's interrogators by the names the caption panel shows."""
+    return {HOST_BLIP: load_host_blip, HOST_BLIP_CLIP: load_host_blip_clip, HOST_DEEPBOORU: load_host_deepbooru}
+
+
+class HostCaptionProgress(CaptionProgress):
+    """A caption run on the host's progress bar; its Interrupt button stops the run."""
+
+    def __init__(self, state: Any) -> None:
+        self.state = state
+
+    def update(self, done: int, total: int, text: str) -> None:
+        self.state.job_count = max(int(total), 1)
+        self.state.job_no = int(done)
+        self.state.textinfo = text
+
+    def should_stop(self) -> bool:
+        return bool(getattr(self.state, "interrupted", False))
+
+
+@contextlib.contextmanager
+def host_caption_session(label: str) -> Iterator[CaptionProgress]:
+    """The GPU queue lock and the host's progress bar for a whole caption run, as training holds them."""
+    from modules import call_queue, shared
+
+    with call_queue.queue_lock:
+        shared.state.begin(job=CAPTION_STATE_JOB_NAME)
+        shared.state.job_count = 1
+        shared.state.job_no = 0
+        shared.state.textinfo = f"Captioning with {label}…"
+        try:
+            yield HostCaptionProgress(shared.state)
+        finally:
+            shared.state.end()
+
+
 # --- the backend ---------------------------------------------------------------------------------------------
 def estimate_extra_memory(model: Any, cfg: CommonConfig) -> str:
     """The memory a run adds to the loaded checkpoint: LoRA weights, optimizer state, activations."""
@@ -509,6 +739,19 @@ class WebUIBackend(UiBackend):
 
     def send_prompt_js(self) -> Optional[str]:
         return WEBUI_SEND_PROMPT_JS
+
+    # --- captioning: the host's interrogators first, then ours -------------------------------------------
+    def captioner_choices(self) -> List[str]:
+        return [*host_captioner_loaders(), *super().captioner_choices()]
+
+    def load_captioner(self, choice: str, options: Any) -> Captioner:
+        loaders = host_captioner_loaders()
+        if choice in loaders:
+            return loaders[choice](options)
+        return super().load_captioner(choice, options)
+
+    def caption_session(self, label: str) -> ContextManager[CaptionProgress]:
+        return host_caption_session(label)
 
     # --- what the trainer gets ---------------------------------------------------------------------------
     def make_backend_kwargs(self, cfg: CommonConfig, preview: Optional[Mapping[str, Any]] = None
@@ -610,7 +853,9 @@ class WebUIBackend(UiBackend):
         self._cfg = None
 
 
-__all__ = ["HostFacts", "HostPreviews", "HostProgress", "PreviewSettings", "WebUIBackend", "api_credentials",
+__all__ = ["HOST_BLIP", "HOST_BLIP_CLIP", "HOST_DEEPBOORU", "HostCaptionProgress", "HostCaptioner", "HostWeights",
+           "host_caption_session", "host_captioner_loaders",
+           "HostFacts", "HostPreviews", "HostProgress", "PreviewSettings", "WebUIBackend", "api_credentials",
            "architecture", "estimate_extra_memory", "host_facts", "jobs_dir", "lora_dir", "model_refusal",
            "parse_api_auth",
            "refresh_host_networks", "refusal", "render_host_preview", "unload_host_networks"]

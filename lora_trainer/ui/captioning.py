@@ -192,8 +192,14 @@ class CaptionRunner:
                 self._update(message=f"Loading the {request.label} captioner…")
                 host.update(0, 0, f"Captioning: loading {request.label}…")
                 captioner = request.load()
+                # A captioner that works one image at a time says so (batch_size = 1): batches of one give
+                # it per-image progress and stop checks at no cost.
+                options = request.options
+                preferred = getattr(captioner, "batch_size", None)
+                if isinstance(preferred, int) and preferred > 0:
+                    options = replace(options, batch_size=preferred)
                 try:
-                    report = caption_folder(request.folder, captioner, request.options,
+                    report = caption_folder(request.folder, captioner, options,
                                             on_progress=lambda done, total: self._progress(host, done, total),
                                             should_stop=lambda: self._stop.is_set() or host.should_stop())
                 finally:
