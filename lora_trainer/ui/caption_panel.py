@@ -23,6 +23,7 @@ from lora_trainer.ui.captioning import CaptionBusyError, CaptionRequest, Caption
 ELEM = "lora_trainer_caption_"  # elem_id prefix, as the tab's "lora_trainer_"
 GRID_HEADERS = ["filename", "caption"]
 THUMBNAIL_PX = 160
+GALLERY_HEIGHT = 420  # pixels: beside the grid, scrolling when the folder is large
 DEFAULT_THRESHOLD = 0.35  # WD14's usual general-tag threshold
 POLL_SECONDS = 1.0
 POSITIONS = ["start", "end"]
@@ -97,9 +98,12 @@ class CaptionPanel:
             self.progress = gr.Textbox(label="Captioning", value=progress_line(self.runner.status()), lines=2,
                                        interactive=False, elem_id=f"{ELEM}progress")
             self.notice = gr.Markdown("", elem_id=f"{ELEM}notice")
-            self.grid = gr.Dataframe(label="Captions (edit a cell, then Save)", elem_id=f"{ELEM}grid",
-                                     value=compat.table_value(GRID_HEADERS, []),
-                                     **compat.editable_table_kwargs(GRID_HEADERS, read_only_columns=[0]))
+            with gr.Row():
+                self.grid = gr.Dataframe(label="Captions (edit a cell, then Save)", elem_id=f"{ELEM}grid",
+                                         value=compat.table_value(GRID_HEADERS, []), scale=3,
+                                         **compat.editable_table_kwargs(GRID_HEADERS, read_only_columns=[0]))
+                self.gallery = gr.Gallery(label="Images", columns=4, height=GALLERY_HEIGHT, object_fit="contain",
+                                          scale=2, elem_id=f"{ELEM}gallery")
             with gr.Row():
                 self.trigger = gr.Textbox(label="Trigger word", max_lines=1, elem_id=f"{ELEM}trigger")
                 self.position = gr.Radio(POSITIONS, value="start", label="Add at", elem_id=f"{ELEM}position")
@@ -112,9 +116,11 @@ class CaptionPanel:
                 self.case = gr.Checkbox(label="Match case", value=True, elem_id=f"{ELEM}case")
                 self.replace_button = gr.Button("Replace in every caption", elem_id=f"{ELEM}replace")
             self.save_button = gr.Button("Save captions", variant="primary", elem_id=f"{ELEM}save")
-            self.gallery = gr.Gallery(label="Images", columns=6, height=360, object_fit="contain",
-                                      elem_id=f"{ELEM}gallery")
             self.grid_folder = gr.State("")  # the folder whose captions the grid holds (Save writes there)
+            # The poll never outputs to the grid: gradio 3.41 drops a cell edit in progress whenever an event
+            # with the grid among its outputs completes, even one that changes nothing. It sets this hidden box
+            # to a finished run's id instead, and the box's change event fills the grid once.
+            self.finished_run = gr.Textbox("", visible=False, elem_id=f"{ELEM}finished_run")
             self.seen = gr.State({})
         self._wire(blocks)
 
@@ -133,8 +139,10 @@ class CaptionPanel:
                                  outputs=[self.grid, self.notice])
         self.replace_button.click(self.find_replace, outputs=[self.grid, self.notice],
                                   inputs=[self.grid, self.find, self.replacement, self.regex, self.case])
+        self.finished_run.change(self.show_finished_run, inputs=[self.finished_run],
+                                 outputs=[self.grid, self.gallery, self.grid_folder])
         compat.poll(self.poll, inputs=[self.seen], seconds=POLL_SECONDS, blocks=blocks,
-                    outputs=[self.progress, self.grid, self.gallery, self.grid_folder, self.seen])
+                    outputs=[self.progress, self.finished_run, self.seen])
 
     # --- captioning ----------------------------------------------------------------------------------------
     def start_captioning(self, folder: str, choice: str, model_path: str, threshold: float, prefix: str,
@@ -168,21 +176,28 @@ class CaptionPanel:
         return "Captioning is not running."
 
     def poll(self, seen: Optional[Dict[str, Any]]) -> List[Any]:
-        """Progress every poll; the grid and gallery only once per finished run (edits in progress stay)."""
+        """The progress line when it changed, and a finished run's id once per page (that fills the grid)."""
         seen = dict(seen or {})
         status = self.runner.status()
         text = progress_line(status)
         progress = compat.no_change() if seen.get("progress") == text else text
         seen["progress"] = text
-        grid, gallery, folder = compat.no_change(), compat.no_change(), compat.no_change()
-        if not status.running and status.run_id and seen.get("loaded") != status.run_id:
-            seen["loaded"] = status.run_id
-            if os.path.isdir(status.folder):
-                try:
-                    grid, gallery, folder = self._grid_for(status.folder, status.sidecar)
-                except LoraTrainerError:  # a folder that cannot be listed: the progress line says why
-                    pass
-        return [progress, grid, gallery, folder, seen]
+        finished = compat.no_change()
+        if not status.running and status.run_id and seen.get("finished") != status.run_id:
+            seen["finished"] = status.run_id
+            finished = str(status.run_id)
+        return [progress, finished, seen]
+
+    def show_finished_run(self, run_id: str) -> List[Any]:
+        """The grid, gallery and grid folder of the finished run ``run_id`` (left alone if another run started)."""
+        keep = [compat.no_change()] * 3
+        status = self.runner.status()
+        if status.running or str(status.run_id) != str(run_id or "") or not os.path.isdir(status.folder):
+            return keep
+        try:
+            return list(self._grid_for(status.folder, status.sidecar))
+        except LoraTrainerError:  # a folder that cannot be listed: the progress line says why
+            return keep
 
     # --- the grid ------------------------------------------------------------------------------------------
     @staticmethod

@@ -1,0 +1,89 @@
+"""The caption panel in a real browser: caption a generated folder with a tiny WD14 tagger (the standalone app's
+"local model path" captioner, nothing faked), edit a caption in the grid, use a bulk action, save, and read
+metadata.csv back."""
+
+import os
+import time
+
+import pytest
+
+# Its module-level checks skip this file too when chromium or playwright is missing.
+from test_ui_browser import CHROMIUM, CHROMIUM_ARGS, TIMEOUT_MS, field, open_page, playwright_api, serve
+
+from lora_trainer.caption.testing import build_tiny_wd14, write_test_images
+from lora_trainer.data.captions import read_metadata_csv
+from lora_trainer.jobs import JobRunner
+
+GRID = "#lora_trainer_caption_grid"
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with playwright_api.sync_playwright() as pw:
+        chromium = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        yield chromium
+        chromium.close()
+
+
+def grid_has(pg, text):
+    """Wait until the grid shows ``text`` (its text, not a cell's visibility: gradio keeps hidden copies)."""
+    pg.wait_for_function("([sel, t]) => document.querySelector(sel)?.textContent.includes(t)", arg=[GRID, text])
+
+
+def wait_caption_progress(pg, needle):
+    deadline = time.time() + TIMEOUT_MS / 1000
+    text = ""
+    while time.time() < deadline:
+        text = field(pg, "lora_trainer_caption_progress").input_value()
+        if needle in text:
+            return text
+        time.sleep(0.1)
+    raise AssertionError(f"caption progress never showed {needle!r}; last: {text!r}")
+
+
+def edit_cell(pg, index, text):
+    """Type ``text`` into the grid's ``index``-th cell (row-major) as a user does: double-click, type, Enter."""
+    pg.locator(f"{GRID} [role=gridcell]").nth(index).dblclick()
+    editor = pg.locator(f"{GRID} [role=gridcell] textarea, {GRID} [role=gridcell] input").first
+    editor.fill(text)
+    editor.press("Enter")
+
+
+def test_caption_edit_and_save_from_the_page(tmp_path, browser):
+    data = tmp_path / "data"
+    write_test_images(str(data), 3)
+    tagger = build_tiny_wd14(str(tmp_path / "tagger"))
+    with serve(tmp_path, JobRunner()) as url:
+        pg = open_page(browser, url)
+        pg.locator("#lora_trainer_caption_panel").get_by_text("Dataset captions").first.click()
+        field(pg, "lora_trainer_dataset").fill(str(data))  # the training form's folder is the panel's folder
+        pg.locator("#lora_trainer_caption_model input").click()
+        pg.get_by_role("option", name="local model path").click()
+        field(pg, "lora_trainer_caption_model_path").fill(tagger)
+        field(pg, "lora_trainer_caption_suffix").fill("mystyle")
+        pg.locator("#lora_trainer_caption_run").click()
+
+        done = wait_caption_progress(pg, "Finished")
+        assert "3/3 images" in done and "3 captioned" in done and "1girl (3)" in done
+        grid_has(pg, "002.png")
+        grid_has(pg, "mystyle")
+        assert pg.locator("#lora_trainer_caption_gallery img").count() >= 3
+        written = read_metadata_csv(str(data / "metadata.csv"))
+        assert len(written) == 3 and all(c.endswith(", mystyle") and "1girl" in c for c in written.values())
+
+        edit_cell(pg, 3, 'a hand-written caption, "quoted", café')  # row 001.png, caption column
+        grid_has(pg, "a hand-written caption")
+        field(pg, "lora_trainer_caption_trigger").fill("tok")
+        pg.locator("#lora_trainer_caption_add").click()
+        pg.locator("#lora_trainer_caption_notice").get_by_text("Added").wait_for()
+        grid_has(pg, "tok, a hand-written caption")
+        pg.locator("#lora_trainer_caption_save").click()
+        pg.locator("#lora_trainer_caption_notice").get_by_text("Saved 3 caption(s)").wait_for()
+
+        saved = read_metadata_csv(str(data / "metadata.csv"))
+        assert saved["001.png"] == 'tok, a hand-written caption, "quoted", café'
+        assert saved["000.png"] == "tok, " + written["000.png"]
+        if os.environ.get("LORA_TRAINER_SCREENSHOT"):
+            pg.screenshot(path=os.environ["LORA_TRAINER_SCREENSHOT"].replace(".png", "_captions.png"),
+                          full_page=True)
+        pg.close()
