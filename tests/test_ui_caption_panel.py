@@ -1,7 +1,6 @@
 """The tab's caption panel, its handlers called directly: run a captioner, edit the grid, save, bulk actions, and
 the refusals between captioning and training."""
 
-import os
 import threading
 
 import pytest
@@ -27,6 +26,7 @@ class StubBackend(StandaloneBackend):
     def __init__(self, root, gate=None):
         super().__init__(root)
         self.gate = gate
+        self.captioning = threading.Event()  # set once the first image is being captioned
         self.closed = 0
 
     def captioner_choices(self):
@@ -38,11 +38,14 @@ class StubBackend(StandaloneBackend):
         backend = self
 
         def caption(image):
+            backend.captioning.set()
             if backend.gate is not None:
                 backend.gate.wait(5)
             return f"a {image.width}x{image.height} picture"
 
         class Stub(CallableCaptioner):
+            batch_size = 1  # one image per batch: a stop request is seen after the image in progress
+
             def close(self):
                 backend.closed += 1
 
@@ -217,6 +220,7 @@ def test_training_and_saving_are_refused_while_captioning_runs(tmp_path):
     data = tmp_path / "data"
     write_test_images(str(data), 3)
     assert "started" in tab.caption_panel.start_captioning(*run_args(data))
+    assert tab.backend.captioning.wait(5)  # the first image is being captioned, held by the gate
     values = [s.default for s in tab.specs]
     refused = tab.start_training(str(data), str(tmp_path / "model"), "x", "", False, *values)
     assert "not started" in refused and "Captioning is running" in refused
@@ -227,5 +231,5 @@ def test_training_and_saving_are_refused_while_captioning_runs(tmp_path):
     assert "Stopping" in tab.caption_panel.stop_captioning()
     gate.set()
     progress = finish(tab)[0]
-    assert progress.startswith("Stopped") and "saved" in progress
-    assert os.path.isfile(data / "metadata.csv")
+    assert progress.startswith("Stopped (stub): 1/3 images") and "saved" in progress
+    assert list(read_metadata_csv(str(data / "metadata.csv"))) == ["000.png"]  # the image in progress is kept

@@ -258,3 +258,13 @@ def test_the_hosts_interrupt_button_stops_the_run(host, tmp_path):
     status, captions = caption(tmp_path, webui.HOST_BLIP, count=3)
     assert status.state == "stopped" and "saved" in status.message
     assert list(captions) == ["000.png"]  # the caption made before the interrupt is kept
+
+
+def test_a_webui_without_the_interrogators_says_so(host, tmp_path, monkeypatch):
+    monkeypatch.delattr(host.shared, "interrogator")
+    monkeypatch.delattr(sys.modules["modules"], "deepbooru")
+    monkeypatch.setitem(sys.modules, "modules.deepbooru", None)
+    status, _ = caption(tmp_path, webui.HOST_BLIP_CLIP)
+    assert status.state == "failed" and "no BLIP/CLIP interrogator" in status.message
+    status, _ = caption(tmp_path, webui.HOST_DEEPBOORU)
+    assert status.state == "failed" and "no DeepBooru tagger" in status.message

@@ -511,6 +511,17 @@ def scoped_host_options(**values: Any) -> Iterator[None]:
                 data[key] = value
 
 
+def host_interrogator() -> Any:
+    """``shared.interrogator``, or CaptionerUnavailable on a WebUI build without it."""
+    from modules import shared
+
+    interrogator = getattr(shared, "interrogator", None)
+    if interrogator is None:
+        raise CaptionerUnavailable("This WebUI has no BLIP/CLIP interrogator (shared.interrogator); choose "
+                                   "another captioner.")
+    return interrogator
+
+
 def _make_room_for_interrogation() -> None:
     """What the host does before interrogating: under --lowvram/--medvram the SD model leaves the GPU first."""
     from modules import devices, shared
@@ -545,9 +556,7 @@ def _release_blip(interrogator: Any) -> None:
 
 def load_host_blip(options: Any) -> Captioner:
     """BLIP captions from the host's interrogator (``shared.interrogator``), reusing a model it holds."""
-    from modules import shared
-
-    interrogator = shared.interrogator
+    interrogator = host_interrogator()
     _make_room_for_interrogation()
     try:
         _load_host_blip(interrogator)
@@ -571,9 +580,7 @@ def _clip_phrases(interrogator: Any, categories: Sequence[Any], image: Any) -> L
 
 def load_host_blip_clip(options: Any) -> Captioner:
     """The host's "Interrogate CLIP": a BLIP caption followed by CLIP's best phrases of each category."""
-    from modules import shared
-
-    interrogator = shared.interrogator
+    interrogator = host_interrogator()
     _make_room_for_interrogation()
     try:
         interrogator.load()
@@ -595,8 +602,11 @@ def load_host_blip_clip(options: Any) -> Captioner:
 
 def load_host_deepbooru(options: Any) -> Captioner:
     """DeepBooru tags from ``modules.deepbooru.model``, at the panel's threshold, without score weights."""
-    from modules import deepbooru
-
+    try:
+        from modules import deepbooru
+    except ImportError as exc:
+        raise CaptionerUnavailable(f"This WebUI has no DeepBooru tagger (modules.deepbooru: {exc}); choose "
+                                   "another captioner.") from None
     model = deepbooru.model
     try:
         model.start()
