@@ -1,8 +1,10 @@
 """The caption panel in a real browser: caption a generated folder with a tiny WD14 tagger (the standalone app's
 "local model path" captioner, nothing faked), edit a caption in the grid, use a bulk action, save, and read
-metadata.csv back."""
+metadata.csv back. Then the same page under the AUTOMATIC1111 pin (gradio 3.41, served from .venv-host when it
+exists), whose table loses edits in a case the newer gradio handles."""
 
 import os
+import subprocess
 import time
 
 import pytest
@@ -15,6 +17,9 @@ from lora_trainer.data.captions import read_metadata_csv
 from lora_trainer.jobs import JobRunner
 
 GRID = "#lora_trainer_caption_grid"
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HOST_PYTHON = os.path.join(REPO, ".venv-host", "bin", "python")
+SERVER_START_S = 60
 
 
 @pytest.fixture(scope="module")
@@ -41,10 +46,11 @@ def wait_caption_progress(pg, needle):
     raise AssertionError(f"caption progress never showed {needle!r}; last: {text!r}")
 
 
-def edit_cell(pg, index, text):
-    """Type ``text`` into the grid's ``index``-th cell (row-major) as a user does: double-click, type, Enter."""
-    pg.locator(f"{GRID} [role=gridcell]").nth(index).dblclick()
-    editor = pg.locator(f"{GRID} [role=gridcell] textarea, {GRID} [role=gridcell] input").first
+def edit_cell(pg, index, text, cell="[role=gridcell]"):
+    """Type ``text`` into the grid's ``index``-th cell (row-major) as a user does: double-click, type, Enter.
+    ``cell`` selects the body cells: ``td`` in gradio 3.41."""
+    pg.locator(f"{GRID} {cell}").nth(index).dblclick()
+    editor = pg.locator(f"{GRID} {cell} textarea, {GRID} {cell} input").first
     editor.fill(text)
     editor.press("Enter")
 
@@ -87,3 +93,52 @@ def test_caption_edit_and_save_from_the_page(tmp_path, browser):
             pg.screenshot(path=os.environ["LORA_TRAINER_SCREENSHOT"].replace(".png", "_captions.png"),
                           full_page=True)
         pg.close()
+
+
+def free_port():
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.skipif(not os.path.exists(HOST_PYTHON), reason=".venv-host (tools/setup_host_env.sh host) is missing")
+def test_edits_survive_the_polling_under_the_hosts_gradio(tmp_path, browser):
+    """In gradio 3.41 a table whose value came from the repeating poll loses later cell edits: the grid must be
+    filled after a run by an ordinary event (this failed when the poll filled it)."""
+    data = tmp_path / "data"
+    write_test_images(str(data), 3)
+    port = free_port()
+    env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False")
+    server = subprocess.Popen([HOST_PYTHON, os.path.join(REPO, "tests", "serve_caption_panel.py"), str(tmp_path),
+                               str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        deadline = time.time() + SERVER_START_S
+        for line in server.stdout:
+            if "READY" in line or time.time() > deadline:
+                break
+        assert server.poll() is None, "the gradio 3.41 app did not start"
+        pg = open_page(browser, f"http://127.0.0.1:{port}/")
+        pg.locator("#lora_trainer_caption_panel").get_by_text("Dataset captions").first.click()
+        field(pg, "lora_trainer_dataset").fill(str(data))
+        field(pg, "lora_trainer_caption_prefix").fill("tok")
+        pg.locator("#lora_trainer_caption_run").click()
+        wait_caption_progress(pg, "Finished")
+        grid_has(pg, "tok, a 48x40 picture")  # filled once the run ended, without a click
+        time.sleep(1.5)  # a poll or two go by
+        edit_cell(pg, 3, "edited by hand", cell="td")
+        time.sleep(1.5)  # ... and more while the edit is in the table
+        grid_has(pg, "edited by hand")
+        field(pg, "lora_trainer_caption_find").fill("picture")
+        field(pg, "lora_trainer_caption_replacement").fill("image")
+        pg.locator("#lora_trainer_caption_replace").click()
+        grid_has(pg, "tok, a 48x40 image")
+        pg.locator("#lora_trainer_caption_save").click()
+        pg.locator("#lora_trainer_caption_notice").get_by_text("Saved 3 caption(s)").wait_for()
+        assert read_metadata_csv(str(data / "metadata.csv")) == {
+            "000.png": "tok, a 48x40 image", "001.png": "edited by hand", "002.png": "tok, a 48x40 image"}
+        pg.close()
+    finally:
+        server.terminate()
+        server.wait(10)

@@ -54,6 +54,7 @@ def thumbnails(folder: str, rows: CaptionRows) -> List[Tuple[Image.Image, str]]:
     for name, _caption in rows:
         try:
             with Image.open(os.path.join(folder, *name.split("/"))) as img:
+                img.draft("RGB", (THUMBNAIL_PX, THUMBNAIL_PX))  # JPEGs decode at a fraction of full size
                 img.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
                 images.append((img.convert("RGB"), name))
         except OSError:  # unreadable: captioning reports it; the grid still lists it
@@ -117,9 +118,9 @@ class CaptionPanel:
                 self.replace_button = gr.Button("Replace in every caption", elem_id=f"{ELEM}replace")
             self.save_button = gr.Button("Save captions", variant="primary", elem_id=f"{ELEM}save")
             self.grid_folder = gr.State("")  # the folder whose captions the grid holds (Save writes there)
-            # The poll never outputs to the grid: gradio 3.41 drops a cell edit in progress whenever an event
-            # with the grid among its outputs completes, even one that changes nothing. It sets this hidden box
-            # to a finished run's id instead, and the box's change event fills the grid once.
+            # The poll never sets the grid: in gradio 3.41 a table whose value came from the repeating poll
+            # loses the cell edits made afterwards (seen in a browser). The poll sets this hidden box to a
+            # finished run's id instead, and the box's change event fills the grid once.
             self.finished_run = gr.Textbox("", visible=False, elem_id=f"{ELEM}finished_run")
             self.seen = gr.State({})
         self._wire(blocks)
