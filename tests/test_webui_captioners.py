@@ -246,8 +246,9 @@ def test_missing_weights_offline_say_where_to_put_them_and_others_still_work(hos
     assert host.state.calls.count(("begin", webui.CAPTION_STATE_JOB_NAME)) == host.state.calls.count(("end",))
 
     put_weights(os.path.join(host.models, "BLIP"), "model_base_caption_capfilt_large.pth")
+    put_weights(host.clip_dir, "ViT-B-32.pt")  # another CLIP model is not the one the host loads
     status, _ = caption(tmp_path, webui.HOST_BLIP_CLIP)  # BLIP is there, CLIP is not: CLIP is named
-    assert "ViT-L-14.pt" in status.message and host.clip_dir in status.message
+    assert "not on disk" in status.message and "ViT-L-14.pt" in status.message and host.clip_dir in status.message
     status, captions = caption(tmp_path, webui.HOST_BLIP)  # ... and BLIP alone works
     assert status.state == "finished" and set(captions.values()) == {"blip 48x40"}
 

@@ -435,10 +435,13 @@ class HostWeights:
     what: str
     folder: str
     filename: str
+    any_name: bool = True  # the host loads any file with the filename's extension there (its model loader)
 
     def present(self) -> bool:
-        """True when a weights file of the expected kind is in the folder (the host takes any such file)."""
-        extension = os.path.splitext(self.filename)[1]
+        """True when the host would find weights in the folder instead of downloading them."""
+        if not self.any_name:
+            return os.path.isfile(os.path.join(self.folder, self.filename))
+        extension = os.path.splitext(self.filename)[1].lower()
         try:
             return any(name.lower().endswith(extension) for name in os.listdir(self.folder))
         except OSError:
@@ -467,7 +470,7 @@ def host_clip_weights() -> HostWeights:
 
     folder = getattr(shared.cmd_opts, "clip_models_path", None) or os.path.expanduser(os.path.join("~", ".cache",
                                                                                                   "clip"))
-    return HostWeights("CLIP ViT-L/14 interrogator", folder, "ViT-L-14.pt")
+    return HostWeights("CLIP ViT-L/14 interrogator", folder, "ViT-L-14.pt", any_name=False)  # clip.load's name
 
 
 def host_deepbooru_weights() -> HostWeights:
