@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 from lora_trainer.errors import LoraTrainerError
 
@@ -13,9 +13,8 @@ from lora_trainer.errors import LoraTrainerError
 def _train(args: argparse.Namespace) -> int:
     from lora_trainer.config import load_config
     from lora_trainer.train.callbacks import TqdmProgress
-    from lora_trainer.train.run import run_training
-
     from lora_trainer.train.cpu_launch import missing_cpu_ranks, start_missing_ranks
+    from lora_trainer.train.run import run_training
 
     cfg = load_config(args.config)
     workers = start_missing_ranks(missing_cpu_ranks())
@@ -44,9 +43,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def exit_status_of(action: Callable[[], int]) -> int:
+    """Run a command; problems a user can fix become one ``error: ...`` line and exit status 2."""
+    try:
+        return action()
+    except LoraTrainerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    try:
+
+    def dispatch() -> int:
         # caption and ui own their own option parsers; hand them the rest of the line untouched.
         if argv and argv[0] == "caption":
             from lora_trainer.caption.cli import main as caption_main
@@ -58,9 +70,5 @@ def main(argv: Optional[List[str]] = None) -> int:
             return ui_main(argv[1:])
         args = build_parser().parse_args(argv)
         return args.func(args)
-    except LoraTrainerError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+
+    return exit_status_of(dispatch)

@@ -74,12 +74,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point; returns the exit status (2 with a one-line ``error: ...`` for problems a user can fix)."""
+    from lora_trainer.cli import exit_status_of
+
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        return run(args)
-    except LoraTrainerError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    return exit_status_of(lambda: run(args))
