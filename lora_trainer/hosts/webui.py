@@ -645,19 +645,28 @@ class HostCaptionProgress(CaptionProgress):
 
 
 @contextlib.contextmanager
-def host_caption_session(label: str) -> Iterator[CaptionProgress]:
-    """The GPU queue lock and the host's progress bar for a whole caption run, as training holds them."""
+def host_job(job: str, textinfo: str) -> Iterator[Any]:
+    """Hold the host's GPU queue lock and its progress bar (``shared.state``) for a whole job; yields the state.
+
+    Generation holds the same lock, so no txt2img runs while we train or caption, and vice versa."""
     from modules import call_queue, shared
 
     with call_queue.queue_lock:
-        shared.state.begin(job=CAPTION_STATE_JOB_NAME)
+        shared.state.begin(job=job)
         shared.state.job_count = 1
         shared.state.job_no = 0
-        shared.state.textinfo = f"Captioning with {label}…"
+        shared.state.textinfo = textinfo
         try:
-            yield HostCaptionProgress(shared.state)
+            yield shared.state
         finally:
             shared.state.end()
+
+
+@contextlib.contextmanager
+def host_caption_session(label: str) -> Iterator[CaptionProgress]:
+    """The GPU queue lock and the host's progress bar for a whole caption run, as training holds them."""
+    with host_job(CAPTION_STATE_JOB_NAME, f"Captioning with {label}…") as state:
+        yield HostCaptionProgress(state)
 
 
 # --- the backend ---------------------------------------------------------------------------------------------
@@ -817,17 +826,8 @@ class WebUIBackend(UiBackend):
     @contextlib.contextmanager
     def hold_gpu(self, cfg: CommonConfig) -> Iterator[None]:
         """The host's GPU queue lock for the whole run: no generation runs while we train, and vice versa."""
-        from modules import call_queue, shared
-
-        with call_queue.queue_lock:
-            shared.state.begin(job=STATE_JOB_NAME)
-            shared.state.job_count = 1
-            shared.state.job_no = 0
-            shared.state.textinfo = f"Training LoRA {resolved_output_name(cfg)}: loading…"
-            try:
-                yield
-            finally:
-                shared.state.end()
+        with host_job(STATE_JOB_NAME, f"Training LoRA {resolved_output_name(cfg)}: loading…"):
+            yield
 
     def before_start(self, cfg: CommonConfig) -> None:
         """Inside the lock: refuse what cannot train, then give the model back its own weights."""
