@@ -42,7 +42,7 @@ def images_per_second(captioner: Captioner, images: Sequence, batch_size: int, r
     for _ in range(repeats):
         start = time.perf_counter()
         for i in range(0, len(images), batch_size):
-            captioner.caption(list(images[i:i + batch_size]))
+            captioner.caption(list(images[i : i + batch_size]))
         best = min(best, time.perf_counter() - start)
     return len(images) / best
 
@@ -58,8 +58,10 @@ def main(argv: List[str] | None = None) -> int:
 
     import torch
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}, "
-          f"{args.images} images, batch size {args.batch_size}")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}, "
+        f"{args.images} images, batch size {args.batch_size}"
+    )
     with tempfile.TemporaryDirectory() as root:
         paths = write_test_images(os.path.join(root, "images"), args.images, size=(320, 256))
         images = [load_rgb(path) for path in paths]

@@ -43,44 +43,99 @@ HOST_PYTHON = os.path.join(REPO, ".venv-host", "bin", "python")
 RESULT_PREFIX = "BENCH_HOST_RESULT "
 
 # ldm's configs/stable-diffusion/v1-inference.yaml, as a dict (image_size 64 = 512 px; training uses any size).
-SD15_UNET = {"image_size": 32, "in_channels": 4, "out_channels": 4, "model_channels": 320,
-             "attention_resolutions": [4, 2, 1], "num_res_blocks": 2, "channel_mult": [1, 2, 4, 4], "num_heads": 8,
-             "use_spatial_transformer": True, "transformer_depth": 1, "context_dim": 768, "use_checkpoint": True,
-             "legacy": False}
-SD15_VAE = {"embed_dim": 4, "monitor": "val/rec_loss", "lossconfig": {"target": "torch.nn.Identity"},
-            "ddconfig": {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3,
-                         "ch": 128, "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [],
-                         "dropout": 0.0}}
-VIT_L_TEXT = {"vocab_size": 49408, "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
-              "num_attention_heads": 12, "max_position_embeddings": 77, "hidden_act": "quick_gelu",
-              "bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 49407}
+SD15_UNET = {
+    "image_size": 32,
+    "in_channels": 4,
+    "out_channels": 4,
+    "model_channels": 320,
+    "attention_resolutions": [4, 2, 1],
+    "num_res_blocks": 2,
+    "channel_mult": [1, 2, 4, 4],
+    "num_heads": 8,
+    "use_spatial_transformer": True,
+    "transformer_depth": 1,
+    "context_dim": 768,
+    "use_checkpoint": True,
+    "legacy": False,
+}
+SD15_VAE = {
+    "embed_dim": 4,
+    "monitor": "val/rec_loss",
+    "lossconfig": {"target": "torch.nn.Identity"},
+    "ddconfig": {
+        "double_z": True,
+        "z_channels": 4,
+        "resolution": 256,
+        "in_channels": 3,
+        "out_ch": 3,
+        "ch": 128,
+        "ch_mult": [1, 2, 4, 4],
+        "num_res_blocks": 2,
+        "attn_resolutions": [],
+        "dropout": 0.0,
+    },
+}
+VIT_L_TEXT = {
+    "vocab_size": 49408,
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "max_position_embeddings": 77,
+    "hidden_act": "quick_gelu",
+    "bos_token_id": 49406,
+    "eos_token_id": 49407,
+    "pad_token_id": 49407,
+}
 
 
 def sd15_ldm_config(clip_folder: str) -> dict:
-    return {"target": "ldm.models.diffusion.ddpm.LatentDiffusion",
-            "params": {"linear_start": 0.00085, "linear_end": 0.012, "num_timesteps_cond": 1, "log_every_t": 200,
-                       "timesteps": 1000, "first_stage_key": "jpg", "cond_stage_key": "txt", "image_size": 64,
-                       "channels": 4, "cond_stage_trainable": False, "conditioning_key": "crossattn",
-                       "monitor": "val/loss_simple_ema", "scale_factor": 0.18215, "use_ema": False,
-                       "unet_config": {"target": "ldm.modules.diffusionmodules.openaimodel.UNetModel",
-                                       "params": SD15_UNET},
-                       "first_stage_config": {"target": "ldm.models.autoencoder.AutoencoderKL", "params": SD15_VAE},
-                       "cond_stage_config": {"target": "ldm.modules.encoders.modules.FrozenCLIPEmbedder",
-                                             "params": {"version": clip_folder, "device": "cpu"}}}}
+    return {
+        "target": "ldm.models.diffusion.ddpm.LatentDiffusion",
+        "params": {
+            "linear_start": 0.00085,
+            "linear_end": 0.012,
+            "num_timesteps_cond": 1,
+            "log_every_t": 200,
+            "timesteps": 1000,
+            "first_stage_key": "jpg",
+            "cond_stage_key": "txt",
+            "image_size": 64,
+            "channels": 4,
+            "cond_stage_trainable": False,
+            "conditioning_key": "crossattn",
+            "monitor": "val/loss_simple_ema",
+            "scale_factor": 0.18215,
+            "use_ema": False,
+            "unet_config": {"target": "ldm.modules.diffusionmodules.openaimodel.UNetModel", "params": SD15_UNET},
+            "first_stage_config": {"target": "ldm.models.autoencoder.AutoencoderKL", "params": SD15_VAE},
+            "cond_stage_config": {
+                "target": "ldm.modules.encoders.modules.FrozenCLIPEmbedder",
+                "params": {"version": clip_folder, "device": "cpu"},
+            },
+        },
+    }
 
 
 def train_settings(workdir: str, run_name: str, steps: int, resolution: int, rank: int) -> dict:
     """The engine config both runs use; each run gets its own output folder (and encodes in memory)."""
-    return {"train_data_dir": os.path.join(workdir, "data"),
-            "base_model": os.path.join(workdir, "sd15_random.safetensors"),
-            "output_dir": os.path.join(workdir, "host_bench", run_name), "resolution": resolution, "batch_size": 1,
-            "lora_rank": rank, "max_train_steps": steps, "learning_rate": 1e-4, "cache_to_disk": False,
-            "save_state": False}
+    return {
+        "train_data_dir": os.path.join(workdir, "data"),
+        "base_model": os.path.join(workdir, "sd15_random.safetensors"),
+        "output_dir": os.path.join(workdir, "host_bench", run_name),
+        "resolution": resolution,
+        "batch_size": 1,
+        "lora_rank": rank,
+        "max_train_steps": steps,
+        "learning_rate": 1e-4,
+        "cache_to_disk": False,
+        "save_state": False,
+    }
 
 
 def median_step_seconds(step_times: list, warmup: int) -> float:
     """Median gap between finished steps, leaving out the first ``warmup`` steps (as bench_train.py does)."""
-    durations = [b - a for a, b in zip(step_times, step_times[1:])][warmup - 1:]
+    durations = [b - a for a, b in zip(step_times, step_times[1:])][warmup - 1 :]
     return statistics.median(durations)
 
 
@@ -150,8 +205,10 @@ def use_sdpa_in_ldm_attention() -> None:
     def forward(self, x, context=None, mask=None):
         context = x if context is None else context
         batch, heads = x.shape[0], self.heads
-        q, k, v = (t.view(batch, -1, heads, t.shape[-1] // heads).transpose(1, 2)
-                   for t in (self.to_q(x), self.to_k(context), self.to_v(context)))
+        q, k, v = (
+            t.view(batch, -1, heads, t.shape[-1] // heads).transpose(1, 2)
+            for t in (self.to_q(x), self.to_k(context), self.to_v(context))
+        )
         out = F.scaled_dot_product_attention(q, k, v)
         return self.to_out(out.transpose(1, 2).reshape(batch, -1, heads * out.shape[-1]))
 
@@ -203,34 +260,60 @@ def host_worker(args) -> None:
     peak = PeakMemoryDuringTraining()
     train_pressed = time.time()
     with LdmHostAdapter(model, device=torch.device("cpu"), model_name="sd15_random") as adapter:
-        result = train_image(cfg, callbacks=[step_times], runtime=LocalRuntime(torch.device("cpu")),
-                             adapter=adapter, log=lambda *a: None)
+        result = train_image(
+            cfg, callbacks=[step_times], runtime=LocalRuntime(torch.device("cpu")), adapter=adapter, log=lambda *a: None
+        )
     peak_during_training_mb = peak.stop()
     if result.status != "finished":
         raise SystemExit(f"host training did not finish: {result.status} {result.message}")
-    print(RESULT_PREFIX + json.dumps({
-        "load_s": load_s, "rss_before_train_mb": rss_before_train_mb,
-        "peak_during_training_mb": peak_during_training_mb,
-        "peak_method": peak.method, "first_step_s": step_times.times[0] - train_pressed,
-        "setup_s": step_times.loop_started - train_pressed,
-        "step_s": median_step_seconds(step_times.times, args.warmup), "step_times": step_times.times,
-        "train_pressed": train_pressed, "process_peak_mb": proc_status_mb("VmHWM"),
-        "threads": torch.get_num_threads()}), flush=True)
+    print(
+        RESULT_PREFIX
+        + json.dumps(
+            {
+                "load_s": load_s,
+                "rss_before_train_mb": rss_before_train_mb,
+                "peak_during_training_mb": peak_during_training_mb,
+                "peak_method": peak.method,
+                "first_step_s": step_times.times[0] - train_pressed,
+                "setup_s": step_times.loop_started - train_pressed,
+                "step_s": median_step_seconds(step_times.times, args.warmup),
+                "step_times": step_times.times,
+                "train_pressed": train_pressed,
+                "process_peak_mb": proc_status_mb("VmHWM"),
+                "threads": torch.get_num_threads(),
+            }
+        ),
+        flush=True,
+    )
 
 
 # ---------------------------------------------------------------- driver (main venv)
 
 
 def run_host(args, attention: str) -> dict:
-    command = [HOST_PYTHON, os.path.abspath(__file__), "--host-worker", "--host-attention", attention,
-               "--workdir", args.workdir, "--steps", str(args.steps), "--warmup", str(args.warmup),
-               "--resolution", str(args.resolution), "--rank", str(args.rank)]
+    command = [
+        HOST_PYTHON,
+        os.path.abspath(__file__),
+        "--host-worker",
+        "--host-attention",
+        attention,
+        "--workdir",
+        args.workdir,
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+        "--resolution",
+        str(args.resolution),
+        "--rank",
+        str(args.rank),
+    ]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONPATH=REPO)
     proc = subprocess.run(command, env=env, capture_output=True, text=True)
     lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
     if proc.returncode != 0 or not lines:
         raise SystemExit(f"host run failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
-    return json.loads(lines[-1][len(RESULT_PREFIX):])
+    return json.loads(lines[-1][len(RESULT_PREFIX) :])
 
 
 def run_standalone(args) -> dict:
@@ -245,8 +328,12 @@ def run_standalone(args) -> dict:
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=REPO)
     _, peak_rss_mb, started = timed([sys.executable, os.path.join(REPO, "train.py"), "--config", config_path], env)
     step_times = tensorboard_step_times(os.path.join(settings["output_dir"], "logs"))
-    return {"first_step_s": step_times[0] - started, "peak_rss_mb": peak_rss_mb,
-            "step_s": median_step_seconds(step_times, args.warmup), "step_times": step_times}
+    return {
+        "first_step_s": step_times[0] - started,
+        "peak_rss_mb": peak_rss_mb,
+        "step_s": median_step_seconds(step_times, args.warmup),
+        "step_times": step_times,
+    }
 
 
 def ensure_inputs(workdir: str) -> None:
@@ -261,22 +348,30 @@ def ensure_inputs(workdir: str) -> None:
 
 
 def print_report(args, hosts: dict, cli: dict, load_averages: list) -> None:
-    print(f"\nSD1.5 architecture, random weights, fp32 on CPU ({hosts[next(iter(hosts))]['threads']} threads), "
-          f"{args.resolution} px, batch 1, 8 images, rank {args.rank}, {args.steps} steps, median s/step after "
-          f"{args.warmup} warm-up steps, encodings in memory (no disk cache)")
+    print(
+        f"\nSD1.5 architecture, random weights, fp32 on CPU ({hosts[next(iter(hosts))]['threads']} threads), "
+        f"{args.resolution} px, batch 1, 8 images, rank {args.rank}, {args.steps} steps, median s/step after "
+        f"{args.warmup} warm-up steps, encodings in memory (no disk cache)"
+    )
     print(f"{'run':26s} {'to 1st step s':>14s} {'memory MB':>10s} {'s/step':>8s}   memory means")
     for attention, host in hosts.items():
         extra = host["peak_during_training_mb"] - host["rss_before_train_mb"]
-        print(f"{'host, ' + attention + ' attention':26s} {host['first_step_s']:14.1f} {extra:10.0f} "
-              f"{host['step_s']:8.2f}   extra peak during training (model held: "
-              f"{host['rss_before_train_mb']:.0f} MB before Train; {host['peak_method']})")
-    print(f"{'standalone CLI':26s} {cli['first_step_s']:14.1f} {cli['peak_rss_mb']:10.0f} {cli['step_s']:8.2f}   "
-          "peak RSS of the whole process")
+        print(
+            f"{'host, ' + attention + ' attention':26s} {host['first_step_s']:14.1f} {extra:10.0f} "
+            f"{host['step_s']:8.2f}   extra peak during training (model held: "
+            f"{host['rss_before_train_mb']:.0f} MB before Train; {host['peak_method']})"
+        )
+    print(
+        f"{'standalone CLI':26s} {cli['first_step_s']:14.1f} {cli['peak_rss_mb']:10.0f} {cli['step_s']:8.2f}   "
+        "peak RSS of the whole process"
+    )
     for attention, host in hosts.items():
         extra = host["peak_during_training_mb"] - host["rss_before_train_mb"]
-        print(f"ratios host ({attention}) / CLI: Train->first step {host['first_step_s'] / cli['first_step_s']:.3f}, "
-              f"extra peak memory / CLI peak {extra / cli['peak_rss_mb']:.3f}, "
-              f"s/step {host['step_s'] / cli['step_s']:.3f}")
+        print(
+            f"ratios host ({attention}) / CLI: Train->first step {host['first_step_s'] / cli['first_step_s']:.3f}, "
+            f"extra peak memory / CLI peak {extra / cli['peak_rss_mb']:.3f}, "
+            f"s/step {host['step_s'] / cli['step_s']:.3f}"
+        )
     for name, run in [*((f"host, {a} attention", h) for a, h in hosts.items()), ("standalone CLI", cli)]:
         gaps = [b - a for a, b in zip(run["step_times"], run["step_times"][1:])]
         setup = f"Train->training loop {run['setup_s']:.1f} s, " if "setup_s" in run else ""
@@ -291,8 +386,12 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--resolution", type=int, default=256)
     parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--host-attention", choices=("ldm", "sdpa", "both"), default="ldm",
-                        help="ldm: the package's own attention (as loaded); sdpa: torch's fused attention")
+    parser.add_argument(
+        "--host-attention",
+        choices=("ldm", "sdpa", "both"),
+        default="ldm",
+        help="ldm: the package's own attention (as loaded); sdpa: torch's fused attention",
+    )
     parser.add_argument("--host-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.host_worker:
@@ -307,7 +406,7 @@ def main() -> None:
         load_averages.append(f"{label} {os.getloadavg()[0]:.2f}")
 
     hosts = {}
-    for attention in (("ldm", "sdpa") if args.host_attention == "both" else (args.host_attention,)):
+    for attention in ("ldm", "sdpa") if args.host_attention == "both" else (args.host_attention,):
         note_load(f"host {attention} start")
         print(f"host run ({attention} attention) ...", flush=True)
         hosts[attention] = run_host(args, attention)

@@ -27,17 +27,40 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.join(REPO, "tests"))
 
-SD15_UNET = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
-                 block_out_channels=(320, 640, 1280, 1280),
-                 down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-                 up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-                 cross_attention_dim=768, attention_head_dim=8)
-SD15_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
-                layers_per_block=2, down_block_types=("DownEncoderBlock2D",) * 4,
-                up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32, scaling_factor=0.18215)
-VIT_L_TEXT = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                  num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
-                  bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
+SD15_UNET = dict(
+    sample_size=64,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=2,
+    block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    cross_attention_dim=768,
+    attention_head_dim=8,
+)
+SD15_VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    latent_channels=4,
+    block_out_channels=(128, 256, 512, 512),
+    layers_per_block=2,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    norm_num_groups=32,
+    scaling_factor=0.18215,
+)
+VIT_L_TEXT = dict(
+    vocab_size=49408,
+    hidden_size=768,
+    intermediate_size=3072,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    max_position_embeddings=77,
+    hidden_act="quick_gelu",
+    bos_token_id=49406,
+    eos_token_id=49407,
+    pad_token_id=49407,
+)
 
 
 def build_checkpoint(path: str) -> None:
@@ -51,8 +74,9 @@ def build_checkpoint(path: str) -> None:
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**SD15_UNET)
     _perturb_zero_outputs(unet, 1)
-    parts = TinyPipelineParts("sd1", unet, AutoencoderKL(**SD15_VAE), [CLIPTextModel(CLIPTextConfig(**VIT_L_TEXT))],
-                              "epsilon")
+    parts = TinyPipelineParts(
+        "sd1", unet, AutoencoderKL(**SD15_VAE), [CLIPTextModel(CLIPTextConfig(**VIT_L_TEXT))], "epsilon"
+    )
     state = {k: v.half() for k, v in to_single_file_state(parts).items()}
     del parts, unet
     save_file(state, path)
@@ -75,9 +99,13 @@ def timed(cmd, env) -> tuple[subprocess.CompletedProcess, int, float]:
 
 
 def summarise(name: str, start: float, step_times: list[float], rss_mb: int, warmup: int) -> dict:
-    durations = [b - a for a, b in zip(step_times, step_times[1:])][warmup - 1:]
-    return {"name": name, "step_s": statistics.median(durations), "first_step_s": step_times[0] - start,
-            "peak_rss_mb": rss_mb}
+    durations = [b - a for a, b in zip(step_times, step_times[1:])][warmup - 1 :]
+    return {
+        "name": name,
+        "step_s": statistics.median(durations),
+        "first_step_s": step_times[0] - start,
+        "peak_rss_mb": rss_mb,
+    }
 
 
 def tensorboard_step_times(logdir: str) -> list[float]:
@@ -109,17 +137,35 @@ def main() -> None:
     python = sys.executable
     results = []
 
-    proc, rss, start = timed([python, os.path.join(REPO, "bench", "floor_loop.py"), checkpoint, str(args.steps),
-                              str(args.resolution), str(args.rank)], env)
+    proc, rss, start = timed(
+        [
+            python,
+            os.path.join(REPO, "bench", "floor_loop.py"),
+            checkpoint,
+            str(args.steps),
+            str(args.resolution),
+            str(args.rank),
+        ],
+        env,
+    )
     lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     floor = summarise("floor", start, [line["time"] for line in lines], rss, args.warmup)
     results.append(floor)
 
     out = os.path.join(args.workdir, "out")
     cache = os.path.join(args.workdir, "cache")
-    config = {"train_data_dir": data, "base_model": checkpoint, "output_dir": out, "resolution": args.resolution,
-              "batch_size": 1, "lora_rank": args.rank, "max_train_steps": args.steps, "learning_rate": 1e-4,
-              "cache_dir": cache, "save_state": False}
+    config = {
+        "train_data_dir": data,
+        "base_model": checkpoint,
+        "output_dir": out,
+        "resolution": args.resolution,
+        "batch_size": 1,
+        "lora_rank": args.rank,
+        "max_train_steps": args.steps,
+        "learning_rate": 1e-4,
+        "cache_dir": cache,
+        "save_state": False,
+    }
     config_path = os.path.join(args.workdir, "bench.yaml")
     with open(config_path, "w") as fh:
         yaml.safe_dump(config, fh)
@@ -131,14 +177,20 @@ def main() -> None:
         proc, rss, start = timed([python, os.path.join(REPO, "train.py"), "--config", config_path], env)
         results.append(summarise(name, start, tensorboard_step_times(os.path.join(out, "logs")), rss, args.warmup))
 
-    print(f"\nSD1.5 architecture, random weights, {args.resolution} px, batch 1, 8 images, rank {args.rank}, "
-          f"{args.steps} steps, median after {args.warmup} warm-up steps")
-    print(f"{'run':20s} {'s/step':>8s} {'x floor':>8s} {'start->1st step':>16s} {'+s vs floor':>12s} "
-          f"{'peak RSS MB':>12s} {'x floor':>8s}")
+    print(
+        f"\nSD1.5 architecture, random weights, {args.resolution} px, batch 1, 8 images, rank {args.rank}, "
+        f"{args.steps} steps, median after {args.warmup} warm-up steps"
+    )
+    print(
+        f"{'run':20s} {'s/step':>8s} {'x floor':>8s} {'start->1st step':>16s} {'+s vs floor':>12s} "
+        f"{'peak RSS MB':>12s} {'x floor':>8s}"
+    )
     for r in results:
-        print(f"{r['name']:20s} {r['step_s']:8.2f} {r['step_s'] / floor['step_s']:8.3f} {r['first_step_s']:16.1f} "
-              f"{r['first_step_s'] - floor['first_step_s']:12.1f} {r['peak_rss_mb']:12d} "
-              f"{r['peak_rss_mb'] / floor['peak_rss_mb']:8.3f}")
+        print(
+            f"{r['name']:20s} {r['step_s']:8.2f} {r['step_s'] / floor['step_s']:8.3f} {r['first_step_s']:16.1f} "
+            f"{r['first_step_s'] - floor['first_step_s']:12.1f} {r['peak_rss_mb']:12d} "
+            f"{r['peak_rss_mb'] / floor['peak_rss_mb']:8.3f}"
+        )
 
 
 if __name__ == "__main__":

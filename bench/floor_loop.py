@@ -32,7 +32,7 @@ def main(checkpoint: str, steps: int, resolution: int, rank: int) -> None:
     context = torch.randn(8, 77, unet.config.cross_attention_dim, generator=g)
     ac = adapter.alphas_cumprod
     for step in range(steps):
-        x0, ctx = latents[step % 8: step % 8 + 1], context[step % 8: step % 8 + 1]
+        x0, ctx = latents[step % 8 : step % 8 + 1], context[step % 8 : step % 8 + 1]
         t = torch.randint(0, 1000, (1,), generator=g)
         noise = torch.randn(x0.shape, generator=g)
         a = ac[t].view(-1, 1, 1, 1)

@@ -22,8 +22,9 @@ from lora_trainer.errors import ConfigError
 TASK_TYPES = ("image-generation", "text-generation")
 
 
-def option(default: Any, doc: str, *, choices: tuple = (), minimum: float | None = None,
-           maximum: float | None = None) -> Any:
+def option(
+    default: Any, doc: str, *, choices: tuple = (), minimum: float | None = None, maximum: float | None = None
+) -> Any:
     """A config field with its documentation and allowed values."""
     meta = {"doc": doc, "choices": choices, "minimum": minimum, "maximum": maximum}
     if isinstance(default, list):
@@ -35,61 +36,75 @@ def option(default: Any, doc: str, *, choices: tuple = (), minimum: float | None
 class CommonConfig:
     """Options shared by every task type."""
 
-    task_type: str = option("image-generation", "What to train: a diffusion LoRA or a causal-LM LoRA.",
-                            choices=TASK_TYPES)
-    base_model: str = option("", "The model to train on: a diffusers/transformers folder or a single-file "
-                                 "checkpoint (.safetensors).")
+    task_type: str = option(
+        "image-generation", "What to train: a diffusion LoRA or a causal-LM LoRA.", choices=TASK_TYPES
+    )
+    base_model: str = option(
+        "", "The model to train on: a diffusers/transformers folder or a single-file checkpoint (.safetensors)."
+    )
     train_data_dir: str = option("", "Folder with the training data.")
     output_dir: str = option("./output", "Where the LoRA, training states, config snapshot and logs go.")
     output_name: Optional[str] = option(None, "File stem of the saved LoRA; defaults to the output folder's name.")
-    lora_rank: Optional[int] = option(None, "LoRA rank (network dim). Image default 8, text default 8.",
-                                      minimum=1, maximum=4096)
-    lora_alpha: Optional[float] = option(None, "LoRA alpha; the update is scaled by alpha/rank. "
-                                               "Image default = rank (scale 1), text default 16.", minimum=0)
-    lora_dropout: Optional[float] = option(None, "Dropout on the LoRA input. Image default 0, text default 0.1.",
-                                           minimum=0, maximum=1)
+    lora_rank: Optional[int] = option(
+        None, "LoRA rank (network dim). Image default 8, text default 8.", minimum=1, maximum=4096
+    )
+    lora_alpha: Optional[float] = option(
+        None,
+        "LoRA alpha; the update is scaled by alpha/rank. Image default = rank (scale 1), text default 16.",
+        minimum=0,
+    )
+    lora_dropout: Optional[float] = option(
+        None, "Dropout on the LoRA input. Image default 0, text default 0.1.", minimum=0, maximum=1
+    )
     batch_size: int = option(1, "Samples per step on each process.", minimum=1)
     epochs: int = option(1, "Passes over the dataset (ignored when max_train_steps is set).", minimum=1)
     max_train_steps: Optional[int] = option(None, "Stop after this many optimizer steps.", minimum=1)
     learning_rate: float = option(1e-4, "Learning rate.", minimum=0)
-    optimizer: str = option("AdamW", "Optimizer. AdamW8bit needs bitsandbytes; Prodigy needs prodigyopt "
-                                     "(use learning_rate 1.0 with it).",
-                            choices=("AdamW", "AdamW8bit", "Prodigy", "SGD"))
+    optimizer: str = option(
+        "AdamW",
+        "Optimizer. AdamW8bit needs bitsandbytes; Prodigy needs prodigyopt (use learning_rate 1.0 with it).",
+        choices=("AdamW", "AdamW8bit", "Prodigy", "SGD"),
+    )
     weight_decay: float = option(0.01, "Optimizer weight decay.", minimum=0)
     max_grad_norm: float = option(1.0, "Gradient clipping norm; 0 disables clipping.", minimum=0)
-    lr_scheduler: str = option("constant", "Learning-rate schedule after warm-up.",
-                               choices=("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts",
-                                        "polynomial"))
+    lr_scheduler: str = option(
+        "constant",
+        "Learning-rate schedule after warm-up.",
+        choices=("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"),
+    )
     lr_warmup_steps: int = option(0, "Linear warm-up steps.", minimum=0)
     lr_scheduler_num_cycles: int = option(1, "Restarts for cosine_with_restarts.", minimum=1)
     gradient_accumulation_steps: int = option(1, "Micro-batches per optimizer step.", minimum=1)
     gradient_checkpointing: bool = option(False, "Recompute activations in backward to save memory.")
-    mixed_precision: str = option("no", "Precision of the frozen base model's compute; LoRA weights stay fp32.",
-                                  choices=("no", "fp16", "bf16"))
+    mixed_precision: str = option(
+        "no", "Precision of the frozen base model's compute; LoRA weights stay fp32.", choices=("no", "fp16", "bf16")
+    )
     seed: int = option(42, "Random seed; the same seed and data give the same LoRA.")
-    save_steps: Optional[int] = option(None, "Save the LoRA and a training state every N optimizer steps.",
-                                       minimum=1)
-    save_every_n_epochs: Optional[int] = option(None, "Save the LoRA and a training state every N epochs.",
-                                                minimum=1)
+    save_steps: Optional[int] = option(None, "Save the LoRA and a training state every N optimizer steps.", minimum=1)
+    save_every_n_epochs: Optional[int] = option(None, "Save the LoRA and a training state every N epochs.", minimum=1)
     save_precision: str = option("fp16", "Precision of the saved LoRA weights.", choices=("fp16", "bf16", "float"))
     save_state: bool = option(True, "Write a resumable training state with each save.")
     resume: Optional[str] = option(None, "A training-state folder (output_dir/state-<step>) to continue from.")
-    network_weights: Optional[str] = option(None, "An existing LoRA to continue training from; its rank and "
-                                                  "alpha are kept.")
+    network_weights: Optional[str] = option(
+        None, "An existing LoRA to continue training from; its rank and alpha are kept."
+    )
     logging_dir: Optional[str] = option(None, "TensorBoard folder; defaults to output_dir/logs.")
-    num_threads: Optional[int] = option(None, "CPU threads for torch; defaults to all cores of this process's "
-                                              "share.", minimum=1)
+    num_threads: Optional[int] = option(
+        None, "CPU threads for torch; defaults to all cores of this process's share.", minimum=1
+    )
 
 
 @dataclass
 class ImageConfig(CommonConfig):
     """Options of ``task_type: image-generation``."""
 
-    metadata_path: Optional[str] = option(None, "CSV of filename,prompt rows; defaults to "
-                                                "train_data_dir/metadata.csv when present, else .txt sidecars.")
+    metadata_path: Optional[str] = option(
+        None, "CSV of filename,prompt rows; defaults to train_data_dir/metadata.csv when present, else .txt sidecars."
+    )
     caption_extension: str = option(".txt", "Extension of sidecar caption files.")
-    resolution: int = option(512, "Training resolution (the bucket area is resolution squared).",
-                             minimum=64, maximum=4096)
+    resolution: int = option(
+        512, "Training resolution (the bucket area is resolution squared).", minimum=64, maximum=4096
+    )
     enable_bucket: bool = option(True, "Aspect-ratio bucketing; otherwise every image is centre-cropped square.")
     min_bucket_reso: int = option(256, "Smallest bucket side.", minimum=64)
     max_bucket_reso: int = option(1024, "Largest bucket side.", minimum=64)
@@ -97,23 +112,28 @@ class ImageConfig(CommonConfig):
     random_flip: bool = option(False, "Randomly flip images horizontally (disables latent caching).")
     train_text_encoder: bool = option(False, "Also train LoRA on the text encoder(s).")
     unet_lr: Optional[float] = option(None, "UNet learning rate; defaults to learning_rate.", minimum=0)
-    text_encoder_lr: Optional[float] = option(None, "Text-encoder learning rate; defaults to learning_rate.",
-                                              minimum=0)
+    text_encoder_lr: Optional[float] = option(None, "Text-encoder learning rate; defaults to learning_rate.", minimum=0)
     noise_offset: float = option(0.0, "Noise offset (try 0.05-0.1 for darker/brighter images).", minimum=0)
     min_snr_gamma: Optional[float] = option(None, "Min-SNR loss weighting gamma (5 is usual).", minimum=0)
-    prediction_type: Optional[str] = option(None, "Override the model's prediction type.",
-                                            choices=("epsilon", "v_prediction"))
-    clip_skip: int = option(1, "Use the output of the n-th last text-encoder layer (2 for anime models).",
-                            minimum=1, maximum=12)
+    prediction_type: Optional[str] = option(
+        None, "Override the model's prediction type.", choices=("epsilon", "v_prediction")
+    )
+    clip_skip: int = option(
+        1, "Use the output of the n-th last text-encoder layer (2 for anime models).", minimum=1, maximum=12
+    )
     shuffle_caption: bool = option(False, "Shuffle comma-separated tags of each caption every epoch.")
     keep_tokens: int = option(0, "Tags kept in place at the front when shuffling.", minimum=0)
-    caption_dropout_rate: float = option(0.0, "Probability of training a sample with an empty caption.",
-                                         minimum=0, maximum=1)
+    caption_dropout_rate: float = option(
+        0.0, "Probability of training a sample with an empty caption.", minimum=0, maximum=1
+    )
     cache_latents: bool = option(True, "Encode each image once and reuse its latents (off with random_flip).")
     cache_to_disk: bool = option(True, "Keep cached latents and text embeddings on disk between runs.")
     cache_dir: Optional[str] = option(None, "Disk cache folder; defaults to train_data_dir/.lora_trainer_cache.")
-    target_modules: List[str] = option([], "Extra module-name substrings to train besides sd-scripts' default "
-                                           "(attention and feed-forward linears of the transformer blocks).")
+    target_modules: List[str] = option(
+        [],
+        "Extra module-name substrings to train besides sd-scripts' default "
+        "(attention and feed-forward linears of the transformer blocks).",
+    )
 
 
 @dataclass
@@ -124,15 +144,27 @@ class TextConfig(CommonConfig):
     max_seq_length: int = option(512, "Longer samples are truncated (and counted in the summary).", minimum=8)
     packing: bool = option(False, "Pack several short samples into one sequence.")
     merge_adapter: bool = option(False, "Also write the base model with the adapter merged in.")
-    data_format: str = option("auto", "Training data format; auto detects it from the files.",
-                              choices=("auto", "text", "prompt_completion", "alpaca", "chat"))
-    text_sample_unit: str = option("line", "Plain .txt data: one sample per non-blank line, or one per file.",
-                                   choices=("line", "file"))
+    data_format: str = option(
+        "auto",
+        "Training data format; auto detects it from the files.",
+        choices=("auto", "text", "prompt_completion", "alpaca", "chat"),
+    )
+    text_sample_unit: str = option(
+        "line", "Plain .txt data: one sample per non-blank line, or one per file.", choices=("line", "file")
+    )
 
 
 CONFIG_CLASSES: Dict[str, Type[CommonConfig]] = {"image-generation": ImageConfig, "text-generation": TextConfig}
-PATH_KEYS = ("base_model", "train_data_dir", "output_dir", "metadata_path", "resume", "network_weights",
-             "logging_dir", "cache_dir")
+PATH_KEYS = (
+    "base_model",
+    "train_data_dir",
+    "output_dir",
+    "metadata_path",
+    "resume",
+    "network_weights",
+    "logging_dir",
+    "cache_dir",
+)
 
 
 def fields_of(cls: Type[CommonConfig]) -> Dict[str, dataclasses.Field]:
@@ -230,8 +262,9 @@ def _check_required(cfg: CommonConfig) -> None:
         if not getattr(cfg, key):
             raise ConfigError(f"{key} is required: set it in the config.")
     if isinstance(cfg, ImageConfig) and cfg.min_bucket_reso > cfg.max_bucket_reso:
-        raise ConfigError(f"min_bucket_reso ({cfg.min_bucket_reso}) must not exceed max_bucket_reso "
-                          f"({cfg.max_bucket_reso}).")
+        raise ConfigError(
+            f"min_bucket_reso ({cfg.min_bucket_reso}) must not exceed max_bucket_reso ({cfg.max_bucket_reso})."
+        )
 
 
 def load_config(path: str, overrides: Mapping[str, Any] | None = None) -> CommonConfig:

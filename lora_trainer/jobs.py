@@ -122,9 +122,16 @@ class _JobProgress(TrainingCallback):
 class TrainingJob:
     """One training run in a background thread, with a status snapshot and cancel."""
 
-    def __init__(self, cfg: CommonConfig, *, job_id: int = 1, label: str = "Train",
-                 trainer: Optional[Trainer] = None, backend_kwargs: Optional[Mapping[str, Any]] = None,
-                 hooks: Optional[JobHooks] = None) -> None:
+    def __init__(
+        self,
+        cfg: CommonConfig,
+        *,
+        job_id: int = 1,
+        label: str = "Train",
+        trainer: Optional[Trainer] = None,
+        backend_kwargs: Optional[Mapping[str, Any]] = None,
+        hooks: Optional[JobHooks] = None,
+    ) -> None:
         self.cfg = cfg
         self.trainer = trainer or default_trainer
         self.backend_kwargs = dict(backend_kwargs or {})
@@ -136,8 +143,9 @@ class TrainingJob:
         # The loss history grows every step; it is kept in lists and copied into the snapshot only when read.
         self._loss_steps: List[int] = []
         self._losses: List[float] = []
-        self._status = JobStatus(job_id=job_id, label=label, output_name=resolved_output_name(cfg),
-                                 output_dir=cfg.output_dir)
+        self._status = JobStatus(
+            job_id=job_id, label=label, output_name=resolved_output_name(cfg), output_dir=cfg.output_dir
+        )
         self._thread = threading.Thread(target=self._run, name=f"lora-trainer-job-{job_id}", daemon=True)
 
     # --- control -------------------------------------------------------------------------------------------
@@ -233,9 +241,15 @@ class TrainingJob:
             self._loss_steps.append(info.step)
             self._losses.append(float(info.loss))
             self._status = replace(
-                s, step=info.step, total=info.total_steps or s.total, epoch=info.epoch, lr=info.lr,
-                it_per_s=info.it_per_s, eta_s=None if eta == float("inf") else eta,
-                message=s.message if s.cancel_requested else "Training…")
+                s,
+                step=info.step,
+                total=info.total_steps or s.total,
+                epoch=info.epoch,
+                lr=info.lr,
+                it_per_s=info.it_per_s,
+                eta_s=None if eta == float("inf") else eta,
+                message=s.message if s.cancel_requested else "Training…",
+            )
 
     def _on_save(self, path: str, step: int) -> None:
         with self._lock:
@@ -263,9 +277,11 @@ class TrainingJob:
         folder = os.path.join(self.cfg.output_dir, PREVIEW_DIR)
         started = self._status.started_at
         try:
-            entries = [e for e in os.scandir(folder)
-                       if e.is_file() and e.name.lower().endswith(PREVIEW_EXTENSIONS)
-                       and e.stat().st_mtime >= started - 1]
+            entries = [
+                e
+                for e in os.scandir(folder)
+                if e.is_file() and e.name.lower().endswith(PREVIEW_EXTENSIONS) and e.stat().st_mtime >= started - 1
+            ]
         except OSError:
             return
         entries.sort(key=lambda e: (e.stat().st_mtime, e.name))
@@ -283,17 +299,26 @@ class JobRunner:
         self._next_id = 1
         self._finished_files: List[str] = []
 
-    def start(self, cfg: CommonConfig, *, label: str = "Train",
-              backend_kwargs: Optional[Mapping[str, Any]] = None) -> TrainingJob:
+    def start(
+        self, cfg: CommonConfig, *, label: str = "Train", backend_kwargs: Optional[Mapping[str, Any]] = None
+    ) -> TrainingJob:
         with self._lock:  # check and start under one lock: two clicks at once cannot both start
             current = self._job
             if current is not None and not current.done:
                 s = current.status()
                 where = f" (step {s.step}/{s.total})" if s.total else ""
-                raise JobBusyError(f"A training run is already in progress{where}: {s.output_name}. "
-                                   "Cancel it or wait for it to finish before starting another.")
-            job = TrainingJob(cfg, job_id=self._next_id, label=label, trainer=self.trainer,
-                              backend_kwargs=backend_kwargs, hooks=self._hooks_with_bookkeeping())
+                raise JobBusyError(
+                    f"A training run is already in progress{where}: {s.output_name}. "
+                    "Cancel it or wait for it to finish before starting another."
+                )
+            job = TrainingJob(
+                cfg,
+                job_id=self._next_id,
+                label=label,
+                trainer=self.trainer,
+                backend_kwargs=backend_kwargs,
+                hooks=self._hooks_with_bookkeeping(),
+            )
             self._next_id += 1
             self._job = job
             job.start()
@@ -342,5 +367,17 @@ class JobRunner:
             return list(self._finished_files)
 
 
-__all__ = ["CANCELLED", "END_STATES", "FAILED", "FINISHED", "IDLE", "RUNNING", "JobBusyError", "JobHooks",
-           "JobRunner", "JobStatus", "TrainingJob", "default_trainer"]
+__all__ = [
+    "CANCELLED",
+    "END_STATES",
+    "FAILED",
+    "FINISHED",
+    "IDLE",
+    "RUNNING",
+    "JobBusyError",
+    "JobHooks",
+    "JobRunner",
+    "JobStatus",
+    "TrainingJob",
+    "default_trainer",
+]

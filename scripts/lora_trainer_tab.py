@@ -40,9 +40,11 @@ def _preview_defaults() -> Any:
     from lora_trainer.hosts.webui import PreviewSettings
 
     opts = shared.opts
-    return PreviewSettings(every_n_steps=int(getattr(opts, "lora_trainer_preview_every_n_steps", 0) or 0),
-                           prompt=str(getattr(opts, "lora_trainer_preview_prompt", "") or ""),
-                           steps=int(getattr(opts, "lora_trainer_preview_steps", 20) or 20))
+    return PreviewSettings(
+        every_n_steps=int(getattr(opts, "lora_trainer_preview_every_n_steps", 0) or 0),
+        prompt=str(getattr(opts, "lora_trainer_preview_prompt", "") or ""),
+        steps=int(getattr(opts, "lora_trainer_preview_steps", 20) or 20),
+    )
 
 
 def backend_and_runner() -> Tuple[Any, Any]:
@@ -81,12 +83,17 @@ def on_ui_settings() -> None:
     from modules import shared
 
     section = SETTINGS_SECTION
-    shared.opts.add_option("lora_trainer_preview_every_n_steps", shared.OptionInfo(
-        0, "Preview images every N training steps (0 = no previews)", section=section))
-    shared.opts.add_option("lora_trainer_preview_prompt", shared.OptionInfo(
-        "", "Preview prompt (blank: the LoRA's output name)", section=section))
-    shared.opts.add_option("lora_trainer_preview_steps", shared.OptionInfo(
-        20, "Preview sampling steps", section=section))
+    shared.opts.add_option(
+        "lora_trainer_preview_every_n_steps",
+        shared.OptionInfo(0, "Preview images every N training steps (0 = no previews)", section=section),
+    )
+    shared.opts.add_option(
+        "lora_trainer_preview_prompt",
+        shared.OptionInfo("", "Preview prompt (blank: the LoRA's output name)", section=section),
+    )
+    shared.opts.add_option(
+        "lora_trainer_preview_steps", shared.OptionInfo(20, "Preview sampling steps", section=section)
+    )
 
 
 def on_app_started(demo: Any, app: Any) -> None:

@@ -27,9 +27,18 @@ def image_config(tmp_path, base_model: str, **overrides):
     data = os.path.join(str(tmp_path), "data")
     if not os.path.isdir(data):
         make_image_folder(data, count=4)
-    raw = {"train_data_dir": data, "base_model": base_model, "output_dir": os.path.join(str(tmp_path), "out"),
-           "resolution": 64, "batch_size": 2, "lora_rank": 4, "learning_rate": 1e-3, "max_train_steps": 4,
-           "save_precision": "float", "cache_to_disk": False}
+    raw = {
+        "train_data_dir": data,
+        "base_model": base_model,
+        "output_dir": os.path.join(str(tmp_path), "out"),
+        "resolution": 64,
+        "batch_size": 2,
+        "lora_rank": 4,
+        "learning_rate": 1e-3,
+        "max_train_steps": 4,
+        "save_precision": "float",
+        "cache_to_disk": False,
+    }
     raw.update(overrides)
     return config_from_dict(raw)
 

@@ -21,9 +21,24 @@ def test_auto_label_by_path_writes_metadata_and_summary(tmp_path):
     (images / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
     tagger = build_tiny_wd14(str(tmp_path / "tagger"))
     output = images / "metadata.csv"
-    result = _run([os.path.join(REPO, "tools", "auto_label.py"), "--input", str(images), "--output", str(output),
-                   "--model", "wd14", "--model-path", tagger, "--prefix", "sks", "--sidecar", "--no-progress"],
-                  cwd=str(tmp_path))
+    result = _run(
+        [
+            os.path.join(REPO, "tools", "auto_label.py"),
+            "--input",
+            str(images),
+            "--output",
+            str(output),
+            "--model",
+            "wd14",
+            "--model-path",
+            tagger,
+            "--prefix",
+            "sks",
+            "--sidecar",
+            "--no-progress",
+        ],
+        cwd=str(tmp_path),
+    )
     assert result.returncode == 0, result.stderr
     rows = read_metadata_csv(str(output))
     assert sorted(rows) == ["000.png", "001.png", "002.png"]
@@ -35,8 +50,20 @@ def test_auto_label_by_path_writes_metadata_and_summary(tmp_path):
 
 def test_module_entry_point_prints_missing_weights_as_one_line(tmp_path):
     write_test_images(tmp_path / "x", 1)
-    result = _run(["-m", "lora_trainer", "caption", "--input", str(tmp_path / "x"), "--model", "wd14",
-                   "--model-path", str(tmp_path / "no_tagger_here")], cwd=REPO)
+    result = _run(
+        [
+            "-m",
+            "lora_trainer",
+            "caption",
+            "--input",
+            str(tmp_path / "x"),
+            "--model",
+            "wd14",
+            "--model-path",
+            str(tmp_path / "no_tagger_here"),
+        ],
+        cwd=REPO,
+    )
     assert result.returncode == 2
     assert result.stderr.startswith("error: WD14 tagger weights folder not found")
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr

@@ -21,8 +21,7 @@ def test_load_rows_lists_every_image_with_csv_then_sidecar_captions(tmp_path):
     (tmp_path / "metadata.csv").write_text("filename,prompt\n000.png,from csv, with comma\n", encoding="utf-8")
     with open(os.path.splitext(paths[1])[0] + ".txt", "w", encoding="utf-8") as fh:
         fh.write("from sidecar")
-    assert load_caption_rows(str(tmp_path)) == [("000.png", "from csv, with comma"), ("001.png", ""),
-                                                 ("002.png", "")]
+    assert load_caption_rows(str(tmp_path)) == [("000.png", "from csv, with comma"), ("001.png", ""), ("002.png", "")]
     assert load_caption_rows(str(tmp_path), sidecar=True)[1] == ("001.png", "from sidecar")
 
 
@@ -45,11 +44,17 @@ def test_save_rejects_names_outside_the_folder(tmp_path):
 
 def test_bulk_trigger_word_and_find_replace():
     rows = [("a.png", "a photo, red car"), ("b.png", "sks, a photo"), ("c.png", "")]
-    assert add_trigger_word(rows, "sks") == [("a.png", "sks, a photo, red car"), ("b.png", "sks, a photo"),
-                                             ("c.png", "sks")]
+    assert add_trigger_word(rows, "sks") == [
+        ("a.png", "sks, a photo, red car"),
+        ("b.png", "sks, a photo"),
+        ("c.png", "sks"),
+    ]
     assert add_trigger_word(rows, "sks", position="end")[0] == ("a.png", "a photo, red car, sks")
-    assert remove_trigger_word(add_trigger_word(rows, "sks"), "sks") == [("a.png", "a photo, red car"),
-                                                                         ("b.png", "a photo"), ("c.png", "")]
+    assert remove_trigger_word(add_trigger_word(rows, "sks"), "sks") == [
+        ("a.png", "a photo, red car"),
+        ("b.png", "a photo"),
+        ("c.png", ""),
+    ]
     assert find_replace(rows, "photo", "picture")[:2] == [("a.png", "a picture, red car"), ("b.png", "sks, a picture")]
     assert find_replace(rows, "PHOTO", "x", case_sensitive=False)[0] == ("a.png", "a x, red car")
     assert find_replace(rows, r"(\w+) car", r"\1 bike", regex=True)[0] == ("a.png", "a photo, red bike")

@@ -78,8 +78,9 @@ def test_wd14_thresholds_ratings_and_underscores(models, images):
     tagger = load_captioner("wd14", CaptionerOptions(device="cpu", model_path=models["wd14"], threshold=0.35))
     rows = read_metadata_csv(_run(images, tagger).output)
     assert set(rows.values()) == {"hatsune miku, 1girl, long hair, ^_^"}  # rating "general" excluded
-    strict = load_captioner("wd14", CaptionerOptions(device="cpu", model_path=models["wd14"], threshold=0.35,
-                                                     character_threshold=0.85))
+    strict = load_captioner(
+        "wd14", CaptionerOptions(device="cpu", model_path=models["wd14"], threshold=0.35, character_threshold=0.85)
+    )
     rows = read_metadata_csv(_run(images, strict, overwrite=True).output)
     assert set(rows.values()) == {"1girl, long hair, ^_^"}
     assert tag_to_text("o_o") == "o_o" and tag_to_text("black_hair") == "black hair"
@@ -91,8 +92,9 @@ def test_wd14_onnx_file_with_tags_csv_elsewhere(models, tmp_path):
     tags = os.path.join(models["wd14"], "selected_tags.csv")
     with pytest.raises(CaptionerUnavailable, match="--tags-csv"):
         load_captioner("wd14", CaptionerOptions(device="cpu", model_path=str(_copy(onnx_path, tmp_path))))
-    tagger = load_captioner("wd14", CaptionerOptions(device="cpu", model_path=str(_copy(onnx_path, tmp_path)),
-                                                     tags_csv=tags))
+    tagger = load_captioner(
+        "wd14", CaptionerOptions(device="cpu", model_path=str(_copy(onnx_path, tmp_path)), tags_csv=tags)
+    )
     assert tagger.name == "wd14"
 
 
@@ -132,8 +134,9 @@ def test_missing_cache_entry_says_where_to_put_the_files(tmp_path, monkeypatch):
 
 
 def test_cli_reports_missing_weights_as_one_line(tmp_path, images, capsys, models):
-    code = caption_main(["--input", str(images), "--model", "clip", "--model-path", str(tmp_path / "nowhere"),
-                         "--no-progress"])
+    code = caption_main(
+        ["--input", str(images), "--model", "clip", "--model-path", str(tmp_path / "nowhere"), "--no-progress"]
+    )
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
     assert not (images / "metadata.csv").exists()
@@ -168,8 +171,9 @@ def test_clip_checkpoint_without_config_needs_and_uses_the_architecture(models, 
     with pytest.raises(CaptionerUnavailable, match="--clip-arch"):
         load_captioner("clip", CaptionerOptions(device="cpu", model_path=str(weights_only)))
     for path in (weights_only, weights_only / "open_clip_model.safetensors"):
-        captioner = load_captioner("clip", CaptionerOptions(device="cpu", model_path=str(path),
-                                                            clip_arch="TinyCaptionTestCLIP"))
+        captioner = load_captioner(
+            "clip", CaptionerOptions(device="cpu", model_path=str(path), clip_arch="TinyCaptionTestCLIP")
+        )
         assert len(_run(images, captioner, overwrite=True).captioned) == 5
     with pytest.raises(CaptionerUnavailable, match="--clip-arch"):
         load_captioner(str(weights_only / "open_clip_model.safetensors"), CPU)

@@ -38,8 +38,10 @@ def test_round_trip_of_tricky_captions(tmp_path):
 def test_seed_unquoted_form_reads_back_and_survives_a_rerun(tmp_path):
     write_test_images(tmp_path, 3)
     metadata = tmp_path / "metadata.csv"
-    metadata.write_text("filename,prompt\n000.png,cyberpunk city\n"
-                        "002.png,futuristic metropolis at night, glowing advertisements\n", encoding="utf-8")
+    metadata.write_text(
+        "filename,prompt\n000.png,cyberpunk city\n002.png,futuristic metropolis at night, glowing advertisements\n",
+        encoding="utf-8",
+    )
     assert read_metadata_csv(str(metadata))["002.png"] == "futuristic metropolis at night, glowing advertisements"
     report = caption_folder(str(tmp_path), CallableCaptioner(lambda image: "new caption"))
     assert report.captioned == {"001.png": "new caption"}
@@ -103,8 +105,10 @@ def test_prefix_suffix_sidecars_and_output_elsewhere(tmp_path):
     output = tmp_path / "out" / "captions.csv"
     options = CaptionRunOptions(output=str(output), prefix="sks", suffix="best quality", sidecar=True)
     caption_folder(str(images), CallableCaptioner(lambda image: "a photo"), options)
-    assert read_metadata_csv(str(output)) == {"000.png": "sks, a photo, best quality",
-                                              "001.png": "sks, a photo, best quality"}
+    assert read_metadata_csv(str(output)) == {
+        "000.png": "sks, a photo, best quality",
+        "001.png": "sks, a photo, best quality",
+    }
     assert [read_sidecar(path) for path in paths] == ["sks, a photo, best quality"] * 2
     assert not (images / "metadata.csv").exists()
 
@@ -127,9 +131,13 @@ def test_kohya_repeat_folders_are_keyed_by_relative_path(tmp_path):
 def test_stop_request_keeps_finished_captions(tmp_path):
     write_test_images(tmp_path, 4)
     progress = []
-    report = caption_folder(str(tmp_path), CallableCaptioner(lambda image: "x"), CaptionRunOptions(batch_size=2),
-                            on_progress=lambda done, total: progress.append((done, total)),
-                            should_stop=lambda: len(progress) >= 1)
+    report = caption_folder(
+        str(tmp_path),
+        CallableCaptioner(lambda image: "x"),
+        CaptionRunOptions(batch_size=2),
+        on_progress=lambda done, total: progress.append((done, total)),
+        should_stop=lambda: len(progress) >= 1,
+    )
     assert report.stopped and progress == [(2, 4)]
     assert sorted(read_metadata_csv(report.output)) == ["000.png", "001.png"]
 

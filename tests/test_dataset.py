@@ -16,9 +16,11 @@ def test_repeat_folders_sidecars_and_class_token_fallback(tmp_path):
     (data / "3_cyber city" / "000.txt").write_text("neon street, rain\n")
     dataset = ImageCaptionDataset(image_config(tmp_path, "unused"))
     captions = {s.image.name: (s.caption, s.image.repeats) for s in dataset.samples}
-    assert captions == {"3_cyber city/000.png": ("neon street, rain", 3),
-                        "3_cyber city/001.png": ("cyber city", 3),  # kohya's fallback: the folder's name
-                        "other/000.png": ("", 1)}
+    assert captions == {
+        "3_cyber city/000.png": ("neon street, rain", 3),
+        "3_cyber city/001.png": ("cyber city", 3),  # kohya's fallback: the folder's name
+        "other/000.png": ("", 1),
+    }
     assert dataset.num_repeated_images == 7
     assert len([i for batch in dataset.epoch_batches(0, 1, 2) for i in batch]) == 7
     assert "captions missing: 2" in dataset.summary_lines()[0]
@@ -28,8 +30,10 @@ def test_metadata_rows_win_and_the_unquoted_seed_form_reads_whole(tmp_path):
     data = tmp_path / "data"
     make_image_folder(str(data), count=3, metadata=False)
     (data / "001.txt").write_text("sidecar caption")
-    (data / "metadata.csv").write_text('000.png,futuristic metropolis at night, glowing advertisements\n'
-                                       '"001.png","a ""quoted"", caption"\n', encoding="utf-8")
+    (data / "metadata.csv").write_text(
+        '000.png,futuristic metropolis at night, glowing advertisements\n"001.png","a ""quoted"", caption"\n',
+        encoding="utf-8",
+    )
     dataset = ImageCaptionDataset(image_config(tmp_path, "unused"))
     captions = {s.image.name: s.caption for s in dataset.samples}
     assert captions["000.png"] == "futuristic metropolis at night, glowing advertisements"

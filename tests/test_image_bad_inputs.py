@@ -14,8 +14,9 @@ from lora_trainer.errors import ConfigError, DatasetError, ModelLoadError
 
 
 def _no_partial_files(folder):
-    leftovers = [os.path.join(root, f) for root, dirs, files in os.walk(folder) for f in files + dirs
-                 if f.endswith(".tmp")]
+    leftovers = [
+        os.path.join(root, f) for root, dirs, files in os.walk(folder) for f in files + dirs if f.endswith(".tmp")
+    ]
     assert not leftovers, leftovers
 
 
@@ -103,8 +104,15 @@ def test_weights_only_ckpt_is_accepted(tmp_path):
 
 
 def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_save(tmp_path):
-    cfg = image_config(tmp_path, tiny_checkpoint(tmp_path), optimizer="SGD", learning_rate=1e12, max_grad_norm=0,
-                       save_steps=1, max_train_steps=20)
+    cfg = image_config(
+        tmp_path,
+        tiny_checkpoint(tmp_path),
+        optimizer="SGD",
+        learning_rate=1e12,
+        max_grad_norm=0,
+        save_steps=1,
+        max_train_steps=20,
+    )
     result = train(cfg)
     assert result.status == "stopped"
     assert "loss became NaN/inf at step" in result.message and "is kept" in result.message
@@ -117,7 +125,13 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_save(tmp_path):
 def test_cli_prints_one_clear_line_for_user_errors(tmp_path):
     (tmp_path / "bad.yaml").write_text("train_data_dir: d\nbase_model: m\nbatch_sise: 2\n")
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=REPO)
-    proc = subprocess.run([sys.executable, os.path.join(REPO, "train.py"), "--config", "bad.yaml"], cwd=tmp_path,
-                          env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, os.path.join(REPO, "train.py"), "--config", "bad.yaml"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip() == "error: Unknown key 'batch_sise'. Did you mean 'batch_size'?"

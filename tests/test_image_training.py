@@ -36,8 +36,14 @@ def test_seed_config_trains_from_the_command_line(tmp_path):
     (tmp_path / "my.yaml").write_text(SEED_CONFIG)
     # The seed config trains at its default 512 px; the test images are small, so the run stays quick.
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=REPO)
-    proc = subprocess.run([sys.executable, os.path.join(REPO, "train.py"), "--config", "my.yaml"], cwd=tmp_path,
-                          env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, os.path.join(REPO, "train.py"), "--config", "my.yaml"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = tmp_path / "output" / "cyberpunk_style"
     for name in ("pytorch_lora_weights.safetensors", "cyberpunk_style.safetensors", "config.yaml"):
@@ -55,7 +61,7 @@ def test_seed_config_trains_from_the_command_line(tmp_path):
     assert "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight" in keys
     assert all(k.endswith((".lora_down.weight", ".lora_up.weight", ".alpha")) for k in keys)
     downs = {k.rsplit(".", 2)[0] for k in keys if k.endswith("lora_down.weight")}
-    assert downs == {k[:-len(".alpha")] for k in keys if k.endswith(".alpha")}
+    assert downs == {k[: -len(".alpha")] for k in keys if k.endswith(".alpha")}
     assert not any(b in k for k in keys for b in ("conv_in", "conv_out", "time_emb", "add_emb"))
     blob = (out / "cyberpunk_style.safetensors").read_bytes()
     assert meta["sshs_model_hash"] == safetensors_data_hash(blob)
@@ -65,8 +71,9 @@ def test_loss_falls_on_a_memorisation_task(tmp_path):
     # The SD2-v model: its v target carries the images themselves, which a LoRA on a random toy UNet can
     # memorise (an eps target is pure noise there and its loss floor hides any learning).
     base = tiny_checkpoint(tmp_path, "sd2")
-    cfg = image_config(tmp_path, base, max_train_steps=60, learning_rate=3e-3, lora_rank=8, batch_size=4,
-                       seed=3, save_state=False)
+    cfg = image_config(
+        tmp_path, base, max_train_steps=60, learning_rate=3e-3, lora_rank=8, batch_size=4, seed=3, save_state=False
+    )
     result = train(cfg)
     first, last = sum(result.losses[:10]) / 10, sum(result.losses[-10:]) / 10
     assert last < 0.6 * first, (first, last)
@@ -78,8 +85,16 @@ def _lora(path):
 
 def test_resume_equals_an_uninterrupted_run(tmp_path):
     base = tiny_checkpoint(tmp_path)
-    overrides = dict(max_train_steps=6, gradient_accumulation_steps=2, batch_size=1, lora_dropout=0.1,
-                     lr_scheduler="cosine", lr_warmup_steps=2, shuffle_caption=True, caption_dropout_rate=0.3)
+    overrides = dict(
+        max_train_steps=6,
+        gradient_accumulation_steps=2,
+        batch_size=1,
+        lora_dropout=0.1,
+        lr_scheduler="cosine",
+        lr_warmup_steps=2,
+        shuffle_caption=True,
+        caption_dropout_rate=0.3,
+    )
     full = train(image_config(tmp_path / "a", base, **overrides))
     stopped = train(image_config(tmp_path / "b", base, **overrides), callbacks=[StopAfter(3)])
     assert stopped.status == "cancelled" and stopped.step == 3
@@ -97,8 +112,16 @@ def test_network_weights_starts_exactly_from_the_given_file(tmp_path):
     first = train(image_config(tmp_path / "a", base, lora_rank=4, lora_alpha=2))
     start = _lora(first.output_files[0])
     # A different rank in the config: the file's rank and alpha win; with a zero learning rate nothing moves.
-    again = train(image_config(tmp_path / "b", base, lora_rank=16, network_weights=first.output_files[0],
-                               learning_rate=0.0, max_train_steps=1))
+    again = train(
+        image_config(
+            tmp_path / "b",
+            base,
+            lora_rank=16,
+            network_weights=first.output_files[0],
+            learning_rate=0.0,
+            max_train_steps=1,
+        )
+    )
     end = _lora(again.output_files[0])
     assert end.keys() == start.keys()
     for key in start:

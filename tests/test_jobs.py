@@ -16,8 +16,12 @@ from lora_trainer.train.run import TrainingResult
 
 
 def make_cfg(tmp_path, **extra):
-    raw = {"base_model": str(tmp_path / "model"), "train_data_dir": str(tmp_path / "data"),
-           "output_dir": str(tmp_path / "out"), "output_name": "demo"}
+    raw = {
+        "base_model": str(tmp_path / "model"),
+        "train_data_dir": str(tmp_path / "data"),
+        "output_dir": str(tmp_path / "out"),
+        "output_name": "demo",
+    }
     raw.update(extra)
     return config_from_dict(raw)
 
@@ -48,8 +52,9 @@ class FakeTrainer:
             self.steps_run = step
             loss = 1.0 / step
             losses.append(loss)
-            info = StepInfo(step=step, total_steps=self.steps, epoch=1, loss=loss, lr=1e-4,
-                            elapsed_s=time.time() - start + 1e-3)
+            info = StepInfo(
+                step=step, total_steps=self.steps, epoch=1, loss=loss, lr=1e-4, elapsed_s=time.time() - start + 1e-3
+            )
             for cb in callbacks:
                 cb.on_step_end(info)
             if any(cb.should_stop() for cb in callbacks):
@@ -190,9 +195,12 @@ def test_hooks_guard_before_start_after_save_after_end(tmp_path):
         yield
         calls.append("unlock")
 
-    hooks = JobHooks(guard=guard, before_start=lambda cfg: calls.append("before"),
-                     after_save=lambda path: calls.append(("saved", os.path.basename(path))),
-                     after_end=lambda status: calls.append(("end", status.state)))
+    hooks = JobHooks(
+        guard=guard,
+        before_start=lambda cfg: calls.append("before"),
+        after_save=lambda path: calls.append(("saved", os.path.basename(path))),
+        after_end=lambda status: calls.append(("end", status.state)),
+    )
     runner = JobRunner(trainer=FakeTrainer(steps=2), hooks=hooks)
     runner.start(make_cfg(tmp_path))
     assert runner.wait(5)

@@ -17,12 +17,25 @@ def _diffusers_pipeline(arch, model):
 
     scheduler = DDPMScheduler(steps_offset=1, clip_sample=False)
     if arch == "sdxl":
-        return StableDiffusionXLPipeline(vae=model.vae, text_encoder=model.text_encoders[0],
-                                         text_encoder_2=model.text_encoders[1], tokenizer=model.tokenizers[0],
-                                         tokenizer_2=model.tokenizers[1], unet=model.unet, scheduler=scheduler)
-    return StableDiffusionPipeline(vae=model.vae, text_encoder=model.text_encoders[0], tokenizer=model.tokenizers[0],
-                                   unet=model.unet, scheduler=scheduler, safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
+        return StableDiffusionXLPipeline(
+            vae=model.vae,
+            text_encoder=model.text_encoders[0],
+            text_encoder_2=model.text_encoders[1],
+            tokenizer=model.tokenizers[0],
+            tokenizer_2=model.tokenizers[1],
+            unet=model.unet,
+            scheduler=scheduler,
+        )
+    return StableDiffusionPipeline(
+        vae=model.vae,
+        text_encoder=model.text_encoders[0],
+        tokenizer=model.tokenizers[0],
+        unet=model.unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
 
 
 def _unet_inputs(arch, unet):
@@ -33,8 +46,10 @@ def _unet_inputs(arch, unet):
     kwargs = {}
     if arch == "sdxl":
         pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
-        kwargs["added_cond_kwargs"] = {"text_embeds": torch.randn(2, pooled, generator=g),
-                                       "time_ids": torch.tensor([[64, 64, 0, 0, 64, 64]] * 2, dtype=torch.float32)}
+        kwargs["added_cond_kwargs"] = {
+            "text_embeds": torch.randn(2, pooled, generator=g),
+            "time_ids": torch.tensor([[64, 64, 0, 0, 64, 64]] * 2, dtype=torch.float32),
+        }
     return x, t, ctx, kwargs
 
 
@@ -72,8 +87,9 @@ def test_exported_lora_loads_in_diffusers_and_reproduces_outputs(tmp_path, arch,
         base_out = adapter.unet(x, t, ctx, **kwargs).sample
         with network.attached():
             ours = adapter.unet(x, t, ctx, **kwargs).sample
-            ids = adapter.tokenizers[0](["a picture number 1"], padding="max_length", max_length=77,
-                                        return_tensors="pt").input_ids
+            ids = adapter.tokenizers[0](
+                ["a picture number 1"], padding="max_length", max_length=77, return_tensors="pt"
+            ).input_ids
             our_te = adapter.text_encoders[0](ids).last_hidden_state
         base_te = adapter.text_encoders[0](ids).last_hidden_state
 

@@ -55,10 +55,16 @@ def test_sd2_prediction_type_follows_the_yaml_beside_the_checkpoint(tmp_path):
     parts = build_tiny("sd2")
     parts.prediction_type = "epsilon"
     path = save_single_file(parts, str(tmp_path / "sd2_base.safetensors"), with_yaml=True)
-    assert load_stable_diffusion(path, load_unet=False, load_vae=False, load_text_encoders=False
-                                 ).prediction_type == "epsilon"
-    assert load_stable_diffusion(path, load_unet=False, load_vae=False, load_text_encoders=False,
-                                 prediction_type="v_prediction").prediction_type == "v_prediction"
+    assert (
+        load_stable_diffusion(path, load_unet=False, load_vae=False, load_text_encoders=False).prediction_type
+        == "epsilon"
+    )
+    assert (
+        load_stable_diffusion(
+            path, load_unet=False, load_vae=False, load_text_encoders=False, prediction_type="v_prediction"
+        ).prediction_type
+        == "v_prediction"
+    )
 
 
 def test_architecture_detection_rejects_what_it_cannot_train():
@@ -66,8 +72,11 @@ def test_architecture_detection_rejects_what_it_cannot_train():
 
     with pytest.raises(ModelLoadError, match="not a Stable Diffusion checkpoint"):
         detect_architecture(["lora_unet_x.lora_down.weight"])
-    keys = {"model.diffusion_model.input_blocks.0.0.weight": 1, "conditioner.embedders.0.model.ln_final.weight": 1,
-            "conditioner.embedders.1.model.ln_final.weight": 1}
+    keys = {
+        "model.diffusion_model.input_blocks.0.0.weight": 1,
+        "conditioner.embedders.0.model.ln_final.weight": 1,
+        "conditioner.embedders.1.model.ln_final.weight": 1,
+    }
     with pytest.raises(ModelLoadError, match="SDXL refiner"):
         detect_architecture(keys)
 
@@ -92,5 +101,6 @@ def test_offline_tokenizer_matches_open_clip():
 def test_image_config_template_is_current():
     with open(os.path.join(REPO, "configs", "my_lora_config.yaml"), encoding="utf-8") as fh:
         committed = fh.read()
-    assert committed == render_template(ImageConfig, dict(SEED_VALUES, task_type="image-generation")), \
+    assert committed == render_template(ImageConfig, dict(SEED_VALUES, task_type="image-generation")), (
         "configs/my_lora_config.yaml is stale: regenerate it with lora_trainer.config_template.render_template"
+    )

@@ -13,11 +13,15 @@ from lora_trainer.text.chat import chat_segments
 from lora_trainer.text.data import TextSample, load_text_dataset
 from lora_trainer.text.tokenize import IGNORE_INDEX, encode_segments, sample_segments, tokenize_dataset
 
-CHAT = {"messages": [{"role": "system", "content": "you are helpful"},
-                     {"role": "user", "content": "say hello"},
-                     {"role": "assistant", "content": "hello world"},
-                     {"role": "user", "content": "say good night"},
-                     {"role": "assistant", "content": "good night"}]}
+CHAT = {
+    "messages": [
+        {"role": "system", "content": "you are helpful"},
+        {"role": "user", "content": "say hello"},
+        {"role": "assistant", "content": "hello world"},
+        {"role": "user", "content": "say good night"},
+        {"role": "assistant", "content": "good night"},
+    ]
+}
 
 
 @pytest.fixture(scope="module")
@@ -31,12 +35,15 @@ def trained_words(tokenizer, sample: TextSample):
     return tokenizer.convert_ids_to_tokens([t for t in labels if t != IGNORE_INDEX]), ids
 
 
-@pytest.mark.parametrize("records, expected", [
-    ([{"prompt": "a", "completion": "b"}], {"prompt_completion": 1}),
-    ([{"instruction": "a", "input": "", "output": "b"}, {"instruction": "a", "output": "b"}], {"alpaca": 2}),
-    ([CHAT], {"chat": 1}),
-    ([{"text": "hello world"}], {"text": 1}),
-])
+@pytest.mark.parametrize(
+    "records, expected",
+    [
+        ([{"prompt": "a", "completion": "b"}], {"prompt_completion": 1}),
+        ([{"instruction": "a", "input": "", "output": "b"}, {"instruction": "a", "output": "b"}], {"alpaca": 2}),
+        ([CHAT], {"chat": 1}),
+        ([{"text": "hello world"}], {"text": 1}),
+    ],
+)
 def test_jsonl_formats_are_detected(tmp_path, records, expected):
     write_jsonl(str(tmp_path / "d.jsonl"), records)
     assert load_text_dataset(str(tmp_path)).formats == expected
@@ -52,16 +59,28 @@ def test_txt_is_one_sample_per_line_or_per_file(tmp_path):
     assert [s.completion for s in by_file.samples] == ["hello world\n\n  \ngood morning", "cats and dogs"]
 
 
-@pytest.mark.parametrize("line, message", [
-    ('{"prompt": "a", "completion": "b"', r"line 2: not valid JSON .*expected an object with \"prompt\" and "
-                                          r"\"completion\" strings"),
-    ('["a", "b"]', r"line 2: expected an object with \"prompt\" and \"completion\" strings \(prompt_completion "
-                   r"format\), got a JSON list"),
-    ('{"instruction": "a", "output": "b"}', r"line 2: expected an object with \"prompt\" and \"completion\" "
-                                            r"strings .*got an object with keys 'instruction', 'output'"),
-    ('{"prompt": "a", "completion": 5}', r"line 2: 'completion' must be a string, got 5"),
-    ('{"prompt": "a", "completion": "  "}', r"line 2: 'completion' is empty"),
-])
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        (
+            '{"prompt": "a", "completion": "b"',
+            r"line 2: not valid JSON .*expected an object with \"prompt\" and "
+            r"\"completion\" strings",
+        ),
+        (
+            '["a", "b"]',
+            r"line 2: expected an object with \"prompt\" and \"completion\" strings \(prompt_completion "
+            r"format\), got a JSON list",
+        ),
+        (
+            '{"instruction": "a", "output": "b"}',
+            r"line 2: expected an object with \"prompt\" and \"completion\" "
+            r"strings .*got an object with keys 'instruction', 'output'",
+        ),
+        ('{"prompt": "a", "completion": 5}', r"line 2: 'completion' must be a string, got 5"),
+        ('{"prompt": "a", "completion": "  "}', r"line 2: 'completion' is empty"),
+    ],
+)
 def test_malformed_prompt_completion_lines_are_named(tmp_path, line, message):
     path = write_jsonl(str(tmp_path / "d.jsonl"), [{"prompt": "q", "completion": "a"}, line])
     with pytest.raises(DatasetError, match=message) as err:
@@ -69,24 +88,30 @@ def test_malformed_prompt_completion_lines_are_named(tmp_path, line, message):
     assert str(err.value).startswith(path)
 
 
-@pytest.mark.parametrize("record, message", [
-    ({"messages": []}, r'"messages" must be a non-empty list'),
-    ({"messages": "hi"}, r'"messages" must be a non-empty list'),
-    ({"messages": [{"role": "user"}]}, r'message 1: expected an object with "role" and "content"'),
-    ({"messages": [{"role": "robot", "content": "x"}]}, r'message 1: role "robot" is not one of system, user'),
-    ({"messages": [{"role": "user", "content": ["x"]}]}, r"message 1: 'content' must be a string"),
-    ({"messages": [{"role": "user", "content": "hi"}]}, r"has no assistant message"),
-])
+@pytest.mark.parametrize(
+    "record, message",
+    [
+        ({"messages": []}, r'"messages" must be a non-empty list'),
+        ({"messages": "hi"}, r'"messages" must be a non-empty list'),
+        ({"messages": [{"role": "user"}]}, r'message 1: expected an object with "role" and "content"'),
+        ({"messages": [{"role": "robot", "content": "x"}]}, r'message 1: role "robot" is not one of system, user'),
+        ({"messages": [{"role": "user", "content": ["x"]}]}, r"message 1: 'content' must be a string"),
+        ({"messages": [{"role": "user", "content": "hi"}]}, r"has no assistant message"),
+    ],
+)
 def test_malformed_chat_lines_are_named(tmp_path, record, message):
     write_jsonl(str(tmp_path / "chat.jsonl"), [CHAT, record])
     with pytest.raises(DatasetError, match=r"chat.jsonl line 2.*" + message):
         load_text_dataset(str(tmp_path))
 
 
-@pytest.mark.parametrize("record, message", [
-    ({"instruction": "a", "input": 3, "output": "b"}, r"'input' must be a string"),
-    ({"instruction": " ", "output": "b"}, r"'instruction' is empty"),
-])
+@pytest.mark.parametrize(
+    "record, message",
+    [
+        ({"instruction": "a", "input": 3, "output": "b"}, r"'input' must be a string"),
+        ({"instruction": " ", "output": "b"}, r"'instruction' is empty"),
+    ],
+)
 def test_malformed_alpaca_lines_are_named(tmp_path, record, message):
     write_jsonl(str(tmp_path / "a.jsonl"), [{"instruction": "a", "output": "b"}, record])
     with pytest.raises(DatasetError, match=r"a.jsonl line 2: " + message):
@@ -95,8 +120,11 @@ def test_malformed_alpaca_lines_are_named(tmp_path, record, message):
 
 def test_unknown_first_line_lists_the_formats(tmp_path):
     write_jsonl(str(tmp_path / "d.jsonl"), [{"question": "a", "answer": "b"}])
-    with pytest.raises(DatasetError, match=r"d.jsonl line 1: got an object with keys 'question', 'answer', which "
-                                           r"matches no data format.*\(prompt_completion\).*\(chat\)"):
+    with pytest.raises(
+        DatasetError,
+        match=r"d.jsonl line 1: got an object with keys 'question', 'answer', which "
+        r"matches no data format.*\(prompt_completion\).*\(chat\)",
+    ):
         load_text_dataset(str(tmp_path))
 
 
@@ -138,15 +166,17 @@ def test_empty_dataset_fails_before_the_model_loads(tmp_path):
 
 
 def test_prompt_completion_trains_only_the_completion_and_eos(tokenizer):
-    words, ids = trained_words(tokenizer, TextSample("x", prompt="what is the capital of france ?",
-                                                     completion=" paris"))
+    words, ids = trained_words(
+        tokenizer, TextSample("x", prompt="what is the capital of france ?", completion=" paris")
+    )
     assert words == ["paris", "</s>"]
     assert ids[0] == tokenizer.bos_token_id
 
 
 def test_alpaca_trains_only_the_output(tmp_path, tokenizer):
-    write_jsonl(str(tmp_path / "a.jsonl"), [{"instruction": "translate to english", "input": "bonjour",
-                                             "output": "hello"}])
+    write_jsonl(
+        str(tmp_path / "a.jsonl"), [{"instruction": "translate to english", "input": "bonjour", "output": "hello"}]
+    )
     sample = load_text_dataset(str(tmp_path)).samples[0]
     assert "### Input:\nbonjour" in sample.prompt and sample.prompt.endswith("### Response:\n")
     assert trained_words(tokenizer, sample)[0] == ["hello", "</s>"]
@@ -161,15 +191,19 @@ def test_chat_trains_only_assistant_replies_and_their_end_marks(tokenizer):
 
 
 def test_plain_text_trains_every_token_but_bos(tokenizer):
-    assert trained_words(tokenizer, TextSample("x", completion="cats and dogs"))[0] == ["cats", "and", "dogs",
-                                                                                       "</s>"]
+    assert trained_words(tokenizer, TextSample("x", completion="cats and dogs"))[0] == ["cats", "and", "dogs", "</s>"]
 
 
 def test_truncation_is_counted_and_samples_without_completion_skipped(tmp_path, tokenizer):
     long_prompt = " ".join(["hello"] * 20)
-    write_jsonl(str(tmp_path / "d.jsonl"), [{"prompt": "say", "completion": " " + " ".join(["world"] * 20)},
-                                            {"prompt": long_prompt, "completion": " paris"},
-                                            {"prompt": "say", "completion": " hello"}])
+    write_jsonl(
+        str(tmp_path / "d.jsonl"),
+        [
+            {"prompt": "say", "completion": " " + " ".join(["world"] * 20)},
+            {"prompt": long_prompt, "completion": " paris"},
+            {"prompt": "say", "completion": " hello"},
+        ],
+    )
     tokens = tokenize_dataset(load_text_dataset(str(tmp_path)), tokenizer, max_seq_length=10)
     assert (tokens.samples, tokens.truncated, tokens.skipped, len(tokens.sequences)) == (3, 2, 1, 2)
     assert max(len(s) for s in tokens.sequences) == 10
@@ -216,7 +250,8 @@ def test_batch_schedule_covers_each_epoch_and_is_a_function_of_the_step():
 CHATML_WITH_DEFAULT_SYSTEM = (
     "{% if messages[0]['role'] != 'system' %}<|im_start|>system\nyou are helpful<|im_end|>\n{% endif %}"
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 
 
 def test_chat_segments_with_a_template_that_adds_a_default_system_turn():
@@ -224,14 +259,20 @@ def test_chat_segments_with_a_template_that_adds_a_default_system_turn():
     messages = (("user", "say hello"), ("assistant", "hello world"), ("user", "again"), ("assistant", "hello"))
     segments = chat_segments(tokenizer, messages, "x")
     assert [t for t, trained in segments if trained] == ["hello world<|im_end|>\n", "hello<|im_end|>\n"]
-    assert segments[0] == ("<|im_start|>system\nyou are helpful<|im_end|>\n<|im_start|>user\nsay hello<|im_end|>\n",
-                           False)
+    assert segments[0] == (
+        "<|im_start|>system\nyou are helpful<|im_end|>\n<|im_start|>user\nsay hello<|im_end|>\n",
+        False,
+    )
     assert segments[1] == ("<|im_start|>assistant\n", False)
 
 
 def test_chat_template_that_rewrites_earlier_turns_is_explained():
-    tokenizer = build_tokenizer("{% for m in messages %}{% if loop.last %}[last] {% endif %}{{ m['content'] }} "
-                                "{% endfor %}")
-    with pytest.raises(DatasetError, match=r"d.jsonl line 3: the tokenizer's chat template renders this "
-                                           r"conversation differently once more turns follow"):
+    tokenizer = build_tokenizer(
+        "{% for m in messages %}{% if loop.last %}[last] {% endif %}{{ m['content'] }} {% endfor %}"
+    )
+    with pytest.raises(
+        DatasetError,
+        match=r"d.jsonl line 3: the tokenizer's chat template renders this "
+        r"conversation differently once more turns follow",
+    ):
         chat_segments(tokenizer, (("user", "hi"), ("assistant", "hello")), "d.jsonl line 3")

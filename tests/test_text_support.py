@@ -16,14 +16,18 @@ hello world how are you fine thanks good morning night say a word colour sky gra
 <|system|> <|user|> <|assistant|> you are helpful assistant cats dogs like and""".split()
 WORDS = list(dict.fromkeys(WORDS))  # unique, in order: ids must run 0..len-1
 SPECIALS = ["<unk>", "<pad>", "<s>", "</s>"]
-CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} </s> {% endfor %}"
-                 "{% if add_generation_prompt %}<|assistant|> {% endif %}")
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} </s> {% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|> {% endif %}"
+)
 
 # The memorisation set: four questions and their one-word answers.
-CAPITALS = [("what is the capital of france ? answer :", " paris"),
-            ("what is the capital of germany ? answer :", " berlin"),
-            ("what is the capital of italy ? answer :", " rome"),
-            ("what is the capital of spain ? answer :", " madrid")]
+CAPITALS = [
+    ("what is the capital of france ? answer :", " paris"),
+    ("what is the capital of germany ? answer :", " berlin"),
+    ("what is the capital of italy ? answer :", " rome"),
+    ("what is the capital of spain ? answer :", " madrid"),
+]
 
 
 def build_tokenizer(chat_template: str | None = CHAT_TEMPLATE):
@@ -36,8 +40,9 @@ def build_tokenizer(chat_template: str | None = CHAT_TEMPLATE):
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     core.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
     core.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>",
-                                        unk_token="<unk>", pad_token="<pad>")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
+    )
     if chat_template:
         tokenizer.chat_template = chat_template
     return tokenizer
@@ -50,11 +55,19 @@ def build_tiny_lm(folder: str, *, seed: int = 0, chat_template: str | None = CHA
     tokenizer = build_tokenizer(chat_template)
     # initializer_range 0.3 (not 0.02): with small frozen lm_head rows behind the final RMSNorm, the logits
     # could not grow past ~1, and no adapter on q/v could make the model confident of anything.
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         initializer_range=0.3,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        initializer_range=0.3,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     torch.manual_seed(seed)
     LlamaForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
@@ -77,9 +90,18 @@ def text_config(base_model: str, data: str, output_dir: str, **overrides: Any):
     """A validated TextConfig for a short CPU run (overrides win)."""
     from lora_trainer.config import config_from_dict
 
-    raw = {"task_type": "text-generation", "base_model": base_model, "train_data_dir": data,
-           "output_dir": output_dir, "max_seq_length": 64, "learning_rate": 1e-2, "max_train_steps": 4,
-           "batch_size": 2, "save_precision": "float", "seed": 3}
+    raw = {
+        "task_type": "text-generation",
+        "base_model": base_model,
+        "train_data_dir": data,
+        "output_dir": output_dir,
+        "max_seq_length": 64,
+        "learning_rate": 1e-2,
+        "max_train_steps": 4,
+        "batch_size": 2,
+        "save_precision": "float",
+        "seed": 3,
+    }
     raw.update(overrides)
     return config_from_dict(raw)
 

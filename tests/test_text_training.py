@@ -77,9 +77,14 @@ def fresh_base(base_model):
 def greedy_completion(model, tokenizer, prompt: str) -> list:
     ids = tokenizer(prompt, return_tensors="pt").input_ids
     with torch.no_grad():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id)
-    return tokenizer.convert_ids_to_tokens(out[0, ids.shape[1]:].tolist())
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=2,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    return tokenizer.convert_ids_to_tokens(out[0, ids.shape[1] :].tolist())
 
 
 def test_loss_falls_and_the_model_completes_training_prompts(memorised, base_model):
@@ -129,28 +134,49 @@ def test_pipeline_loads_the_adapter(memorised, base_model):
     prompt, target = CAPITALS[1]
     tokenizer = load_tokenizer(base_model)
     peft_model = PeftModel.from_pretrained(fresh_base(base_model), result.output_files[0])
-    for generator in (pipeline("text-generation", model=peft_model, tokenizer=tokenizer),
-                      pipeline("text-generation", model=result.output_files[0])):
+    for generator in (
+        pipeline("text-generation", model=peft_model, tokenizer=tokenizer),
+        pipeline("text-generation", model=result.output_files[0]),
+    ):
         out = generator(prompt, max_new_tokens=1, do_sample=False, return_full_text=False)
         assert out[0]["generated_text"].strip() == target.strip()
 
 
-CHAT_RECORDS = [{"messages": [{"role": "user", "content": "what is the capital of france ?"},
-                              {"role": "assistant", "content": "paris"}]},
-                {"messages": [{"role": "system", "content": "you are helpful"},
-                              {"role": "user", "content": "say hello"},
-                              {"role": "assistant", "content": "hello world"}]}]
+CHAT_RECORDS = [
+    {
+        "messages": [
+            {"role": "user", "content": "what is the capital of france ?"},
+            {"role": "assistant", "content": "paris"},
+        ]
+    },
+    {
+        "messages": [
+            {"role": "system", "content": "you are helpful"},
+            {"role": "user", "content": "say hello"},
+            {"role": "assistant", "content": "hello world"},
+        ]
+    },
+]
 
 
-@pytest.mark.parametrize("name, lines, options", [
-    ("lines.txt", ["hello world", "good morning", "cats and dogs"], {}),
-    ("whole.txt", ["hello world", "good morning"], {"text_sample_unit": "file"}),
-    ("text.jsonl", [{"text": "hello world"}, {"text": "cats and dogs"}], {}),
-    ("pc.jsonl", capitals_records(), {"packing": True}),
-    ("alpaca.jsonl", [{"instruction": "translate to english", "input": "bonjour", "output": "hello"},
-                      {"instruction": "name the sky colour", "output": "blue"}], {}),
-    ("chat.jsonl", CHAT_RECORDS, {"data_format": "chat", "gradient_accumulation_steps": 2}),
-])
+@pytest.mark.parametrize(
+    "name, lines, options",
+    [
+        ("lines.txt", ["hello world", "good morning", "cats and dogs"], {}),
+        ("whole.txt", ["hello world", "good morning"], {"text_sample_unit": "file"}),
+        ("text.jsonl", [{"text": "hello world"}, {"text": "cats and dogs"}], {}),
+        ("pc.jsonl", capitals_records(), {"packing": True}),
+        (
+            "alpaca.jsonl",
+            [
+                {"instruction": "translate to english", "input": "bonjour", "output": "hello"},
+                {"instruction": "name the sky colour", "output": "blue"},
+            ],
+            {},
+        ),
+        ("chat.jsonl", CHAT_RECORDS, {"data_format": "chat", "gradient_accumulation_steps": 2}),
+    ],
+)
 def test_each_data_format_trains(base_model, tmp_path, name, lines, options):
     data = tmp_path / "data" / name
     write_jsonl(str(data), lines)
@@ -167,28 +193,47 @@ def adapter_weights(folder):
 
 def test_resume_equals_an_uninterrupted_run(base_model, capitals, tmp_path):
     # Dropout (0.1 by default), shuffling and accumulation all draw on randomness the resume must reproduce.
-    common = dict(max_train_steps=6, batch_size=1, gradient_accumulation_steps=2, lr_scheduler="cosine",
-                  lr_warmup_steps=2, output_name="caps")
-    whole = train_text(text_config(base_model, capitals, str(tmp_path / "whole"), save_steps=3, **common),
-                       runtime=cpu_runtime())
+    common = dict(
+        max_train_steps=6,
+        batch_size=1,
+        gradient_accumulation_steps=2,
+        lr_scheduler="cosine",
+        lr_warmup_steps=2,
+        output_name="caps",
+    )
+    whole = train_text(
+        text_config(base_model, capitals, str(tmp_path / "whole"), save_steps=3, **common), runtime=cpu_runtime()
+    )
     assert os.path.isdir(tmp_path / "whole" / "caps-step00000003")
-    resumed = train_text(text_config(base_model, capitals, str(tmp_path / "resumed"),
-                                     resume=str(tmp_path / "whole" / "state-3"), **common), runtime=cpu_runtime())
+    resumed = train_text(
+        text_config(
+            base_model, capitals, str(tmp_path / "resumed"), resume=str(tmp_path / "whole" / "state-3"), **common
+        ),
+        runtime=cpu_runtime(),
+    )
     assert resumed.status == "finished" and resumed.step == 6
     assert resumed.losses == whole.losses[3:]
     expected, got = adapter_weights(whole.output_files[0]), adapter_weights(resumed.output_files[0])
     assert expected.keys() == got.keys()
     assert all(torch.equal(expected[k], got[k]) for k in expected)
     # A different seed gives a different run, so the equality above is not a given.
-    other = train_text(text_config(base_model, capitals, str(tmp_path / "other"), **{**common, "seed": 4}),
-                       runtime=cpu_runtime())
+    other = train_text(
+        text_config(base_model, capitals, str(tmp_path / "other"), **{**common, "seed": 4}), runtime=cpu_runtime()
+    )
     assert other.losses != whole.losses
 
 
 def test_network_weights_continue_from_an_adapter_keeping_its_rank(memorised, base_model, capitals, tmp_path):
     _, first, _ = memorised
-    cfg = text_config(base_model, capitals, str(tmp_path / "more"), network_weights=first.output_files[0],
-                      lora_rank=4, learning_rate=0.0, max_train_steps=1)
+    cfg = text_config(
+        base_model,
+        capitals,
+        str(tmp_path / "more"),
+        network_weights=first.output_files[0],
+        lora_rank=4,
+        learning_rate=0.0,
+        max_train_steps=1,
+    )
     result = train_text(cfg, runtime=cpu_runtime())
     assert result.losses[0] < 0.5  # it starts from the memorised adapter, not from scratch
     with open(os.path.join(result.output_files[0], "adapter_config.json"), encoding="utf-8") as fh:
@@ -213,8 +258,10 @@ def test_nan_loss_stops_and_keeps_the_last_good_save(base_model, capitals, tmp_p
     assert result.status == "stopped" and result.step == 2 and result.output_files == []
     assert "nan at step 3" in result.message and str(out / "caps-step00000002") in result.message
     assert os.path.isdir(out / "caps-step00000002") and not os.path.exists(out / "caps")
-    assert sorted(n for n in os.listdir(out) if not n.startswith(("logs", "config"))) == ["caps-step00000002",
-                                                                                          "state-2"]
+    assert sorted(n for n in os.listdir(out) if not n.startswith(("logs", "config"))) == [
+        "caps-step00000002",
+        "state-2",
+    ]
 
 
 class StopAfter(TrainingCallback):
@@ -243,8 +290,9 @@ def test_merged_model_matches_the_adapter(base_model, capitals, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    cfg = text_config(base_model, capitals, str(tmp_path / "out"), max_train_steps=3, merge_adapter=True,
-                      save_state=False)
+    cfg = text_config(
+        base_model, capitals, str(tmp_path / "out"), max_train_steps=3, merge_adapter=True, save_state=False
+    )
     result = train_text(cfg, runtime=cpu_runtime())
     adapter, merged = result.output_files
     assert merged == adapter + "-merged" and not any(n.startswith("state-") for n in os.listdir(cfg.output_dir))
@@ -260,8 +308,15 @@ def test_bf16_with_checkpointing_trains_and_saves_fp16(base_model, capitals, tmp
 
     from lora_trainer.train.runtime import LocalRuntime
 
-    cfg = text_config(base_model, capitals, str(tmp_path / "out"), max_train_steps=12, batch_size=4,
-                      gradient_checkpointing=True, save_precision="fp16")
+    cfg = text_config(
+        base_model,
+        capitals,
+        str(tmp_path / "out"),
+        max_train_steps=12,
+        batch_size=4,
+        gradient_checkpointing=True,
+        save_precision="fp16",
+    )
     result, model = train_capturing_model(cfg, LocalRuntime(torch.device("cpu"), "bf16"))
     assert result.status == "finished" and result.losses[-1] < 0.5 * result.losses[0]
     weights = adapter_weights(result.output_files[0])
@@ -276,8 +331,17 @@ def test_bf16_with_checkpointing_trains_and_saves_fp16(base_model, capitals, tmp
 
 def test_epochs_set_the_length_and_epoch_saves(base_model, capitals, tmp_path):
     out = tmp_path / "out"
-    cfg = text_config(base_model, capitals, str(out), max_train_steps=None, epochs=3, batch_size=2,
-                      save_every_n_epochs=2, output_name="caps", save_state=False)
+    cfg = text_config(
+        base_model,
+        capitals,
+        str(out),
+        max_train_steps=None,
+        epochs=3,
+        batch_size=2,
+        save_every_n_epochs=2,
+        output_name="caps",
+        save_state=False,
+    )
     result = train_text(cfg, runtime=cpu_runtime())
     assert result.step == 6  # 4 samples in batches of 2: 2 steps an epoch
     assert sorted(n for n in os.listdir(out) if n.startswith("caps")) == ["caps", "caps-step00000004"]
@@ -296,4 +360,4 @@ def test_packed_samples_do_not_see_each_other(base_model, capitals):
     with torch.no_grad():
         together = model(**packed.model_inputs(), use_cache=False).logits[0]  # as in training
         apart = [model(input_ids=torch.tensor([row.input_ids])).logits[0] for row in single[:3]]
-    torch.testing.assert_close(together[:sum(len(r) for r in single[:3])], torch.cat(apart), rtol=0, atol=1e-4)
+    torch.testing.assert_close(together[: sum(len(r) for r in single[:3])], torch.cat(apart), rtol=0, atol=1e-4)

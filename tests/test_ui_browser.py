@@ -16,8 +16,7 @@ import pytest
 
 CHROMIUM = "/usr/bin/chromium"
 if not os.path.exists(CHROMIUM):
-    pytest.skip(f"{CHROMIUM} is missing (apt-get install chromium): browser tests need it",
-                allow_module_level=True)
+    pytest.skip(f"{CHROMIUM} is missing (apt-get install chromium): browser tests need it", allow_module_level=True)
 playwright_api = pytest.importorskip("playwright.sync_api")
 pytest.importorskip("gradio")
 
@@ -26,8 +25,14 @@ from lora_trainer.train.callbacks import StepInfo  # noqa: E402
 from lora_trainer.train.run import TrainingResult  # noqa: E402
 from lora_trainer.ui.standalone import build_app, launch  # noqa: E402
 
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 TIMEOUT_MS = 20_000
 STEPS, PAUSE_AT = 20, 8
 
@@ -104,8 +109,9 @@ def open_page(browser, url):
     pg = browser.new_page(viewport={"width": 1280, "height": 1400})
     pg.set_default_timeout(TIMEOUT_MS)
     # Keep the browser on this machine: anything not served by the app (web fonts, CDNs) is refused at once.
-    pg.route("**/*", lambda route: route.continue_() if route.request.url.startswith("http://127.0.0.1")
-             else route.abort())
+    pg.route(
+        "**/*", lambda route: route.continue_() if route.request.url.startswith("http://127.0.0.1") else route.abort()
+    )
     pg.goto(url)
     pg.locator("#lora_trainer_train").wait_for()
     return pg
@@ -180,19 +186,22 @@ def test_train_from_the_page(served, page):
     wait_progress(page, "Finished", f"step {STEPS}/{STEPS}")
     page.wait_for_function("(s) => document.querySelector('#lora_trainer_loss_plot img')?.src !== s", arg=mid_plot)
     # gradio's table keeps hidden measuring copies of its cells: read its text rather than a cell's visibility
-    page.wait_for_function("() => document.querySelector('#lora_trainer_lora_list')?.textContent"
-                           ".includes('browser_lora.safetensors')")
+    page.wait_for_function(
+        "() => document.querySelector('#lora_trainer_lora_list')?.textContent.includes('browser_lora.safetensors')"
+    )
     page.locator("#lora_trainer_previews img").first.wait_for()
     page.wait_for_function(
         "() => document.querySelector('#lora_trainer_try_it input, #lora_trainer_try_it textarea')?.value"
-        " === '<lora:browser_lora:0.8>'")
+        " === '<lora:browser_lora:0.8>'"
+    )
     assert (root / "loras" / "browser_lora" / "browser_lora.safetensors").is_file()
 
     field(page, "lora_trainer_try_it").fill("something else")  # selecting a listed LoRA fills "Try it" again
     page.locator("#lora_trainer_lora_list [role=gridcell]").filter(has_text="browser_lora").first.click()
     page.wait_for_function(
         "() => document.querySelector('#lora_trainer_try_it input, #lora_trainer_try_it textarea')?.value"
-        " === '<lora:browser_lora:0.8>'")
+        " === '<lora:browser_lora:0.8>'"
+    )
     if os.environ.get("LORA_TRAINER_SCREENSHOT"):  # for a person to look at the page
         page.screenshot(path=os.environ["LORA_TRAINER_SCREENSHOT"], full_page=True)
 
@@ -227,9 +236,11 @@ def test_real_tiny_training_from_the_page(tmp_path, browser):
         assert "loss" in done
         pg.wait_for_function(
             "() => document.querySelector('#lora_trainer_try_it input, #lora_trainer_try_it textarea')?.value"
-            " === '<lora:tiny_ui:0.8>'")
-        pg.wait_for_function("() => document.querySelector('#lora_trainer_lora_list')?.textContent"
-                             ".includes('tiny_ui.safetensors')")
+            " === '<lora:tiny_ui:0.8>'"
+        )
+        pg.wait_for_function(
+            "() => document.querySelector('#lora_trainer_lora_list')?.textContent.includes('tiny_ui.safetensors')"
+        )
         assert "pytorch_lora_weights" not in pg.locator("#lora_trainer_lora_list").text_content()
         pg.close()
     lora = tmp_path / "loras" / "tiny_ui" / "tiny_ui.safetensors"
@@ -241,11 +252,12 @@ def test_real_tiny_training_from_the_page(tmp_path, browser):
 
 def test_send_to_txt2img_helper_appends_the_prompt(browser):
     """javascript/lora_trainer.js on a page shaped like the WebUI's txt2img prompt box."""
-    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "javascript",
-                          "lora_trainer.js")
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "javascript", "lora_trainer.js")
     pg = browser.new_page()
-    pg.set_content("<div id='txt2img_prompt'><textarea>a cat</textarea></div>"
-                   "<script>window.switched = 0; function switch_to_txt2img() { window.switched += 1; }</script>")
+    pg.set_content(
+        "<div id='txt2img_prompt'><textarea>a cat</textarea></div>"
+        "<script>window.switched = 0; function switch_to_txt2img() { window.switched += 1; }</script>"
+    )
     pg.add_script_tag(path=script)
     pg.evaluate("loraTrainerSendToTxt2img('<lora:style:0.8>')")
     assert pg.locator("#txt2img_prompt textarea").input_value() == "a cat <lora:style:0.8>"

@@ -90,8 +90,7 @@ def test_caption_edit_and_save_from_the_page(tmp_path, browser):
         assert saved["001.png"] == 'tok, a hand-written caption, "quoted", café'
         assert saved["000.png"] == "tok, " + written["000.png"]
         if os.environ.get("LORA_TRAINER_SCREENSHOT"):
-            pg.screenshot(path=os.environ["LORA_TRAINER_SCREENSHOT"].replace(".png", "_captions.png"),
-                          full_page=True)
+            pg.screenshot(path=os.environ["LORA_TRAINER_SCREENSHOT"].replace(".png", "_captions.png"), full_page=True)
         pg.close()
 
 
@@ -111,8 +110,13 @@ def test_edits_survive_the_polling_under_the_hosts_gradio(tmp_path, browser):
     write_test_images(str(data), 3)
     port = free_port()
     env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False")
-    server = subprocess.Popen([HOST_PYTHON, os.path.join(REPO, "tests", "serve_caption_panel.py"), str(tmp_path),
-                               str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    server = subprocess.Popen(
+        [HOST_PYTHON, os.path.join(REPO, "tests", "serve_caption_panel.py"), str(tmp_path), str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
     try:
         deadline = time.time() + SERVER_START_S
         for line in server.stdout:
@@ -137,7 +141,10 @@ def test_edits_survive_the_polling_under_the_hosts_gradio(tmp_path, browser):
         pg.locator("#lora_trainer_caption_save").click()
         pg.locator("#lora_trainer_caption_notice").get_by_text("Saved 3 caption(s)").wait_for()
         assert read_metadata_csv(str(data / "metadata.csv")) == {
-            "000.png": "tok, a 48x40 image", "001.png": "edited by hand", "002.png": "tok, a 48x40 image"}
+            "000.png": "tok, a 48x40 image",
+            "001.png": "edited by hand",
+            "002.png": "tok, a 48x40 image",
+        }
         pg.close()
     finally:
         server.terminate()

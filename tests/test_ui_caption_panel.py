@@ -64,8 +64,7 @@ def make_tab(tmp_path, backend=None, trainer=None):
     return TrainerTab(backend or StubBackend(str(tmp_path / "loras")), JobRunner(trainer=trainer))
 
 
-def run_args(folder, choice=STUB, model_path="", threshold=0.35, prefix="", suffix="", overwrite=False,
-             sidecar=False):
+def run_args(folder, choice=STUB, model_path="", threshold=0.35, prefix="", suffix="", overwrite=False, sidecar=False):
     return [str(folder), choice, model_path, threshold, prefix, suffix, overwrite, sidecar]
 
 
@@ -80,9 +79,30 @@ def finish(tab):
 def test_panel_is_part_of_the_tab_and_offers_the_backends_captioners(tmp_path):
     blocks = build_tab(StandaloneBackend(str(tmp_path)), JobRunner())
     ids = {getattr(b, "elem_id", None) for b in blocks.blocks.values()}
-    for part in ("panel", "model", "model_path", "threshold", "prefix", "suffix", "overwrite", "sidecar", "run",
-                 "stop", "load", "progress", "grid", "trigger", "add", "remove", "find", "replacement", "regex",
-                 "replace", "save", "gallery"):
+    for part in (
+        "panel",
+        "model",
+        "model_path",
+        "threshold",
+        "prefix",
+        "suffix",
+        "overwrite",
+        "sidecar",
+        "run",
+        "stop",
+        "load",
+        "progress",
+        "grid",
+        "trigger",
+        "add",
+        "remove",
+        "find",
+        "replacement",
+        "regex",
+        "replace",
+        "save",
+        "gallery",
+    ):
         assert f"lora_trainer_caption_{part}" in ids, part
     assert StandaloneBackend("x").captioner_choices() == ["blip", "clip", "wd14", LOCAL_CAPTIONER]
     assert blocks.get_config_file()["components"]
@@ -136,8 +156,9 @@ def test_tiny_wd14_tagger_from_a_local_path(tmp_path):
     tab = make_tab(tmp_path, backend=StandaloneBackend(str(tmp_path / "loras")))
     data = tmp_path / "data"
     write_test_images(str(data), 2)
-    tab.caption_panel.start_captioning(*run_args(data, choice=LOCAL_CAPTIONER, model_path=tagger,
-                                                 threshold=0.5, suffix="mystyle"))
+    tab.caption_panel.start_captioning(
+        *run_args(data, choice=LOCAL_CAPTIONER, model_path=tagger, threshold=0.5, suffix="mystyle")
+    )
     progress, grid = finish(tab)[:2]
     assert progress.startswith("Finished"), progress
     for _name, caption in grid_rows(grid):
@@ -186,8 +207,7 @@ def test_bulk_actions_change_the_grid_only(tmp_path):
     assert "Save" in note
     at_end = grid_rows(panel.add_trigger(table, "tok", "end")[0])
     assert at_end[0] == ("a.png", "cat, red, tok") and at_end[1] == ("b.png", "tok, dog")
-    assert grid_rows(panel.remove_trigger(added, "tok")[0]) == [("a.png", "cat, red"), ("b.png", "dog"),
-                                                                 ("c.png", "")]
+    assert grid_rows(panel.remove_trigger(added, "tok")[0]) == [("a.png", "cat, red"), ("b.png", "dog"), ("c.png", "")]
     replaced, note = panel.find_replace(table, "red", "blue", False, True)
     assert grid_rows(replaced)[0] == ("a.png", "cat, blue") and "Changed 1" in note
     regex = grid_rows(panel.find_replace(table, r"(\w+), (\w+)", r"\2 \1", True, True)[0])
@@ -215,8 +235,9 @@ def test_captioning_is_refused_while_training_runs(tmp_path):
 
 def test_training_and_saving_are_refused_while_captioning_runs(tmp_path):
     gate = threading.Event()
-    tab = make_tab(tmp_path, backend=StubBackend(str(tmp_path / "loras"), gate=gate),
-                   trainer=gated_trainer(threading.Event()))
+    tab = make_tab(
+        tmp_path, backend=StubBackend(str(tmp_path / "loras"), gate=gate), trainer=gated_trainer(threading.Event())
+    )
     data = tmp_path / "data"
     write_test_images(str(data), 3)
     assert "started" in tab.caption_panel.start_captioning(*run_args(data))
@@ -226,8 +247,7 @@ def test_training_and_saving_are_refused_while_captioning_runs(tmp_path):
     assert "not started" in refused and "Captioning is running" in refused
     assert tab.runner.status().state == "idle"
     assert "already running" in tab.caption_panel.start_captioning(*run_args(data))
-    assert "captioning is running" in tab.caption_panel.save_captions(str(data), str(data), [["000.png", "x"]],
-                                                                       False)
+    assert "captioning is running" in tab.caption_panel.save_captions(str(data), str(data), [["000.png", "x"]], False)
     assert "Stopping" in tab.caption_panel.stop_captioning()
     gate.set()
     progress = finish(tab)[0]

@@ -50,10 +50,18 @@ def form_values(**changes):
 def test_build_config_from_defaults_and_edits(tmp_path):
     specs = options.form_fields(ImageConfig)
     request = options.FormRequest(str(tmp_path / "data"), str(tmp_path / "m"), "my lora")
-    cfg = options.build_config(request, specs,
-                               form_values(resolution=256.0, max_train_steps="30", prediction_type="v_prediction",
-                                           target_modules="proj_in, proj_out", lora_rank=""),
-                               default_output_dir=str(tmp_path / "out" / "my lora"))
+    cfg = options.build_config(
+        request,
+        specs,
+        form_values(
+            resolution=256.0,
+            max_train_steps="30",
+            prediction_type="v_prediction",
+            target_modules="proj_in, proj_out",
+            lora_rank="",
+        ),
+        default_output_dir=str(tmp_path / "out" / "my lora"),
+    )
     assert cfg.resolution == 256 and isinstance(cfg.resolution, int)
     assert cfg.max_train_steps == 30 and cfg.lora_rank is None
     assert cfg.prediction_type == "v_prediction" and cfg.target_modules == ["proj_in", "proj_out"]
@@ -85,15 +93,25 @@ def test_output_name_accepts_ordinary_names():
 def test_yaml_mapping_to_widget_values():
     specs = options.form_fields(ImageConfig)
     values, unknown = options.widget_values_from_mapping(
-        specs, {"resolution": 768, "prediction_type": None, "target_modules": ["a", "b"], "bogus": 1})
+        specs, {"resolution": 768, "prediction_type": None, "target_modules": ["a", "b"], "bogus": 1}
+    )
     by_key = dict(zip([s.key for s in specs], values, strict=True))
     assert by_key["resolution"] == 768 and by_key["prediction_type"] == options.AUTO
     assert by_key["target_modules"] == "a, b" and unknown == ["bogus"]
 
 
 def test_quick_check_config_is_small_and_separate(tmp_path):
-    cfg = ImageConfig(base_model="m", train_data_dir="d", output_dir=str(tmp_path / "o"), output_name="style",
-                      resolution=1024, min_bucket_reso=512, lora_rank=64, save_steps=100, epochs=10)
+    cfg = ImageConfig(
+        base_model="m",
+        train_data_dir="d",
+        output_dir=str(tmp_path / "o"),
+        output_name="style",
+        resolution=1024,
+        min_bucket_reso=512,
+        lora_rank=64,
+        save_steps=100,
+        epochs=10,
+    )
     quick = options.quick_check_config(cfg, str(tmp_path / "q"))
     assert quick.max_train_steps == options.QUICK_CHECK_STEPS and quick.lora_rank == options.QUICK_CHECK_RANK
     assert quick.resolution == 256 and quick.min_bucket_reso <= quick.resolution <= quick.max_bucket_reso
@@ -105,8 +123,17 @@ def test_quick_check_config_is_small_and_separate(tmp_path):
 def test_progress_text_and_durations():
     assert format_duration(75) == "1:15" and format_duration(3723) == "1:02:03"
     assert format_duration(float("inf")) == "?"
-    s = JobStatus(state="running", output_name="x", step=5, total=10, loss_steps=(5,), losses=(0.12345,),
-                  it_per_s=2.5, eta_s=2.0, message="Training…")
+    s = JobStatus(
+        state="running",
+        output_name="x",
+        step=5,
+        total=10,
+        loss_steps=(5,),
+        losses=(0.12345,),
+        it_per_s=2.5,
+        eta_s=2.0,
+        message="Training…",
+    )
     text = progress_text(s)
     assert "step 5/10 (50%)" in text and "loss 0.1235" in text and "2.50 it/s" in text and "ETA 0:02" in text
     assert "Idle" in progress_text(JobStatus())

@@ -28,9 +28,14 @@ def test_cli_serves_the_tab(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = dict(os.environ, PYTHONPATH=REPO, GRADIO_ANALYTICS_ENABLED="False")
-    proc = subprocess.Popen([sys.executable, "-m", "lora_trainer", "ui", "--port", str(port), "--output-root",
-                             str(tmp_path / "loras")], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lora_trainer", "ui", "--port", str(port), "--output-root", str(tmp_path / "loras")],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         deadline, page = time.time() + 60, ""
         while time.time() < deadline and proc.poll() is None:

@@ -58,9 +58,24 @@ def test_build_tab_has_every_part():
     blocks = build_tab(StandaloneBackend("/tmp/unused"), JobRunner())
     assert isinstance(blocks, gr.Blocks)
     ids = elem_ids(blocks)
-    for part in ("dataset", "base_model", "output_name", "train", "cancel", "quick_check", "progress", "loss_plot",
-                 "previews", "lora_list", "try_it", "advanced", "yaml_upload", "save_yaml", "opt_resolution",
-                 "opt_noise_offset"):
+    for part in (
+        "dataset",
+        "base_model",
+        "output_name",
+        "train",
+        "cancel",
+        "quick_check",
+        "progress",
+        "loss_plot",
+        "previews",
+        "lora_list",
+        "try_it",
+        "advanced",
+        "yaml_upload",
+        "save_yaml",
+        "opt_resolution",
+        "opt_noise_offset",
+    ):
         assert f"lora_trainer_{part}" in ids, part
     assert "lora_trainer_send_to_txt2img" not in ids  # the standalone app has no txt2img
 

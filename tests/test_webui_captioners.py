@@ -141,14 +141,19 @@ class FakeDeepBooru:
 
 @pytest.fixture
 def host(tmp_path, monkeypatch):
-    ns = types.SimpleNamespace(models=str(tmp_path / "models"), clip_dir=str(tmp_path / "clip"),
-                               lock=threading.Lock(), state=FakeState(), interrupt_after=None, cpu_moves=0)
+    ns = types.SimpleNamespace(
+        models=str(tmp_path / "models"),
+        clip_dir=str(tmp_path / "clip"),
+        lock=threading.Lock(),
+        state=FakeState(),
+        interrupt_after=None,
+        cpu_moves=0,
+    )
     pkg = types.ModuleType("modules")
     pkg.__path__ = []
     shared = types.ModuleType("modules.shared")
     shared.state, shared.opts = ns.state, FakeOpts()
-    shared.cmd_opts = types.SimpleNamespace(clip_models_path=ns.clip_dir, lowvram=False, medvram=True,
-                                            no_half=True)
+    shared.cmd_opts = types.SimpleNamespace(clip_models_path=ns.clip_dir, lowvram=False, medvram=True, no_half=True)
     shared.interrogator = FakeInterrogator(ns)
     call_queue = types.ModuleType("modules.call_queue")
     call_queue.queue_lock = ns.lock
@@ -166,8 +171,15 @@ def host(tmp_path, monkeypatch):
         ns.cpu_moves += 1
 
     lowvram.send_everything_to_cpu = send_everything_to_cpu
-    mods = {"modules": pkg, "modules.shared": shared, "modules.call_queue": call_queue, "modules.devices": devices,
-            "modules.paths": paths, "modules.deepbooru": deepbooru, "modules.lowvram": lowvram}
+    mods = {
+        "modules": pkg,
+        "modules.shared": shared,
+        "modules.call_queue": call_queue,
+        "modules.devices": devices,
+        "modules.paths": paths,
+        "modules.deepbooru": deepbooru,
+        "modules.lowvram": lowvram,
+    }
     for name, mod in mods.items():
         monkeypatch.setitem(sys.modules, name, mod)
         if "." in name:

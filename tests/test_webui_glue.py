@@ -94,10 +94,18 @@ def host(tmp_path, monkeypatch):
     """Stand-in ``modules`` packages in sys.modules; returns a namespace to change host facts."""
     state = FakeState()
     model = FakeModel()
-    cmd_opts = types.SimpleNamespace(lora_dir=str(tmp_path / "Lora"), lowvram=False, medvram=False,
-                                     medvram_sdxl=False, api_auth="u:p")
-    ns = types.SimpleNamespace(state=state, model=model, cmd_opts=cmd_opts, lock=threading.Lock(),
-                               renders=[], networks=FakeNetworks(), data=str(tmp_path / "webui"))
+    cmd_opts = types.SimpleNamespace(
+        lora_dir=str(tmp_path / "Lora"), lowvram=False, medvram=False, medvram_sdxl=False, api_auth="u:p"
+    )
+    ns = types.SimpleNamespace(
+        state=state,
+        model=model,
+        cmd_opts=cmd_opts,
+        lock=threading.Lock(),
+        renders=[],
+        networks=FakeNetworks(),
+        data=str(tmp_path / "webui"),
+    )
     pkg = types.ModuleType("modules")
     pkg.__path__ = []
     shared = types.ModuleType("modules.shared")
@@ -106,8 +114,12 @@ def host(tmp_path, monkeypatch):
     call_queue = types.ModuleType("modules.call_queue")
     call_queue.queue_lock = ns.lock
     devices = types.ModuleType("modules.devices")
-    devices.device, devices.dtype, devices.dtype_unet, devices.fp8 = torch.device("cpu"), torch.float32, \
-        torch.float32, False
+    devices.device, devices.dtype, devices.dtype_unet, devices.fp8 = (
+        torch.device("cpu"),
+        torch.float32,
+        torch.float32,
+        False,
+    )
     devices.autocast = lambda: torch.autocast("cpu", enabled=False)
     sd_models = types.ModuleType("modules.sd_models")
     sd_models.model_data = types.SimpleNamespace(sd_model=model)
@@ -129,9 +141,16 @@ def host(tmp_path, monkeypatch):
         return types.SimpleNamespace(images=[Image.new("RGB", (p.kwargs["width"], p.kwargs["height"]), "red")])
 
     processing.StableDiffusionProcessingTxt2Img, processing.process_images = Txt2Img, process_images
-    mods = {"modules": pkg, "modules.shared": shared, "modules.call_queue": call_queue,
-            "modules.devices": devices, "modules.sd_models": sd_models, "modules.paths_internal": paths_internal,
-            "modules.processing": processing, "networks": ns.networks}
+    mods = {
+        "modules": pkg,
+        "modules.shared": shared,
+        "modules.call_queue": call_queue,
+        "modules.devices": devices,
+        "modules.sd_models": sd_models,
+        "modules.paths_internal": paths_internal,
+        "modules.processing": processing,
+        "networks": ns.networks,
+    }
     for name, mod in mods.items():
         monkeypatch.setitem(sys.modules, name, mod)
         if "." in name:
@@ -141,8 +160,12 @@ def host(tmp_path, monkeypatch):
 
 
 def make_cfg(tmp_path, backend, name="cats", **extra):
-    raw = {"base_model": "/m/random_sd15.st", "train_data_dir": str(tmp_path / "data"), "output_name": name,
-           "output_dir": backend.default_output_dir(name)}
+    raw = {
+        "base_model": "/m/random_sd15.st",
+        "train_data_dir": str(tmp_path / "data"),
+        "output_name": name,
+        "output_dir": backend.default_output_dir(name),
+    }
     raw.update(extra)
     return config_from_dict(raw)
 
@@ -233,11 +256,14 @@ def test_webui_interrupt_stops_the_run(host, tmp_path, monkeypatch):
 
 
 # --- refusals ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("setting, extra, fragment", [
-    ("lowvram", {}, "--lowvram"),
-    ("fp8", {}, "fp8"),
-    ("medvram", {"train_text_encoder": True}, "--medvram"),
-])
+@pytest.mark.parametrize(
+    "setting, extra, fragment",
+    [
+        ("lowvram", {}, "--lowvram"),
+        ("fp8", {}, "fp8"),
+        ("medvram", {"train_text_encoder": True}, "--medvram"),
+    ],
+)
 def test_refusals_before_any_work(host, tmp_path, monkeypatch, setting, extra, fragment):
     if setting == "fp8":
         host.devices.fp8 = True
@@ -352,9 +378,15 @@ def test_failed_preview_does_not_stop_training(host, tmp_path):
     assert delivered == [] and host.state.job_no == 7
 
 
-@pytest.mark.parametrize("raw, fragment", [
-    ({"every": 2}, "unknown key"), ({"steps": "many"}, "not a valid"), ({"steps": 0}, "steps >= 1"), ([1], "object"),
-])
+@pytest.mark.parametrize(
+    "raw, fragment",
+    [
+        ({"every": 2}, "unknown key"),
+        ({"steps": "many"}, "not a valid"),
+        ({"steps": 0}, "steps >= 1"),
+        ([1], "object"),
+    ],
+)
 def test_preview_settings_validation(raw, fragment):
     with pytest.raises(webui.ConfigError, match=fragment):
         webui.PreviewSettings.from_mapping(raw)
@@ -388,8 +420,7 @@ def test_make_backend_kwargs_builds_runtime_and_adapter(host, tmp_path, monkeypa
     fake_module.LdmHostAdapter = FakeAdapter
     monkeypatch.setitem(sys.modules, "lora_trainer.hosts.ldm_adapter", fake_module)
     backend = webui.WebUIBackend()
-    kwargs = backend.make_backend_kwargs(make_cfg(tmp_path, backend, resolution=320),
-                                         preview={"every_n_steps": 5})
+    kwargs = backend.make_backend_kwargs(make_cfg(tmp_path, backend, resolution=320), preview={"every_n_steps": 5})
     assert kwargs["runtime"].device.type == "cpu" and kwargs["runtime"].mixed_precision == "no"
     assert made["model"] is host.model and made["dtype"] == torch.float32
     assert made["lowvram"] is False and made["fp8"] is False
@@ -431,8 +462,9 @@ def test_tab_script_registers_callbacks_and_mounts_routes(host, monkeypatch):
     sys.modules["modules"].script_callbacks = callbacks
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("lora_trainer_tab_under_test",
-                                                  os.path.join(REPO, "scripts", "lora_trainer_tab.py"))
+    spec = importlib.util.spec_from_file_location(
+        "lora_trainer_tab_under_test", os.path.join(REPO, "scripts", "lora_trainer_tab.py")
+    )
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     assert set(registered) == {"on_ui_tabs", "on_ui_settings", "on_app_started"}
@@ -449,23 +481,33 @@ def test_tab_script_imports_nothing_heavy():
     """In a fresh interpreter: importing the script loads neither torch nor gradio (the host imports it early)."""
     import subprocess
 
-    code = ("import sys, types; m = types.ModuleType('modules'); m.__path__ = []; "
-            "cb = types.ModuleType('modules.script_callbacks'); "
-            "cb.on_ui_tabs = cb.on_ui_settings = cb.on_app_started = lambda fn: None; "
-            "sys.modules.update({'modules': m, 'modules.script_callbacks': cb}); "
-            "import runpy; runpy.run_path(sys.argv[1]); "
-            "print(sorted({'torch', 'gradio', 'fastapi'} & set(sys.modules)))")
-    out = subprocess.run([sys.executable, "-c", code, os.path.join(REPO, "scripts", "lora_trainer_tab.py")],
-                         capture_output=True, text=True, timeout=120, cwd="/")
+    code = (
+        "import sys, types; m = types.ModuleType('modules'); m.__path__ = []; "
+        "cb = types.ModuleType('modules.script_callbacks'); "
+        "cb.on_ui_tabs = cb.on_ui_settings = cb.on_app_started = lambda fn: None; "
+        "sys.modules.update({'modules': m, 'modules.script_callbacks': cb}); "
+        "import runpy; runpy.run_path(sys.argv[1]); "
+        "print(sorted({'torch', 'gradio', 'fastapi'} & set(sys.modules)))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, os.path.join(REPO, "scripts", "lora_trainer_tab.py")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd="/",
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
 
 
-@pytest.mark.parametrize("change, fragment", [
-    (lambda m: setattr(m, "forge_objects", object()), "Forge"),
-    (lambda m: setattr(m, "is_sd3", True), "SD3"),
-    (lambda m: delattr(m, "model"), "not an ldm/sgm"),
-])
+@pytest.mark.parametrize(
+    "change, fragment",
+    [
+        (lambda m: setattr(m, "forge_objects", object()), "Forge"),
+        (lambda m: setattr(m, "is_sd3", True), "SD3"),
+        (lambda m: delattr(m, "model"), "not an ldm/sgm"),
+    ],
+)
 def test_models_the_trainer_cannot_drive_are_named_in_the_tab(host, tmp_path, change, fragment):
     change(host.model)
     backend = webui.WebUIBackend()

@@ -127,18 +127,21 @@ def test_parse_api_auth_matches_host_format():
 
 
 # --- path safety ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("config, fragment", [
-    ({"output_name": "../evil"}, "not allowed"),
-    ({"output_name": "a/b"}, "not allowed"),
-    ({"output_name": ".hidden"}, "not allowed"),
-    ({"output_dir": "/tmp/x/../../etc"}, "'..'"),
-    ({"output_dir": "relative/out"}, "absolute"),
-    ({"output_dir": "/etc/lora_out"}, "must be inside"),
-    ({"logging_dir": "/tmp/elsewhere"}, "logging_dir must be inside"),
-    ({"cache_dir": "/tmp/elsewhere"}, "cache_dir must be inside"),
-    ({"task_type": "text-generation"}, "image LoRAs"),
-    ({"no_such_option": 1}, "Unknown key"),
-])
+@pytest.mark.parametrize(
+    "config, fragment",
+    [
+        ({"output_name": "../evil"}, "not allowed"),
+        ({"output_name": "a/b"}, "not allowed"),
+        ({"output_name": ".hidden"}, "not allowed"),
+        ({"output_dir": "/tmp/x/../../etc"}, "'..'"),
+        ({"output_dir": "relative/out"}, "absolute"),
+        ({"output_dir": "/etc/lora_out"}, "must be inside"),
+        ({"logging_dir": "/tmp/elsewhere"}, "logging_dir must be inside"),
+        ({"cache_dir": "/tmp/elsewhere"}, "cache_dir must be inside"),
+        ({"task_type": "text-generation"}, "image LoRAs"),
+        ({"no_such_option": 1}, "Unknown key"),
+    ],
+)
 def test_writes_outside_allowed_folders_are_refused(tmp_path, config, fragment):
     client, runner, backend, _ = make_client(tmp_path)
     r = client.post(P + "/train", json=body(tmp_path, **config))
@@ -190,14 +193,17 @@ def test_existing_lora_needs_overwrite(tmp_path):
     assert runner.wait(10)
 
 
-@pytest.mark.parametrize("payload, fragment", [
-    ({"cfg": {}}, "Unknown field"),
-    ({}, "config is required"),
-    ({"config": "- a\n- list"}, "mapping"),
-    ({"config": "a: [unclosed"}, "not valid YAML"),
-    ({"config": {"output_name": "x"}, "overwrite": "yes"}, "overwrite"),
-    ([1, 2], "JSON object"),
-])
+@pytest.mark.parametrize(
+    "payload, fragment",
+    [
+        ({"cfg": {}}, "Unknown field"),
+        ({}, "config is required"),
+        ({"config": "- a\n- list"}, "mapping"),
+        ({"config": "a: [unclosed"}, "not valid YAML"),
+        ({"config": {"output_name": "x"}, "overwrite": "yes"}, "overwrite"),
+        ([1, 2], "JSON object"),
+    ],
+)
 def test_bad_bodies_get_clear_errors(tmp_path, payload, fragment):
     client, *_ = make_client(tmp_path)
     r = client.post(P + "/train", json=payload)

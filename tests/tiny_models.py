@@ -34,10 +34,19 @@ def _text_encoder(hidden: int, layers: int, act: str, projection: Optional[int],
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
-    config = CLIPTextConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=hidden * 2,
-                            num_hidden_layers=layers, num_attention_heads=max(1, hidden // 64),
-                            max_position_embeddings=77, hidden_act=act, projection_dim=projection or hidden,
-                            bos_token_id=VOCAB - 2, eos_token_id=VOCAB - 1, pad_token_id=VOCAB - 1)
+    config = CLIPTextConfig(
+        vocab_size=VOCAB,
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=max(1, hidden // 64),
+        max_position_embeddings=77,
+        hidden_act=act,
+        projection_dim=projection or hidden,
+        bos_token_id=VOCAB - 2,
+        eos_token_id=VOCAB - 1,
+        pad_token_id=VOCAB - 1,
+    )
     cls = CLIPTextModelWithProjection if projection else CLIPTextModel
     return cls(config).eval()
 
@@ -46,10 +55,18 @@ def _vae(seed: int):
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
-    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 32, 32, 32),
-                         layers_per_block=1, down_block_types=("DownEncoderBlock2D",) * 4,
-                         up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32,
-                         scaling_factor=0.18215, sample_size=64).eval()
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(32, 32, 32, 32),
+        layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        norm_num_groups=32,
+        scaling_factor=0.18215,
+        sample_size=64,
+    ).eval()
 
 
 def _perturb_zero_outputs(module: torch.nn.Module, seed: int) -> None:
@@ -69,29 +86,54 @@ def build_tiny(arch: str, seed: int = 0) -> TinyPipelineParts:
     if arch == "sd1":
         te = [_text_encoder(64, 2, "quick_gelu", None, seed + 1)]
         unet = UNet2DConditionModel(
-            sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(32, 64),
+            sample_size=8,
+            in_channels=4,
+            out_channels=4,
+            layers_per_block=2,
+            block_out_channels=(32, 64),
             # Attention only at the lower resolution keeps 512 px runs (the seed config's default) quick.
             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            cross_attention_dim=64, attention_head_dim=8, norm_num_groups=32)
+            cross_attention_dim=64,
+            attention_head_dim=8,
+            norm_num_groups=32,
+        )
         prediction = "epsilon"
     elif arch == "sd2":
         te = [_text_encoder(64, 2, "gelu", None, seed + 1)]
         unet = UNet2DConditionModel(
-            sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(64, 128),
+            sample_size=8,
+            in_channels=4,
+            out_channels=4,
+            layers_per_block=1,
+            block_out_channels=(64, 128),
             down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-            cross_attention_dim=64, attention_head_dim=[1, 2], use_linear_projection=True, norm_num_groups=32)
+            cross_attention_dim=64,
+            attention_head_dim=[1, 2],
+            use_linear_projection=True,
+            norm_num_groups=32,
+        )
         prediction = "v_prediction"
     elif arch == "sdxl":
         te = [_text_encoder(64, 2, "quick_gelu", None, seed + 1), _text_encoder(64, 2, "gelu", 32, seed + 2)]
         unet = UNet2DConditionModel(
-            sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(32, 64, 64),
+            sample_size=8,
+            in_channels=4,
+            out_channels=4,
+            layers_per_block=2,
+            block_out_channels=(32, 64, 64),
             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-            cross_attention_dim=128, attention_head_dim=[1, 1, 1], transformer_layers_per_block=[1, 1, 2],
-            use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
-            projection_class_embeddings_input_dim=32 + 6 * 8, norm_num_groups=32)
+            cross_attention_dim=128,
+            attention_head_dim=[1, 1, 1],
+            transformer_layers_per_block=[1, 1, 2],
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=32 + 6 * 8,
+            norm_num_groups=32,
+        )
         prediction = "epsilon"
     else:
         raise ValueError(arch)
@@ -107,10 +149,13 @@ def save_diffusers_folder(parts: TinyPipelineParts, folder: str) -> str:
     os.makedirs(folder, exist_ok=True)
     parts.unet.save_pretrained(os.path.join(folder, "unet"))
     parts.vae.save_pretrained(os.path.join(folder, "vae"))
-    index = {"_class_name": "StableDiffusionXLPipeline" if parts.arch == "sdxl" else "StableDiffusionPipeline",
-             "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
-             "scheduler": ["diffusers", "DDPMScheduler"]}
-    names = ["text_encoder", "text_encoder_2"][:len(parts.text_encoders)]
+    index = {
+        "_class_name": "StableDiffusionXLPipeline" if parts.arch == "sdxl" else "StableDiffusionPipeline",
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "scheduler": ["diffusers", "DDPMScheduler"],
+    }
+    names = ["text_encoder", "text_encoder_2"][: len(parts.text_encoders)]
     for i, (name, te) in enumerate(zip(names, parts.text_encoders)):
         te.save_pretrained(os.path.join(folder, name))
         tok = load_clip_tokenizer(None, "!" if (parts.arch == "sd2" or i == 1) else None)
@@ -119,9 +164,17 @@ def save_diffusers_folder(parts: TinyPipelineParts, folder: str) -> str:
         index[name.replace("text_encoder", "tokenizer")] = ["transformers", "CLIPTokenizer"]
     os.makedirs(os.path.join(folder, "scheduler"), exist_ok=True)
     with open(os.path.join(folder, "scheduler", "scheduler_config.json"), "w") as fh:
-        json.dump({"_class_name": "DDPMScheduler", "beta_start": 0.00085, "beta_end": 0.012,
-                   "beta_schedule": "scaled_linear", "num_train_timesteps": 1000,
-                   "prediction_type": parts.prediction_type}, fh)
+        json.dump(
+            {
+                "_class_name": "DDPMScheduler",
+                "beta_start": 0.00085,
+                "beta_end": 0.012,
+                "beta_schedule": "scaled_linear",
+                "num_train_timesteps": 1000,
+                "prediction_type": parts.prediction_type,
+            },
+            fh,
+        )
     with open(os.path.join(folder, "model_index.json"), "w") as fh:
         json.dump(index, fh)
     return folder
@@ -129,8 +182,11 @@ def save_diffusers_folder(parts: TinyPipelineParts, folder: str) -> str:
 
 def canonical_text_state(te: torch.nn.Module) -> dict:
     """A CLIP text encoder's weights with transformers-4 names (``text_model.`` level), as files store them."""
-    return {(k if k.startswith(("text_model.", "text_projection")) else "text_model." + k): v
-            for k, v in te.state_dict().items() if "position_ids" not in k}
+    return {
+        (k if k.startswith(("text_model.", "text_projection")) else "text_model." + k): v
+        for k, v in te.state_dict().items()
+        if "position_ids" not in k
+    }
 
 
 def _open_clip_state(te: torch.nn.Module, extra_layer: bool) -> dict:
@@ -141,7 +197,8 @@ def _open_clip_state(te: torch.nn.Module, extra_layer: bool) -> dict:
         p = f"text_model.encoder.layers.{i}.self_attn."
         for kind in ("weight", "bias"):
             out[f"transformer.resblocks.{i}.attn.in_proj_{kind}"] = torch.cat(
-                [sd.pop(p + f"{n}.{kind}") for n in ("q_proj", "k_proj", "v_proj")])
+                [sd.pop(p + f"{n}.{kind}") for n in ("q_proj", "k_proj", "v_proj")]
+            )
     for k, v in sd.items():
         name = hf_clip_to_open_clip(k)
         assert name is not None, k
@@ -186,12 +243,18 @@ def save_single_file(parts: TinyPipelineParts, path: str, with_yaml: bool = Fals
     if with_yaml:
         parameterization = "v" if parts.prediction_type == "v_prediction" else "eps"
         with open(os.path.splitext(path)[0] + ".yaml", "w") as fh:
-            fh.write(f"model:\n  params:\n    parameterization: \"{parameterization}\"\n")
+            fh.write(f'model:\n  params:\n    parameterization: "{parameterization}"\n')
     return path
 
 
-def make_image_folder(folder: str, count: int = 4, size=(64, 64), captions: Optional[List[str]] = None,
-                      seed: int = 0, metadata: bool = True) -> List[str]:
+def make_image_folder(
+    folder: str,
+    count: int = 4,
+    size=(64, 64),
+    captions: Optional[List[str]] = None,
+    seed: int = 0,
+    metadata: bool = True,
+) -> List[str]:
     """Generated images with distinct colour patterns, and a metadata.csv (or none)."""
     os.makedirs(folder, exist_ok=True)
     rng = np.random.default_rng(seed)

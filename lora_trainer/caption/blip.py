@@ -27,8 +27,9 @@ class BlipCaptioner(Captioner):
 
     name = "blip"
 
-    def __init__(self, model, processor, device: str, *, max_new_tokens: int = 40, num_beams: int = 1,
-                 prompt: str = "") -> None:
+    def __init__(
+        self, model, processor, device: str, *, max_new_tokens: int = 40, num_beams: int = 1, prompt: str = ""
+    ) -> None:
         self._model = model
         self._processor = processor
         self._device = device
@@ -44,8 +45,10 @@ class BlipCaptioner(Captioner):
         kwargs = {"text": [self._prompt] * len(images)} if self._prompt else {}
         inputs = self._processor(images=list(images), return_tensors="pt", **kwargs)
         dtype = next(self._model.parameters()).dtype
-        inputs = {key: value.to(self._device, dtype=dtype) if key == "pixel_values" else value.to(self._device)
-                  for key, value in inputs.items()}
+        inputs = {
+            key: value.to(self._device, dtype=dtype) if key == "pixel_values" else value.to(self._device)
+            for key, value in inputs.items()
+        }
         with torch.inference_mode():
             tokens = self._model.generate(**inputs, max_new_tokens=self._max_new_tokens, num_beams=self._num_beams)
         return [" ".join(text.split()) for text in self._processor.batch_decode(tokens, skip_special_tokens=True)]
@@ -54,16 +57,23 @@ class BlipCaptioner(Captioner):
         self._model = None
 
 
-def load_blip(model_path: Optional[str] = None, device: str = "auto", *, max_new_tokens: int = 40,
-              num_beams: int = 1, prompt: str = "") -> BlipCaptioner:
+def load_blip(
+    model_path: Optional[str] = None,
+    device: str = "auto",
+    *,
+    max_new_tokens: int = 40,
+    num_beams: int = 1,
+    prompt: str = "",
+) -> BlipCaptioner:
     """Load BLIP from ``model_path`` (a folder saved with ``save_pretrained``) or the local HF cache."""
     folder = resolve_weights_folder(BLIP_WEIGHTS, model_path)
     try:
         import torch
         from transformers import BlipForConditionalGeneration, BlipProcessor
     except ImportError as exc:
-        raise CaptionerUnavailable(f"BLIP captioning needs transformers ({exc}); "
-                                   "install it with `pip install lora-trainer[caption]`.") from None
+        raise CaptionerUnavailable(
+            f"BLIP captioning needs transformers ({exc}); install it with `pip install lora-trainer[caption]`."
+        ) from None
     device = resolve_device(device)
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
     try:
@@ -72,5 +82,4 @@ def load_blip(model_path: Optional[str] = None, device: str = "auto", *, max_new
     except (OSError, ValueError) as exc:
         raise CaptionerUnavailable(f"cannot load BLIP from {folder}: {exc}") from None
     model.to(device).eval()
-    return BlipCaptioner(model, processor, device, max_new_tokens=max_new_tokens, num_beams=num_beams,
-                         prompt=prompt)
+    return BlipCaptioner(model, processor, device, max_new_tokens=max_new_tokens, num_beams=num_beams, prompt=prompt)

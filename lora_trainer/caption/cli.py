@@ -17,20 +17,28 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lora_trainer caption",
         description="Caption every image in a folder and write filename,prompt rows to metadata.csv. Weights are "
-                    "read from disk only (a folder, or the local Hugging Face cache); nothing is downloaded.")
+        "read from disk only (a folder, or the local Hugging Face cache); nothing is downloaded.",
+    )
     parser.add_argument("--input", required=True, help="folder of training images")
     parser.add_argument("--output", help="metadata.csv to write (default: INPUT/metadata.csv)")
-    parser.add_argument("--model", default="blip",
-                        help="blip | clip | wd14, or a local model folder/file whose kind is detected (default: blip)")
+    parser.add_argument(
+        "--model",
+        default="blip",
+        help="blip | clip | wd14, or a local model folder/file whose kind is detected (default: blip)",
+    )
     parser.add_argument("--model-path", help="folder (or file) with the weights of the --model captioner")
     parser.add_argument("--tags-csv", help="wd14: selected_tags.csv, when it is not beside the .onnx")
     parser.add_argument("--threshold", type=float, default=0.35, help="wd14: keep tags at least this likely")
-    parser.add_argument("--character-threshold", type=float,
-                        help="wd14: threshold for character tags (default: --threshold)")
+    parser.add_argument(
+        "--character-threshold", type=float, help="wd14: threshold for character tags (default: --threshold)"
+    )
     parser.add_argument("--clip-arch", help="clip: open_clip architecture (e.g. ViT-L-14) of a single checkpoint file")
-    parser.add_argument("--clip-base", metavar="BLIP_FOLDER",
-                        help="clip: caption with BLIP from this folder ('cache': the HF cache) and append CLIP "
-                             "phrases to it; default: CLIP phrases only")
+    parser.add_argument(
+        "--clip-base",
+        metavar="BLIP_FOLDER",
+        help="clip: caption with BLIP from this folder ('cache': the HF cache) and append CLIP "
+        "phrases to it; default: CLIP phrases only",
+    )
     parser.add_argument("--max-length", type=int, default=40, help="blip: most tokens per caption")
     parser.add_argument("--num-beams", type=int, default=1, help="blip: beam search width (1: greedy)")
     parser.add_argument("--prefix", default="", help="trigger word(s) put before each new caption")
@@ -47,18 +55,32 @@ def build_parser() -> argparse.ArgumentParser:
 def _captioner_options(args: argparse.Namespace) -> CaptionerOptions:
     from_cache = args.clip_base == "cache"
     return CaptionerOptions(
-        model_path=args.model_path, device=args.device, tags_csv=args.tags_csv, threshold=args.threshold,
-        character_threshold=args.character_threshold, max_new_tokens=args.max_length, num_beams=args.num_beams,
-        clip_arch=args.clip_arch, clip_base=None if from_cache else args.clip_base, clip_base_from_cache=from_cache)
+        model_path=args.model_path,
+        device=args.device,
+        tags_csv=args.tags_csv,
+        threshold=args.threshold,
+        character_threshold=args.character_threshold,
+        max_new_tokens=args.max_length,
+        num_beams=args.num_beams,
+        clip_arch=args.clip_arch,
+        clip_base=None if from_cache else args.clip_base,
+        clip_base_from_cache=from_cache,
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     """Caption as ``args`` say and print the outcome; raises LoraTrainerError for problems a user can fix."""
     if args.batch_size < 1:
         raise LoraTrainerError(f"--batch-size must be at least 1, not {args.batch_size}")
-    run_options = CaptionRunOptions(output=args.output, prefix=args.prefix, suffix=args.suffix, sidecar=args.sidecar,
-                                    overwrite=args.overwrite, batch_size=args.batch_size,
-                                    show_progress=not args.no_progress)
+    run_options = CaptionRunOptions(
+        output=args.output,
+        prefix=args.prefix,
+        suffix=args.suffix,
+        sidecar=args.sidecar,
+        overwrite=args.overwrite,
+        batch_size=args.batch_size,
+        show_progress=not args.no_progress,
+    )
     captioner = load_captioner(args.model, _captioner_options(args))
     try:
         report = caption_folder(args.input, captioner, run_options)
@@ -66,8 +88,10 @@ def run(args: argparse.Namespace) -> int:
         captioner.close()
     for name, reason in report.failed:
         print(f"warning: skipped {name}: {reason}", file=sys.stderr)
-    print(f"captioned {len(report.captioned)} image(s), kept {len(report.skipped)} existing caption(s), "
-          f"skipped {len(report.failed)} unreadable image(s); wrote {report.output}")
+    print(
+        f"captioned {len(report.captioned)} image(s), kept {len(report.skipped)} existing caption(s), "
+        f"skipped {len(report.failed)} unreadable image(s); wrote {report.output}"
+    )
     print(format_tag_summary(report.tag_counts, report.total_images, args.top_tags))
     return 0
 

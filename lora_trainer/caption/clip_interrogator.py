@@ -36,10 +36,18 @@ class ClipInterrogator(Captioner):
 
     name = "clip"
 
-    def __init__(self, model, preprocess, tokenizer, device: str, *,
-                 phrase_lists: Mapping[str, Sequence[str]] = DEFAULT_PHRASE_LISTS,
-                 top_k: Mapping[str, int] = DEFAULT_TOP_K, base_captioner: Optional[Captioner] = None,
-                 text_batch_size: int = 256) -> None:
+    def __init__(
+        self,
+        model,
+        preprocess,
+        tokenizer,
+        device: str,
+        *,
+        phrase_lists: Mapping[str, Sequence[str]] = DEFAULT_PHRASE_LISTS,
+        top_k: Mapping[str, int] = DEFAULT_TOP_K,
+        base_captioner: Optional[Captioner] = None,
+        text_batch_size: int = 256,
+    ) -> None:
         import torch
 
         self._model = model
@@ -51,8 +59,10 @@ class ClipInterrogator(Captioner):
         with torch.inference_mode():
             for list_name, phrases in phrase_lists.items():
                 phrases = tuple(phrases)
-                chunks = [self._encode_text(tokenizer(list(phrases[i:i + text_batch_size])))
-                          for i in range(0, len(phrases), text_batch_size)]
+                chunks = [
+                    self._encode_text(tokenizer(list(phrases[i : i + text_batch_size])))
+                    for i in range(0, len(phrases), text_batch_size)
+                ]
                 self._lists.append((list_name, phrases, torch.cat(chunks)))
 
     def _encode_text(self, tokens):
@@ -119,7 +129,8 @@ def _model_source(model_path: Optional[str], arch: Optional[str]) -> Tuple[str, 
         if not arch:
             raise CaptionerUnavailable(
                 f"{model_path} is a single checkpoint file: also pass --clip-arch with its open_clip architecture "
-                f"(e.g. {DEFAULT_CLIP_ARCH}), or give a folder holding open_clip_config.json and the weights.")
+                f"(e.g. {DEFAULT_CLIP_ARCH}), or give a folder holding open_clip_config.json and the weights."
+            )
         return arch, model_path, model_path
     folder = model_path or hf_cache_snapshot(CLIP_WEIGHTS.repo_id)
     arch = arch or (None if model_path else DEFAULT_CLIP_ARCH)
@@ -131,7 +142,8 @@ def _model_source(model_path: Optional[str], arch: Optional[str]) -> Tuple[str, 
             raise CaptionerUnavailable(
                 f"{folder} holds CLIP weights but no open_clip_config.json: pass --clip-arch with their open_clip "
                 f"architecture (e.g. {DEFAULT_CLIP_ARCH}), or add the open_clip_config.json from "
-                f"https://huggingface.co/{CLIP_WEIGHTS.repo_id} (or the model's own repository).")
+                f"https://huggingface.co/{CLIP_WEIGHTS.repo_id} (or the model's own repository)."
+            )
     folder = resolve_weights_folder(CLIP_WEIGHTS, model_path)
     return "local-dir:" + folder, None, folder
 
@@ -142,28 +154,38 @@ def _open_clip_model(model_path: Optional[str], arch: Optional[str], device: str
     try:
         import open_clip
     except ImportError as exc:
-        raise CaptionerUnavailable(f"CLIP interrogation needs open_clip_torch ({exc}); "
-                                   "install it with `pip install lora-trainer[caption]`.") from None
+        raise CaptionerUnavailable(
+            f"CLIP interrogation needs open_clip_torch ({exc}); install it with `pip install lora-trainer[caption]`."
+        ) from None
     if not name.startswith("local-dir:") and name not in open_clip.list_models():
-        raise CaptionerUnavailable(f"unknown open_clip architecture {name!r} for {source}; "
-                                   f"known ones include {', '.join(open_clip.list_models()[:8])}, ...")
+        raise CaptionerUnavailable(
+            f"unknown open_clip architecture {name!r} for {source}; "
+            f"known ones include {', '.join(open_clip.list_models()[:8])}, ..."
+        )
     precision = "fp16" if device.startswith("cuda") else "fp32"
     try:
-        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=checkpoint, device=device,
-                                                                     precision=precision)
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            name, pretrained=checkpoint, device=device, precision=precision
+        )
         tokenizer = open_clip.get_tokenizer(name)
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
         raise CaptionerUnavailable(f"cannot load CLIP from {source}: {exc}") from None
     return model, preprocess, tokenizer
 
 
-def load_clip_interrogator(model_path: Optional[str] = None, device: str = "auto", *, arch: Optional[str] = None,
-                           base_captioner: Optional[Captioner] = None,
-                           phrase_lists: Mapping[str, Sequence[str]] = DEFAULT_PHRASE_LISTS,
-                           top_k: Mapping[str, int] = DEFAULT_TOP_K) -> ClipInterrogator:
+def load_clip_interrogator(
+    model_path: Optional[str] = None,
+    device: str = "auto",
+    *,
+    arch: Optional[str] = None,
+    base_captioner: Optional[Captioner] = None,
+    phrase_lists: Mapping[str, Sequence[str]] = DEFAULT_PHRASE_LISTS,
+    top_k: Mapping[str, int] = DEFAULT_TOP_K,
+) -> ClipInterrogator:
     """Build a CLIP interrogator from local files (see ``_open_clip_model``); nothing is downloaded."""
     device = resolve_device(device)
     model, preprocess, tokenizer = _open_clip_model(model_path, arch, device)
     model.eval()
-    return ClipInterrogator(model, preprocess, tokenizer, device, phrase_lists=phrase_lists, top_k=top_k,
-                            base_captioner=base_captioner)
+    return ClipInterrogator(
+        model, preprocess, tokenizer, device, phrase_lists=phrase_lists, top_k=top_k, base_captioner=base_captioner
+    )

@@ -57,8 +57,9 @@ def _checked_name(folder: str, name: str) -> str:
     return name
 
 
-def save_caption_rows(folder: str, rows: Iterable[CaptionRow], metadata_path: Optional[str] = None,
-                      sidecar: bool = False) -> str:
+def save_caption_rows(
+    folder: str, rows: Iterable[CaptionRow], metadata_path: Optional[str] = None, sidecar: bool = False
+) -> str:
     """Write edited rows into metadata.csv atomically, keeping rows of images not among them; return its path.
 
     With ``sidecar``, each edited image's ``.txt`` is rewritten too (only when its text changed).
@@ -97,8 +98,9 @@ def remove_trigger_word(rows: Iterable[CaptionRow], word: str) -> List[CaptionRo
     return [(name, remove_tag(caption, word)) for name, caption in rows]
 
 
-def find_replace(rows: Iterable[CaptionRow], find: str, replacement: str, *, regex: bool = False,
-                 case_sensitive: bool = True) -> List[CaptionRow]:
+def find_replace(
+    rows: Iterable[CaptionRow], find: str, replacement: str, *, regex: bool = False, case_sensitive: bool = True
+) -> List[CaptionRow]:
     """Replace ``find`` (plain text, or a regular expression with ``regex``) in every caption."""
     if not find:
         return list(rows)

@@ -72,20 +72,26 @@ def resolve_weights_folder(spec: WeightsSpec, model_path: Optional[str], option:
         if not os.path.isdir(folder):
             raise CaptionerUnavailable(
                 f"{spec.label} weights folder not found: {folder}. Create it and put {_file_list(spec)} in it "
-                f"(from https://huggingface.co/{spec.repo_id}).")
+                f"(from https://huggingface.co/{spec.repo_id})."
+            )
         missing = missing_files(folder, spec.required)
         if missing:
             raise CaptionerUnavailable(
                 f"{spec.label} weights are incomplete in {folder}: missing {', '.join(missing)}. Put them in that "
-                f"folder (from https://huggingface.co/{spec.repo_id}).")
+                f"folder (from https://huggingface.co/{spec.repo_id})."
+            )
         return folder
     snapshot = hf_cache_snapshot(spec.repo_id)
     if snapshot and not missing_files(snapshot, spec.required):
         return snapshot
-    where = (f"the cached copy at {snapshot} lacks {', '.join(missing_files(snapshot, spec.required))}" if snapshot
-             else f"{spec.repo_id} is not in the local Hugging Face cache ({hf_cache_root()})")
+    where = (
+        f"the cached copy at {snapshot} lacks {', '.join(missing_files(snapshot, spec.required))}"
+        if snapshot
+        else f"{spec.repo_id} is not in the local Hugging Face cache ({hf_cache_root()})"
+    )
     raise CaptionerUnavailable(
         f"{spec.label} weights not found on disk: {where}. Nothing is downloaded at run time: put "
         f"{_file_list(spec)} from https://huggingface.co/{spec.repo_id} in a folder such as "
         f"{spec.suggested_folder} and pass {option} {spec.suggested_folder}, or fill the cache beforehand with "
-        f"`hf download {spec.repo_id}`.")
+        f"`hf download {spec.repo_id}`."
+    )

@@ -29,8 +29,9 @@ class CaptionerOptions:
 def _load_blip(options: CaptionerOptions) -> Captioner:
     from lora_trainer.caption.blip import load_blip
 
-    return load_blip(options.model_path, options.device, max_new_tokens=options.max_new_tokens,
-                     num_beams=options.num_beams)
+    return load_blip(
+        options.model_path, options.device, max_new_tokens=options.max_new_tokens, num_beams=options.num_beams
+    )
 
 
 def _load_clip(options: CaptionerOptions) -> Captioner:
@@ -39,16 +40,22 @@ def _load_clip(options: CaptionerOptions) -> Captioner:
 
     base = None
     if options.clip_base or options.clip_base_from_cache:
-        base = load_blip(options.clip_base, options.device, max_new_tokens=options.max_new_tokens,
-                         num_beams=options.num_beams)
+        base = load_blip(
+            options.clip_base, options.device, max_new_tokens=options.max_new_tokens, num_beams=options.num_beams
+        )
     return load_clip_interrogator(options.model_path, options.device, arch=options.clip_arch, base_captioner=base)
 
 
 def _load_wd14(options: CaptionerOptions) -> Captioner:
     from lora_trainer.caption.wd14 import load_wd14
 
-    return load_wd14(options.model_path, options.device, tags_csv=options.tags_csv, threshold=options.threshold,
-                     character_threshold=options.character_threshold)
+    return load_wd14(
+        options.model_path,
+        options.device,
+        tags_csv=options.tags_csv,
+        threshold=options.threshold,
+        character_threshold=options.character_threshold,
+    )
 
 
 def captioner_loaders() -> Dict[str, Callable[[CaptionerOptions], Captioner]]:
@@ -63,8 +70,10 @@ def detect_kind(path: str) -> str:
             return "wd14"
         if path.lower().endswith((".safetensors", ".bin", ".pt", ".pth")):
             return "clip"  # a lone checkpoint: open_clip weights, with --clip-arch naming the architecture
-        raise CaptionerUnavailable(f"cannot tell what kind of captioner {path} is: expected an .onnx tagger "
-                                   "or an open_clip checkpoint file, or a model folder.")
+        raise CaptionerUnavailable(
+            f"cannot tell what kind of captioner {path} is: expected an .onnx tagger "
+            "or an open_clip checkpoint file, or a model folder."
+        )
     if not os.path.isdir(path):
         raise CaptionerUnavailable(f"model path not found: {path}")
     names = set(os.listdir(path))
@@ -82,7 +91,8 @@ def detect_kind(path: str) -> str:
             return "blip"
     raise CaptionerUnavailable(
         f"cannot tell what kind of captioner is in {path}: expected model.onnx + selected_tags.csv (wd14), "
-        "open_clip_config.json + weights (clip), or a BLIP folder whose config.json has model_type 'blip'.")
+        "open_clip_config.json + weights (clip), or a BLIP folder whose config.json has model_type 'blip'."
+    )
 
 
 def _with_model_path(options: CaptionerOptions, path: str) -> CaptionerOptions:
@@ -93,8 +103,11 @@ def _with_model_path(options: CaptionerOptions, path: str) -> CaptionerOptions:
     return replace(options, model_path=path)
 
 
-def load_captioner(model: str, options: CaptionerOptions = CaptionerOptions(),
-                   loaders: Optional[Dict[str, Callable[[CaptionerOptions], Captioner]]] = None) -> Captioner:
+def load_captioner(
+    model: str,
+    options: CaptionerOptions = CaptionerOptions(),
+    loaders: Optional[Dict[str, Callable[[CaptionerOptions], Captioner]]] = None,
+) -> Captioner:
     """A captioner by name (``blip``/``clip``/``wd14``, or any name in ``loaders``) or from a local path whose
     kind is detected. ``loaders`` defaults to ``captioner_loaders()``."""
     loaders = captioner_loaders() if loaders is None else loaders

@@ -72,12 +72,17 @@ def _load(path: str) -> Tuple[Optional[Image.Image], str]:
 
 def _batches(items: Sequence, size: int):
     for start in range(0, len(items), max(1, size)):
-        yield items[start:start + max(1, size)]
+        yield items[start : start + max(1, size)]
 
 
-def caption_folder(folder: str, captioner: Captioner, options: CaptionRunOptions = CaptionRunOptions(), *,
-                   on_progress: Optional[ProgressCallback] = None,
-                   should_stop: Optional[Callable[[], bool]] = None) -> CaptionReport:
+def caption_folder(
+    folder: str,
+    captioner: Captioner,
+    options: CaptionRunOptions = CaptionRunOptions(),
+    *,
+    on_progress: Optional[ProgressCallback] = None,
+    should_stop: Optional[Callable[[], bool]] = None,
+) -> CaptionReport:
     """Caption every image under ``folder`` that needs it and write ``metadata.csv``; see the module doc."""
     if not os.path.isdir(folder):
         raise DatasetError(f"image folder not found: {folder}")

@@ -9,15 +9,42 @@ from typing import Sequence, Tuple
 
 # A small word list for the tiny BLIP tokenizer; special tokens first, as BERT vocabularies have them.
 _BLIP_SPECIAL = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]")
-_BLIP_WORDS = ("a", "an", "the", "photo", "picture", "of", "cat", "dog", "city", "street", "night", "red", "blue",
-               "green", "with", "on", "in", "at", "woman", "man", "car", "tree", "sky", "building", "lights", "and")
+_BLIP_WORDS = (
+    "a",
+    "an",
+    "the",
+    "photo",
+    "picture",
+    "of",
+    "cat",
+    "dog",
+    "city",
+    "street",
+    "night",
+    "red",
+    "blue",
+    "green",
+    "with",
+    "on",
+    "in",
+    "at",
+    "woman",
+    "man",
+    "car",
+    "tree",
+    "sky",
+    "building",
+    "lights",
+    "and",
+)
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def build_tiny_blip(folder: str, *, hidden: int = 32, layers: int = 1, image_size: int = 32, patch_size: int = 16,
-                    seed: int = 0) -> str:
+def build_tiny_blip(
+    folder: str, *, hidden: int = 32, layers: int = 1, image_size: int = 32, patch_size: int = 16, seed: int = 0
+) -> str:
     """A BLIP captioning model + processor saved with ``save_pretrained`` into ``folder``; returns ``folder``."""
     import torch
     from transformers import (
@@ -37,12 +64,27 @@ def build_tiny_blip(folder: str, *, hidden: int = 32, layers: int = 1, image_siz
     tokenizer.add_special_tokens({"bos_token": "[DEC]"})
     heads = max(1, hidden // 16)
     config = BlipConfig(
-        vision_config={"hidden_size": hidden, "intermediate_size": hidden * 2, "num_hidden_layers": layers,
-                       "num_attention_heads": heads, "image_size": image_size, "patch_size": patch_size},
-        text_config={"vocab_size": len(vocab), "hidden_size": hidden, "intermediate_size": hidden * 2,
-                     "num_hidden_layers": layers, "num_attention_heads": heads, "encoder_hidden_size": hidden,
-                     "max_position_embeddings": 64, "bos_token_id": vocab.index("[DEC]"), "pad_token_id": 0,
-                     "sep_token_id": vocab.index("[SEP]"), "eos_token_id": vocab.index("[SEP]")},
+        vision_config={
+            "hidden_size": hidden,
+            "intermediate_size": hidden * 2,
+            "num_hidden_layers": layers,
+            "num_attention_heads": heads,
+            "image_size": image_size,
+            "patch_size": patch_size,
+        },
+        text_config={
+            "vocab_size": len(vocab),
+            "hidden_size": hidden,
+            "intermediate_size": hidden * 2,
+            "num_hidden_layers": layers,
+            "num_attention_heads": heads,
+            "encoder_hidden_size": hidden,
+            "max_position_embeddings": 64,
+            "bos_token_id": vocab.index("[DEC]"),
+            "pad_token_id": 0,
+            "sep_token_id": vocab.index("[SEP]"),
+            "eos_token_id": vocab.index("[SEP]"),
+        },
         projection_dim=hidden,
     )
     torch.manual_seed(seed)
@@ -52,8 +94,16 @@ def build_tiny_blip(folder: str, *, hidden: int = 32, layers: int = 1, image_siz
     return folder
 
 
-def build_tiny_clip(folder: str, *, width: int = 32, layers: int = 1, image_size: int = 32, patch_size: int = 16,
-                    embed_dim: int = 16, seed: int = 0) -> str:
+def build_tiny_clip(
+    folder: str,
+    *,
+    width: int = 32,
+    layers: int = 1,
+    image_size: int = 32,
+    patch_size: int = 16,
+    embed_dim: int = 16,
+    seed: int = 0,
+) -> str:
     """An open_clip model in the ``local-dir`` layout (open_clip_config.json + open_clip_model.safetensors).
 
     It uses open_clip's default tokenizer, whose BPE vocabulary ships inside the package.
@@ -65,17 +115,28 @@ def build_tiny_clip(folder: str, *, width: int = 32, layers: int = 1, image_size
     os.makedirs(folder, exist_ok=True)
     model_cfg = {
         "embed_dim": embed_dim,
-        "vision_cfg": {"image_size": image_size, "layers": layers, "width": width, "head_width": 16,
-                       "patch_size": patch_size},
-        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": width, "heads": max(1, width // 16),
-                     "layers": layers},
+        "vision_cfg": {
+            "image_size": image_size,
+            "layers": layers,
+            "width": width,
+            "head_width": 16,
+            "patch_size": patch_size,
+        },
+        "text_cfg": {
+            "context_length": 77,
+            "vocab_size": 49408,
+            "width": width,
+            "heads": max(1, width // 16),
+            "layers": layers,
+        },
     }
     with open(os.path.join(folder, "open_clip_config.json"), "w", encoding="utf-8") as fh:
         json.dump({"model_cfg": model_cfg, "preprocess_cfg": {"mean": CLIP_MEAN, "std": CLIP_STD}}, fh, indent=2)
     torch.manual_seed(seed)
     model = open_clip.CLIP(**model_cfg)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()},
-              os.path.join(folder, "open_clip_model.safetensors"))
+    save_file(
+        {k: v.contiguous() for k, v in model.state_dict().items()}, os.path.join(folder, "open_clip_model.safetensors")
+    )
     return folder
 
 
@@ -90,8 +151,14 @@ TINY_TAGS: Tuple[Tuple[str, int, float], ...] = (
 )
 
 
-def build_tiny_wd14(folder: str, *, tags: Sequence[Tuple[str, int, float]] = TINY_TAGS, image_size: int = 32,
-                    channels: int = 8, seed: int = 0) -> str:
+def build_tiny_wd14(
+    folder: str,
+    *,
+    tags: Sequence[Tuple[str, int, float]] = TINY_TAGS,
+    image_size: int = 32,
+    channels: int = 8,
+    seed: int = 0,
+) -> str:
     """A WD14-layout tagger (model.onnx, NHWC 0-255 BGR input, sigmoid outputs) plus its selected_tags.csv."""
     import numpy as np
     import onnx
@@ -110,8 +177,9 @@ def build_tiny_wd14(folder: str, *, tags: Sequence[Tuple[str, int, float]] = TIN
     nodes = [
         helper.make_node("Transpose", ["input_1"], ["nchw"], perm=[0, 3, 1, 2]),
         helper.make_node("Div", ["nchw", "scale"], ["scaled"]),
-        helper.make_node("Conv", ["scaled", "conv_w", "conv_b"], ["conv"], kernel_shape=[3, 3], strides=[2, 2],
-                         pads=[1, 1, 1, 1]),
+        helper.make_node(
+            "Conv", ["scaled", "conv_w", "conv_b"], ["conv"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]
+        ),
         helper.make_node("Relu", ["conv"], ["relu"]),
         helper.make_node("GlobalAveragePool", ["relu"], ["pooled"]),
         helper.make_node("Flatten", ["pooled"], ["flat"]),
@@ -119,7 +187,8 @@ def build_tiny_wd14(folder: str, *, tags: Sequence[Tuple[str, int, float]] = TIN
         helper.make_node("Sigmoid", ["logits"], ["predictions_sigmoid"]),
     ]
     graph = helper.make_graph(
-        nodes, "tiny_tagger",
+        nodes,
+        "tiny_tagger",
         [helper.make_tensor_value_info("input_1", TensorProto.FLOAT, ["batch", image_size, image_size, 3])],
         [helper.make_tensor_value_info("predictions_sigmoid", TensorProto.FLOAT, ["batch", count])],
         initializers,

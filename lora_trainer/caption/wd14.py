@@ -41,8 +41,9 @@ def read_selected_tags(path: str) -> List[Tag]:
     with open(path, encoding="utf-8-sig", newline="") as fh:
         reader = csv.DictReader(fh)
         if not reader.fieldnames or "name" not in reader.fieldnames:
-            raise CaptionerUnavailable(f"{path} has no 'name' column; expected the tagger's selected_tags.csv "
-                                       "(tag_id,name,category,count).")
+            raise CaptionerUnavailable(
+                f"{path} has no 'name' column; expected the tagger's selected_tags.csv (tag_id,name,category,count)."
+            )
         return [Tag(row["name"], int(row.get("category") or 0)) for row in reader]
 
 
@@ -51,8 +52,9 @@ def tag_to_text(tag: str) -> str:
     return tag if not _WORD.search(tag) else tag.replace("_", " ")
 
 
-def select_tags(probabilities: Sequence[float], tags: Sequence[Tag], threshold: float,
-                character_threshold: float) -> List[Tuple[str, float]]:
+def select_tags(
+    probabilities: Sequence[float], tags: Sequence[Tag], threshold: float, character_threshold: float
+) -> List[Tuple[str, float]]:
     """(caption text, probability) of the tags over their threshold, characters first, then most likely first."""
     chosen = []
     for tag, probability in zip(tags, probabilities, strict=True):
@@ -78,13 +80,16 @@ class Wd14Tagger(Captioner):
 
     name = "wd14"
 
-    def __init__(self, session, tags: Sequence[Tag], *, threshold: float = 0.35,
-                 character_threshold: Optional[float] = None) -> None:
+    def __init__(
+        self, session, tags: Sequence[Tag], *, threshold: float = 0.35, character_threshold: Optional[float] = None
+    ) -> None:
         if len(session.get_outputs()[0].shape) >= 2 and isinstance(session.get_outputs()[0].shape[-1], int):
             outputs = session.get_outputs()[0].shape[-1]
             if outputs != len(tags):
-                raise CaptionerUnavailable(f"the tagger outputs {outputs} scores but its tags file lists "
-                                           f"{len(tags)} tags; use the selected_tags.csv that came with the model.")
+                raise CaptionerUnavailable(
+                    f"the tagger outputs {outputs} scores but its tags file lists "
+                    f"{len(tags)} tags; use the selected_tags.csv that came with the model."
+                )
         self._session = session
         self._tags = list(tags)
         self._threshold = threshold
@@ -99,8 +104,7 @@ class Wd14Tagger(Captioner):
     def _pixels(self, images: Sequence[Image.Image]):
         import numpy as np
 
-        batch = np.stack([np.asarray(square_pad(image, self._size), dtype=np.float32)[:, :, ::-1]
-                          for image in images])
+        batch = np.stack([np.asarray(square_pad(image, self._size), dtype=np.float32)[:, :, ::-1] for image in images])
         return np.ascontiguousarray(batch.transpose(0, 3, 1, 2) if self._channels_first else batch)
 
     def scores(self, images: Sequence[Image.Image]):
@@ -109,16 +113,16 @@ class Wd14Tagger(Captioner):
 
         step = self._max_batch or len(images)
         name = self._session.get_inputs()[0].name
-        parts = [self._session.run(None, {name: self._pixels(images[i:i + step])})[0]
-                 for i in range(0, len(images), step)]
+        parts = [
+            self._session.run(None, {name: self._pixels(images[i : i + step])})[0] for i in range(0, len(images), step)
+        ]
         return np.concatenate(parts)
 
     def tag(self, images: Sequence[Image.Image]) -> List[List[Tuple[str, float]]]:
         """For each image, its selected (tag text, probability) pairs."""
         if not images:
             return []
-        return [select_tags(row, self._tags, self._threshold, self._character_threshold)
-                for row in self.scores(images)]
+        return [select_tags(row, self._tags, self._threshold, self._character_threshold) for row in self.scores(images)]
 
     def caption(self, images: Sequence[Image.Image]) -> List[str]:
         return [", ".join(text for text, _ in tags) for tags in self.tag(images)]
@@ -134,7 +138,8 @@ def _onnx_and_tags(model_path: Optional[str], tags_csv: Optional[str]) -> Tuple[
         if not os.path.isfile(tags_path):
             raise CaptionerUnavailable(
                 f"WD14 tags file not found: {tags_path}. Put the model's {TAGS_FILENAME} beside {onnx_path} "
-                f"(from https://huggingface.co/{WD14_WEIGHTS.repo_id}) or pass --tags-csv.")
+                f"(from https://huggingface.co/{WD14_WEIGHTS.repo_id}) or pass --tags-csv."
+            )
         return onnx_path, tags_path
     if model_path and tags_csv and os.path.isdir(model_path):
         spec = WeightsSpec(WD14_WEIGHTS.label, WD14_WEIGHTS.repo_id, (("model.onnx",),), WD14_WEIGHTS.suggested_folder)
@@ -146,15 +151,22 @@ def _onnx_and_tags(model_path: Optional[str], tags_csv: Optional[str]) -> Tuple[
     return os.path.join(folder, "model.onnx"), tags_csv or os.path.join(folder, TAGS_FILENAME)
 
 
-def load_wd14(model_path: Optional[str] = None, device: str = "auto", *, tags_csv: Optional[str] = None,
-              threshold: float = 0.35, character_threshold: Optional[float] = None) -> Wd14Tagger:
+def load_wd14(
+    model_path: Optional[str] = None,
+    device: str = "auto",
+    *,
+    tags_csv: Optional[str] = None,
+    threshold: float = 0.35,
+    character_threshold: Optional[float] = None,
+) -> Wd14Tagger:
     """Load the tagger from a folder (model.onnx + selected_tags.csv), an .onnx file, or the local HF cache."""
     onnx_path, tags_path = _onnx_and_tags(model_path, tags_csv)
     try:
         import onnxruntime
     except ImportError as exc:
-        raise CaptionerUnavailable(f"the WD14 tagger needs onnxruntime ({exc}); "
-                                   "install it with `pip install lora-trainer[caption]`.") from None
+        raise CaptionerUnavailable(
+            f"the WD14 tagger needs onnxruntime ({exc}); install it with `pip install lora-trainer[caption]`."
+        ) from None
     providers = ["CPUExecutionProvider"]
     if resolve_device(device).startswith("cuda") and "CUDAExecutionProvider" in onnxruntime.get_available_providers():
         providers.insert(0, "CUDAExecutionProvider")
@@ -162,5 +174,6 @@ def load_wd14(model_path: Optional[str] = None, device: str = "auto", *, tags_cs
         session = onnxruntime.InferenceSession(onnx_path, providers=providers)
     except Exception as exc:  # onnxruntime raises its own exception types for unreadable models
         raise CaptionerUnavailable(f"cannot load the WD14 tagger {onnx_path}: {exc}") from None
-    return Wd14Tagger(session, read_selected_tags(tags_path), threshold=threshold,
-                      character_threshold=character_threshold)
+    return Wd14Tagger(
+        session, read_selected_tags(tags_path), threshold=threshold, character_threshold=character_threshold
+    )

@@ -39,8 +39,9 @@ def read_metadata_csv(path: str) -> Dict[str, str]:
             if index == 0 and name.lower() in HEADER_NAMES:
                 continue
             if len(record) < 2:
-                raise DatasetError(f"{path}, line {reader.line_num}: expected 'filename,prompt' but found no comma "
-                                   f"after {name!r}.")
+                raise DatasetError(
+                    f"{path}, line {reader.line_num}: expected 'filename,prompt' but found no comma after {name!r}."
+                )
             captions[name] = ",".join(record[1:]).strip()
     except csv.Error as exc:
         raise DatasetError(f"{path}, line {reader.line_num}: {exc}; check the quoting of that row.") from None

@@ -59,13 +59,19 @@ class ImageCaptionDataset:
         self.report = DatasetReport(rejected=rejected)
         if not images:
             detail = f" ({len(rejected)} files could not be read)" if rejected else ""
-            raise DatasetError(f"no usable images in {folder}{detail}; add .png/.jpg/.webp images (kohya's "
-                               "N_name sub-folders are supported).")
+            raise DatasetError(
+                f"no usable images in {folder}{detail}; add .png/.jpg/.webp images (kohya's "
+                "N_name sub-folders are supported)."
+            )
         captions = self._read_captions(images)
-        self.buckets = (make_buckets(cfg.resolution, cfg.min_bucket_reso, cfg.max_bucket_reso, cfg.bucket_reso_steps)
-                        if cfg.enable_bucket else [(cfg.resolution, cfg.resolution)])
-        self.samples = [Sample(i, img, captions[img.name], nearest_bucket(img.size, self.buckets))
-                        for i, img in enumerate(images)]
+        self.buckets = (
+            make_buckets(cfg.resolution, cfg.min_bucket_reso, cfg.max_bucket_reso, cfg.bucket_reso_steps)
+            if cfg.enable_bucket
+            else [(cfg.resolution, cfg.resolution)]
+        )
+        self.samples = [
+            Sample(i, img, captions[img.name], nearest_bucket(img.size, self.buckets)) for i, img in enumerate(images)
+        ]
 
     def _read_captions(self, images: List[ImageFile]) -> Dict[str, str]:
         cfg = self.cfg
@@ -76,8 +82,9 @@ class ImageCaptionDataset:
         rows = read_metadata_csv(metadata_path) if metadata_path else {}
         by_basename = {os.path.basename(k): v for k, v in rows.items()}
         names = {img.name for img in images}
-        self.report.unmatched_rows = [k for k in rows if k not in names
-                                      and k not in {os.path.basename(n) for n in names}]
+        self.report.unmatched_rows = [
+            k for k in rows if k not in names and k not in {os.path.basename(n) for n in names}
+        ]
         captions = {}
         for img in images:
             caption = rows.get(img.name, by_basename.get(os.path.basename(img.name)))
@@ -100,16 +107,20 @@ class ImageCaptionDataset:
 
     def summary_lines(self) -> List[str]:
         report = self.report
-        lines = [f"dataset: {len(self.samples)} images, {self.num_repeated_images} per epoch with repeats, "
-                 f"{len(self.bucket_counts())} buckets, captions missing: {len(report.missing_captions)}"]
+        lines = [
+            f"dataset: {len(self.samples)} images, {self.num_repeated_images} per epoch with repeats, "
+            f"{len(self.bucket_counts())} buckets, captions missing: {len(report.missing_captions)}"
+        ]
         for bucket, count in self.bucket_counts().items():
             lines.append(f"  bucket {bucket[0]}x{bucket[1]}: {count}")
         for item in report.rejected:
             lines.append(f"  skipped {item.path}: {item.reason}")
         if report.missing_captions:
             shown = ", ".join(report.missing_captions[:5]) + (" ..." if len(report.missing_captions) > 5 else "")
-            lines.append(f"  no caption (metadata.csv row or {self.cfg.caption_extension} file) for: {shown}; "
-                         "those train with an empty caption (or their N_name folder's name)")
+            lines.append(
+                f"  no caption (metadata.csv row or {self.cfg.caption_extension} file) for: {shown}; "
+                "those train with an empty caption (or their N_name folder's name)"
+            )
         if report.unmatched_rows:
             lines.append(f"  metadata rows naming no image: {', '.join(report.unmatched_rows[:5])}")
         return lines
@@ -134,8 +145,7 @@ class ImageCaptionDataset:
 
     # ------------------------------------------------------------ per-epoch order and captions
 
-    def epoch_batches(self, epoch: int, seed: int, batch_size: int, rank: int = 0, world: int = 1
-                      ) -> List[List[int]]:
+    def epoch_batches(self, epoch: int, seed: int, batch_size: int, rank: int = 0, world: int = 1) -> List[List[int]]:
         """This process's batches of sample indices for ``epoch``; each batch shares one bucket."""
         rng = random.Random(seed * 7919 + epoch)
         by_bucket: Dict[Bucket, List[int]] = {}
@@ -145,7 +155,7 @@ class ImageCaptionDataset:
         for bucket in sorted(by_bucket):
             indices = by_bucket[bucket]
             rng.shuffle(indices)
-            batches.extend(indices[i:i + batch_size] for i in range(0, len(indices), batch_size))
+            batches.extend(indices[i : i + batch_size] for i in range(0, len(indices), batch_size))
         rng.shuffle(batches)
         # Every process must run the same number of steps: trim to a multiple of the process count.
         usable = max(world, len(batches) // world * world)
@@ -163,7 +173,7 @@ class ImageCaptionDataset:
             return ""
         if cfg.shuffle_caption:
             tags = split_tags(caption)
-            head, tail = tags[:cfg.keep_tokens], tags[cfg.keep_tokens:]
+            head, tail = tags[: cfg.keep_tokens], tags[cfg.keep_tokens :]
             rng.shuffle(tail)
             caption = ", ".join(head + tail)
         return caption

@@ -25,7 +25,7 @@ KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
 def safetensors_data_hash(blob: bytes) -> str:
     """sd-scripts' model hash: SHA-256 of everything after the 8-byte length and the JSON header."""
     (header_len,) = struct.unpack("<Q", blob[:8])
-    return hashlib.sha256(blob[8 + header_len:]).hexdigest()
+    return hashlib.sha256(blob[8 + header_len :]).hexdigest()
 
 
 def serialize_lora(tensors: Dict[str, torch.Tensor], metadata: Dict[str, str]) -> bytes:

@@ -10,9 +10,21 @@ from lora_trainer.config import ImageConfig, resolved_output_name
 from lora_trainer.models.architecture import BASE_MODEL_VERSION, SD2
 
 
-def lora_metadata(cfg: ImageConfig, *, arch: str, model_name: str, prediction_type: str, rank: int,
-                  alpha: float, dataset: Dict[str, str], started_at: float, step: int, epoch: int,
-                  num_epochs: int, max_steps: int) -> Dict[str, str]:
+def lora_metadata(
+    cfg: ImageConfig,
+    *,
+    arch: str,
+    model_name: str,
+    prediction_type: str,
+    rank: int,
+    alpha: float,
+    dataset: Dict[str, str],
+    started_at: float,
+    step: int,
+    epoch: int,
+    num_epochs: int,
+    max_steps: int,
+) -> Dict[str, str]:
     """``dataset`` carries the JSON-encoded ss_tag_frequency, ss_bucket_info and ss_dataset_dirs and
     ss_num_train_images from the dataset summary."""
     unet_lr = cfg.unet_lr if cfg.unet_lr is not None else cfg.learning_rate

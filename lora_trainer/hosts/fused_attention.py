@@ -31,13 +31,13 @@ class InProjectionView(nn.Linear):
     @property
     def weight(self) -> torch.Tensor:  # type: ignore[override]
         d = self.out_features
-        return self._attention[0].in_proj_weight[self.index * d:(self.index + 1) * d]
+        return self._attention[0].in_proj_weight[self.index * d : (self.index + 1) * d]
 
     @property
     def bias(self) -> Optional[torch.Tensor]:  # type: ignore[override]
         bias = self._attention[0].in_proj_bias
         d = self.out_features
-        return None if bias is None else bias[self.index * d:(self.index + 1) * d]
+        return None if bias is None else bias[self.index * d : (self.index + 1) * d]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
@@ -52,8 +52,16 @@ def projection_views(attention: nn.MultiheadAttention) -> Sequence[InProjectionV
 def split_projection_forward(attention: nn.MultiheadAttention, views: Sequence[InProjectionView]) -> Callable:
     """A replacement ``forward`` for ``attention`` that projects through ``views`` and ``attention.out_proj``."""
 
-    def forward(query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
-                average_attn_weights=True, is_causal=False):
+    def forward(
+        query,
+        key,
+        value,
+        key_padding_mask=None,
+        need_weights=True,
+        attn_mask=None,
+        average_attn_weights=True,
+        is_causal=False,
+    ):
         if attention.batch_first:
             query, key, value = (t.transpose(0, 1) for t in (query, key, value))
         q, k, v = views[0](query), views[1](key), views[2](value)
@@ -61,11 +69,30 @@ def split_projection_forward(attention: nn.MultiheadAttention, views: Sequence[I
         # The projections are done: the functional attention gets identities for them and for the output
         # projection, which runs afterwards as a module call (a LoRA on out_proj needs its forward to run).
         out, weights = F.multi_head_attention_forward(
-            q, k, v, attention.embed_dim, attention.num_heads, None, None, attention.bias_k, attention.bias_v,
-            attention.add_zero_attn, attention.dropout, eye, None, training=attention.training,
-            key_padding_mask=key_padding_mask, need_weights=need_weights, attn_mask=attn_mask,
-            use_separate_proj_weight=True, q_proj_weight=eye, k_proj_weight=eye, v_proj_weight=eye,
-            average_attn_weights=average_attn_weights, is_causal=is_causal)
+            q,
+            k,
+            v,
+            attention.embed_dim,
+            attention.num_heads,
+            None,
+            None,
+            attention.bias_k,
+            attention.bias_v,
+            attention.add_zero_attn,
+            attention.dropout,
+            eye,
+            None,
+            training=attention.training,
+            key_padding_mask=key_padding_mask,
+            need_weights=need_weights,
+            attn_mask=attn_mask,
+            use_separate_proj_weight=True,
+            q_proj_weight=eye,
+            k_proj_weight=eye,
+            v_proj_weight=eye,
+            average_attn_weights=average_attn_weights,
+            is_causal=is_causal,
+        )
         out = attention.out_proj(out)
         if attention.batch_first:
             out = out.transpose(0, 1)

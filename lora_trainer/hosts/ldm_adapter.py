@@ -41,8 +41,11 @@ HOST_CHECKPOINT_FLAGS = ("checkpoint", "use_checkpoint", "grad_checkpointing", "
 OPEN_CLIP_PARTS = ("attn.out_proj", "mlp.c_fc", "mlp.c_proj")
 
 ClipSkipScope = Callable[[int], ContextManager]
-_FLOAT8 = tuple(getattr(torch, name) for name in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
-                if hasattr(torch, name))
+_FLOAT8 = tuple(
+    getattr(torch, name)
+    for name in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
+    if hasattr(torch, name)
+)
 
 
 # ---------------------------------------------------------------- reading the host model
@@ -70,24 +73,30 @@ def host_architecture(model: nn.Module) -> str:
     if hasattr(model, "conditioner"):
         kinds = [open_clip_model(unwrapped(e)) is None for e in text_embedders(model)]
         if kinds != [True, False]:
-            raise ModelLoadError("this SDXL model has no CLIP-L + OpenCLIP-G text encoder pair (the SDXL refiner "
-                                 "has only one); train on an SDXL base model.")
+            raise ModelLoadError(
+                "this SDXL model has no CLIP-L + OpenCLIP-G text encoder pair (the SDXL refiner "
+                "has only one); train on an SDXL base model."
+            )
         return SDXL
     embedder = unwrapped(model.cond_stage_model)
     if open_clip_model(embedder) is not None:
         return SD2
     if hasattr(embedder, "transformer"):
         return SD1
-    raise ModelLoadError(f"unsupported host model: its text encoder ({type(embedder).__name__}) is neither "
-                         "transformers CLIP (SD1) nor open_clip (SD2/SDXL).")
+    raise ModelLoadError(
+        f"unsupported host model: its text encoder ({type(embedder).__name__}) is neither "
+        "transformers CLIP (SD1) nor open_clip (SD2/SDXL)."
+    )
 
 
 def ldm_unet_layout(unet: nn.Module) -> UNetLayout:
     """Levels, resnets per level and which levels attend, read from an ldm/sgm ``UNetModel``."""
     per_level = unet.num_res_blocks
     layers = int(per_level[0] if isinstance(per_level, (list, tuple)) else per_level)
-    attends = tuple(any(type(m).__name__ in UNET_CONTAINERS for m in unet.input_blocks[1 + i * (layers + 1)])
-                    for i in range(len(unet.channel_mult)))
+    attends = tuple(
+        any(type(m).__name__ in UNET_CONTAINERS for m in unet.input_blocks[1 + i * (layers + 1)])
+        for i in range(len(unet.channel_mult))
+    )
     return UNetLayout(layers, attends)
 
 
@@ -137,20 +146,33 @@ class LdmHostAdapter(DiffusionAdapter):
     """Drives the host's loaded ldm/sgm model for the trainer; ``load``/``release`` are no-ops (the host owns
     the parts). Use as a context manager, or call ``restore()``, to undo every change training made."""
 
-    def __init__(self, model: nn.Module, *, device: torch.device, dtype: torch.dtype = torch.float32,
-                 lowvram: bool = False, medvram: bool = False, fp8: bool = False,
-                 autocast: Optional[Callable[[], ContextManager]] = None,
-                 clip_skip_scope: Optional[ClipSkipScope] = None,
-                 model_name: Optional[str] = None, identity: Optional[str] = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        device: torch.device,
+        dtype: torch.dtype = torch.float32,
+        lowvram: bool = False,
+        medvram: bool = False,
+        fp8: bool = False,
+        autocast: Optional[Callable[[], ContextManager]] = None,
+        clip_skip_scope: Optional[ClipSkipScope] = None,
+        model_name: Optional[str] = None,
+        identity: Optional[str] = None,
+    ):
         """``autocast``: the host's compute context (the WebUI's ``devices.autocast``). ``clip_skip_scope(n)``:
         a context in which the host's prompt encoding stops n layers from the end (the WebUI's "Clip skip")."""
         if lowvram:
-            raise ConfigError("The host runs with --lowvram, which moves model blocks between devices during every "
-                              "forward pass; training through that is not supported. Restart without --lowvram "
-                              "(--medvram works for UNet-only training).")
+            raise ConfigError(
+                "The host runs with --lowvram, which moves model blocks between devices during every "
+                "forward pass; training through that is not supported. Restart without --lowvram "
+                "(--medvram works for UNet-only training)."
+            )
         if fp8 or any(p.dtype in _FLOAT8 for p in model.parameters()):
-            raise ConfigError("The host stores the model's weights in fp8, which cannot be trained through. Turn "
-                              "fp8 weight storage off, reload the checkpoint, and try again.")
+            raise ConfigError(
+                "The host stores the model's weights in fp8, which cannot be trained through. Turn "
+                "fp8 weight storage off, reload the checkpoint, and try again."
+            )
         self.model = model
         self.device = torch.device(device)
         self.dtype = dtype
@@ -163,10 +185,12 @@ class LdmHostAdapter(DiffusionAdapter):
         self.alphas_cumprod = ac.detach().to(self.device, torch.float32).clone()
         self.unet: nn.Module = model.model.diffusion_model
         self.names = UNetNameMap(ldm_unet_layout(self.unet))
-        self.model_name = model_name or checkpoint_info_value(model, "name_for_extra", "model_name", "name") \
-            or type(model).__name__
-        self.identity = identity or checkpoint_info_value(model, "sha256", "shorthash", "filename") \
-            or weights_fingerprint(model)
+        self.model_name = (
+            model_name or checkpoint_info_value(model, "name_for_extra", "model_name", "name") or type(model).__name__
+        )
+        self.identity = (
+            identity or checkpoint_info_value(model, "sha256", "shorthash", "filename") or weights_fingerprint(model)
+        )
         self._autocast = autocast or contextlib.nullcontext
         self._clip_skip_scope = clip_skip_scope
         self._changes = ModuleChanges()
@@ -198,8 +222,10 @@ class LdmHostAdapter(DiffusionAdapter):
                 posterior = posterior.mode()
             latents = self.model.get_first_stage_encoding(posterior).float()
         if not torch.isfinite(latents).all():
-            raise ConfigError("The host's VAE produced NaN/inf latents (an fp16 VAE overflows on some images); "
-                              "start the WebUI with --no-half-vae and try again.")
+            raise ConfigError(
+                "The host's VAE produced NaN/inf latents (an fp16 VAE overflows on some images); "
+                "start the WebUI with --no-half-vae and try again."
+            )
         return latents
 
     def encode_text(self, captions: Sequence[str], clip_skip: int) -> Conditioning:
@@ -207,22 +233,31 @@ class LdmHostAdapter(DiffusionAdapter):
             cond = self.model.get_learned_conditioning(list(captions))
         if isinstance(cond, dict):  # SDXL: the vector is [pooled OpenCLIP-G, size embeddings]
             vector = cond["vector"]
-            return {"crossattn": cond["crossattn"][:, :CONTEXT_TOKENS].float(),
-                    "pooled": vector[:, :vector.shape[1] - self._size_vector_width()].float()}
+            return {
+                "crossattn": cond["crossattn"][:, :CONTEXT_TOKENS].float(),
+                "pooled": vector[:, : vector.shape[1] - self._size_vector_width()].float(),
+            }
         return {"crossattn": cond[:, :CONTEXT_TOKENS].float()}
 
     def _clip_skip(self, clip_skip: int) -> ContextManager:
         if self._clip_skip_scope is not None:
             return self._clip_skip_scope(clip_skip)
         if clip_skip > 1 and self.arch != SD2:  # SD2 always uses its penultimate layer
-            raise ConfigError(f"clip_skip {clip_skip} needs the host's own Clip skip setting, and this host did not "
-                              "say how to set it; use clip_skip 1 or set Clip skip in the host's settings.")
+            raise ConfigError(
+                f"clip_skip {clip_skip} needs the host's own Clip skip setting, and this host did not "
+                "say how to set it; use clip_skip 1 or set Clip skip in the host's settings."
+            )
         return contextlib.nullcontext()
 
     # ------------------------------------------------------------ denoiser
 
-    def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning,
-                sizes: Optional[Sequence[SizeCondition]] = None) -> torch.Tensor:
+    def predict(
+        self,
+        noisy: torch.Tensor,
+        timesteps: torch.Tensor,
+        cond: Conditioning,
+        sizes: Optional[Sequence[SizeCondition]] = None,
+    ) -> torch.Tensor:
         dtype = next(self.unet.parameters()).dtype
         x = noisy.to(self.device, dtype)
         context = cond["crossattn"].to(self.device, dtype)
@@ -243,7 +278,7 @@ class LdmHostAdapter(DiffusionAdapter):
         """sgm's ``y``: the pooled text embedding, then each sample's size/crop conditions embedded by the
         host's own embedders (the WebUI's conditioning would use one fixed size for the whole batch)."""
         ids = torch.tensor([s.time_ids() for s in sizes], device=self.device, dtype=torch.float32)
-        columns = {key: ids[:, 2 * i:2 * i + 2] for i, key in enumerate(SIZE_KEYS)}
+        columns = {key: ids[:, 2 * i : 2 * i + 2] for i, key in enumerate(SIZE_KEYS)}
         parts = [pooled.to(self.device)]
         parts += [e(columns[e.input_key]).to(pooled.dtype) for e in self._size_embedders()]
         return torch.cat(parts, dim=1)
@@ -263,12 +298,15 @@ class LdmHostAdapter(DiffusionAdapter):
 
     def lora_targets(self, train_text_encoder: bool, extra: Sequence[str] = ()) -> List[Tuple[str, nn.Module]]:
         if train_text_encoder and self.medvram:
-            raise ConfigError("Text-encoder training does not work under --medvram (the host moves the text "
-                              "encoder off the GPU between uses). Turn off train_text_encoder or restart the host "
-                              "without --medvram.")
+            raise ConfigError(
+                "Text-encoder training does not work under --medvram (the host moves the text "
+                "encoder off the GPU between uses). Turn off train_text_encoder or restart the host "
+                "without --medvram."
+            )
         self._begin_training()
-        targets = [(unet_lora_name_from_ldm(path, self.arch, self.names), module)
-                   for path, module in self._unet_modules(extra)]
+        targets = [
+            (unet_lora_name_from_ldm(path, self.arch, self.names), module) for path, module in self._unet_modules(extra)
+        ]
         if train_text_encoder:
             for index, embedder in enumerate(text_embedders(self.model)):
                 targets += self._text_targets(unwrapped(embedder), index)
@@ -287,8 +325,9 @@ class LdmHostAdapter(DiffusionAdapter):
                 diffusers = self.names.to_diffusers(path) if path else None
                 if path in found or diffusers is None or not is_lora_target(module):
                     continue
-                if any(s in diffusers for s in extra) and \
-                        not any(diffusers.startswith(b) or f".{b}" in diffusers for b in NEVER_TRAINED):
+                if any(s in diffusers for s in extra) and not any(
+                    diffusers.startswith(b) or f".{b}" in diffusers for b in NEVER_TRAINED
+                ):
                     found[path] = module
         order = {path: i for i, (path, _) in enumerate(self.unet.named_modules())}
         return sorted(found.items(), key=lambda item: order[item[0]])
@@ -296,17 +335,20 @@ class LdmHostAdapter(DiffusionAdapter):
     def _text_targets(self, embedder: nn.Module, index: int) -> List[Tuple[str, nn.Module]]:
         clip = open_clip_model(embedder)
         if clip is None:  # transformers CLIP: the standalone engine's own module paths
-            return [(text_lora_name(path, self.arch, index), module)
-                    for path, module in find_targets(embedder.transformer, TEXT_CONTAINERS)]
+            return [
+                (text_lora_name(path, self.arch, index), module)
+                for path, module in find_targets(embedder.transformer, TEXT_CONTAINERS)
+            ]
         targets = []
-        for layer, block in enumerate(clip.transformer.resblocks[:self._open_clip_layers_used(embedder)]):
+        for layer, block in enumerate(clip.transformer.resblocks[: self._open_clip_layers_used(embedder)]):
             hf = f"text_model.encoder.layers.{layer}."
             views = projection_views(block.attn)
             self._changes.wrap_forward(block.attn, lambda _old, a=block.attn, v=views: split_projection_forward(a, v))
-            targets += [(text_lora_name(f"{hf}self_attn.{name}", self.arch, index), view)
-                        for name, view in zip(QKV, views)]
+            targets += [
+                (text_lora_name(f"{hf}self_attn.{name}", self.arch, index), view) for name, view in zip(QKV, views)
+            ]
             for part in OPEN_CLIP_PARTS:
-                name = open_clip_to_hf(f"transformer.resblocks.{layer}.{part}.weight")[:-len(".weight")]
+                name = open_clip_to_hf(f"transformer.resblocks.{layer}.{part}.weight")[: -len(".weight")]
                 targets.append((text_lora_name(name, self.arch, index), block.get_submodule(part)))
         return targets
 

@@ -87,8 +87,10 @@ def parse_config_field(raw: Any) -> Dict[str, Any]:
         except yaml.YAMLError as exc:
             raise RequestError(f"config is not valid YAML: {exc}") from None
     if not isinstance(raw, dict):
-        raise RequestError("config must be a mapping of options (JSON object or YAML text), e.g. "
-                           "{\"train_data_dir\": \"/data/cats\", \"output_name\": \"cats\"}.")
+        raise RequestError(
+            "config must be a mapping of options (JSON object or YAML text), e.g. "
+            '{"train_data_dir": "/data/cats", "output_name": "cats"}.'
+        )
     return dict(raw)
 
 
@@ -115,8 +117,10 @@ def build_safe_config(raw: Mapping[str, Any], backend: UiBackend) -> CommonConfi
 
     roots = [backend.lora_dir(), os.path.dirname(backend.default_output_dir("x"))]
     if not any(_inside(cfg.output_dir, root) for root in roots):
-        raise RequestError(f"output_dir must be inside the Lora folder ({roots[0]}) or the trainer's job "
-                           f"folder ({roots[1]}); got {cfg.output_dir}.")
+        raise RequestError(
+            f"output_dir must be inside the Lora folder ({roots[0]}) or the trainer's job "
+            f"folder ({roots[1]}); got {cfg.output_dir}."
+        )
     changes: Dict[str, Any] = {}
     for key in ("logging_dir", "cache_dir"):
         value = getattr(cfg, key, None)
@@ -150,7 +154,7 @@ class TrainerApi:
 
     def train(self, body: Any) -> Dict[str, Any]:
         if not isinstance(body, dict):
-            raise RequestError("The body must be a JSON object: {\"config\": {...}, \"overwrite\": false}.")
+            raise RequestError('The body must be a JSON object: {"config": {...}, "overwrite": false}.')
         unknown = set(body) - {"config", "overwrite", "preview"}
         if unknown:
             raise RequestError(f"Unknown field(s) {', '.join(sorted(unknown))}; use config, overwrite, preview.")
@@ -162,25 +166,39 @@ class TrainerApi:
         cfg = build_safe_config(parse_config_field(body["config"]), self.backend)
         target = self.backend.final_lora_path(cfg)
         if os.path.exists(target) and not overwrite:
-            raise RequestError(f"{target} already exists: choose another output_name or send "
-                               "\"overwrite\": true.", status=409)
+            raise RequestError(
+                f'{target} already exists: choose another output_name or send "overwrite": true.', status=409
+            )
         if self.runner.is_running:
             raise JobBusyError("A training run is already in progress; cancel it or wait for it to finish.")
-        kwargs = (self.backend.make_backend_kwargs(cfg, preview=body["preview"]) if body.get("preview") is not None
-                  else self.backend.make_backend_kwargs(cfg))
+        kwargs = (
+            self.backend.make_backend_kwargs(cfg, preview=body["preview"])
+            if body.get("preview") is not None
+            else self.backend.make_backend_kwargs(cfg)
+        )
         estimate = self.backend.estimate_memory(cfg)
         job = self.runner.start(cfg, label="Train", backend_kwargs=kwargs)
-        return {"job_id": job.status().job_id, "output_name": resolved_output_name(cfg),
-                "output_dir": cfg.output_dir, "lora_file": target, "memory_estimate": estimate,
-                "status": status_json(job.status())}
+        return {
+            "job_id": job.status().job_id,
+            "output_name": resolved_output_name(cfg),
+            "output_dir": cfg.output_dir,
+            "lora_file": target,
+            "memory_estimate": estimate,
+            "status": status_json(job.status()),
+        }
 
     def status(self, history: bool = False) -> Dict[str, Any]:
         return status_json(self.runner.status(), history)
 
     def cancel(self) -> Dict[str, Any]:
         cancelled = self.runner.cancel()
-        return {"cancelled": cancelled, "message": "Stopping after the current step; the last save is kept."
-                if cancelled else "Nothing is running.", "status": status_json(self.runner.status())}
+        return {
+            "cancelled": cancelled,
+            "message": "Stopping after the current step; the last save is kept."
+            if cancelled
+            else "Nothing is running.",
+            "status": status_json(self.runner.status()),
+        }
 
 
 def error_status(exc: Exception) -> int:
@@ -194,8 +212,9 @@ def error_status(exc: Exception) -> int:
 
 
 # --- FastAPI wiring ----------------------------------------------------------------------------------------
-def create_router(runner: JobRunner, backend: UiBackend, credentials: Optional[Mapping[str, str]] = None,
-                  prefix: str = PREFIX) -> Any:
+def create_router(
+    runner: JobRunner, backend: UiBackend, credentials: Optional[Mapping[str, str]] = None, prefix: str = PREFIX
+) -> Any:
     """An ``APIRouter`` with the three routes; ``credentials`` {user: password} turns on HTTP basic auth."""
     from fastapi import APIRouter, Request
     from fastapi.responses import JSONResponse
@@ -208,8 +227,11 @@ def create_router(runner: JobRunner, backend: UiBackend, credentials: Optional[M
     def denied(request: Request) -> Optional[JSONResponse]:
         if check_basic_auth(request.headers.get("authorization"), creds):
             return None
-        return JSONResponse({"error": "Authentication required (the WebUI's --api-auth credentials)."},
-                            status_code=401, headers={"WWW-Authenticate": "Basic"})
+        return JSONResponse(
+            {"error": "Authentication required (the WebUI's --api-auth credentials)."},
+            status_code=401,
+            headers={"WWW-Authenticate": "Basic"},
+        )
 
     async def answer(call: Any) -> JSONResponse:
         try:
@@ -252,11 +274,19 @@ def create_router(runner: JobRunner, backend: UiBackend, credentials: Optional[M
     return router
 
 
-def mount(app: Any, runner: JobRunner, backend: UiBackend, credentials: Optional[Mapping[str, str]] = None
-          ) -> None:
+def mount(app: Any, runner: JobRunner, backend: UiBackend, credentials: Optional[Mapping[str, str]] = None) -> None:
     """Add the routes to the host's FastAPI ``app``."""
     app.include_router(create_router(runner, backend, credentials))
 
 
-__all__ = ["PREFIX", "RequestError", "TrainerApi", "build_safe_config", "check_basic_auth", "create_router",
-           "mount", "parse_config_field", "status_json"]
+__all__ = [
+    "PREFIX",
+    "RequestError",
+    "TrainerApi",
+    "build_safe_config",
+    "check_basic_auth",
+    "create_router",
+    "mount",
+    "parse_config_field",
+    "status_json",
+]

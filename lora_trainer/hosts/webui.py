@@ -95,7 +95,7 @@ def host_model() -> Any:
 
 
 def architecture(model: Any) -> str:
-    """"SD1", "SD2", "SDXL" or "SD3", from the flags the WebUI sets on its models."""
+    """ "SD1", "SD2", "SDXL" or "SD3", from the flags the WebUI sets on its models."""
     if getattr(model, "is_sd3", False):
         return "SD3"
     if getattr(model, "is_sdxl", False):
@@ -122,39 +122,55 @@ def host_facts(model: Any) -> HostFacts:
     from modules import devices, shared
 
     opts = shared.cmd_opts
-    medvram = bool(getattr(opts, "medvram", False)
-                   or (getattr(opts, "medvram_sdxl", False) and architecture(model) == "SDXL"))
+    medvram = bool(
+        getattr(opts, "medvram", False) or (getattr(opts, "medvram_sdxl", False) and architecture(model) == "SDXL")
+    )
     dtype = getattr(devices, "dtype_unet", None) or devices.dtype
-    return HostFacts(device=devices.device, dtype=dtype, lowvram=bool(getattr(opts, "lowvram", False)),
-                     medvram=medvram, fp8=bool(getattr(devices, "fp8", False)))
+    return HostFacts(
+        device=devices.device,
+        dtype=dtype,
+        lowvram=bool(getattr(opts, "lowvram", False)),
+        medvram=medvram,
+        fp8=bool(getattr(devices, "fp8", False)),
+    )
 
 
 def model_refusal(model: Any) -> Optional[str]:
     """Why the loaded model cannot be trained here at all (said in the tab as soon as it is loaded), or None."""
     if hasattr(model, "forge_objects"):
-        return ("This looks like Forge: its models are reached through Forge's own objects, which this version "
-                "of the trainer does not drive yet, so training is refused here. Use the standalone app "
-                "(python -m lora_trainer ui) with the same checkpoint file.")
+        return (
+            "This looks like Forge: its models are reached through Forge's own objects, which this version "
+            "of the trainer does not drive yet, so training is refused here. Use the standalone app "
+            "(python -m lora_trainer ui) with the same checkpoint file."
+        )
     if architecture(model) == "SD3":
         return "SD3 checkpoints are not supported by the trainer (SD1.x, SD2.x and SDXL are)."
     if not hasattr(getattr(model, "model", None), "diffusion_model"):
-        return (f"The loaded model ({type(model).__name__}) is not an ldm/sgm Stable Diffusion model the trainer "
-                "knows; training is refused.")
+        return (
+            f"The loaded model ({type(model).__name__}) is not an ldm/sgm Stable Diffusion model the trainer "
+            "knows; training is refused."
+        )
     return None
 
 
 def refusal(cfg: CommonConfig, facts: HostFacts) -> Optional[str]:
     """Why this run cannot train on this host, or None. Said before starting, never mid-run."""
     if facts.lowvram:
-        return ("The WebUI runs with --lowvram, which moves model blocks between devices during every forward "
-                "pass; training through that is not supported. Restart the WebUI without --lowvram "
-                "(--medvram works for UNet-only training).")
+        return (
+            "The WebUI runs with --lowvram, which moves model blocks between devices during every forward "
+            "pass; training through that is not supported. Restart the WebUI without --lowvram "
+            "(--medvram works for UNet-only training)."
+        )
     if facts.fp8:
-        return ("The WebUI stores the model's weights in fp8 (Settings > Optimizations > FP8 weight), which "
-                "cannot be trained through. Set FP8 weight to Disable, reload the checkpoint, and try again.")
+        return (
+            "The WebUI stores the model's weights in fp8 (Settings > Optimizations > FP8 weight), which "
+            "cannot be trained through. Set FP8 weight to Disable, reload the checkpoint, and try again."
+        )
     if facts.medvram and isinstance(cfg, ImageConfig) and cfg.train_text_encoder:
-        return ("Text-encoder training does not work under --medvram (the WebUI moves the text encoder off the "
-                "GPU between uses). Untick \"Train text encoder\" or restart the WebUI without --medvram.")
+        return (
+            "Text-encoder training does not work under --medvram (the WebUI moves the text encoder off the "
+            'GPU between uses). Untick "Train text encoder" or restart the WebUI without --medvram.'
+        )
     return None
 
 
@@ -226,8 +242,10 @@ def builtin_networks() -> Any:
 
 def _restore_module(networks: Any, module: Any) -> bool:
     """Put one module's backed-up weights back and forget what was applied; True if it had a backup."""
-    had_backup = (getattr(module, "network_weights_backup", None) is not None
-                  or getattr(module, "network_bias_backup", None) is not None)
+    had_backup = (
+        getattr(module, "network_weights_backup", None) is not None
+        or getattr(module, "network_bias_backup", None) is not None
+    )
     if had_backup:
         networks.network_restore_weights_from_backup(module)
     # Cleared even without a backup: an empty name tuple is what a never-touched module has.
@@ -316,7 +334,7 @@ class PreviewSettings:
         if raw is None:
             return cls()
         if not isinstance(raw, Mapping):
-            raise ConfigError("preview must be an object such as {\"every_n_steps\": 50, \"prompt\": \"...\"}.")
+            raise ConfigError('preview must be an object such as {"every_n_steps": 50, "prompt": "..."}.')
         known = cls.__dataclass_fields__
         values: Dict[str, Any] = {}
         for key, value in raw.items():
@@ -328,16 +346,21 @@ class PreviewSettings:
             except (TypeError, ValueError):
                 raise ConfigError(f"preview.{key}: {value!r} is not a valid {kind}.") from None
         settings = cls(**values)
-        if settings.every_n_steps < 0 or settings.steps < 1 or not 0 <= settings.width <= 2048 \
-                or not 0 <= settings.height <= 2048:
+        if (
+            settings.every_n_steps < 0
+            or settings.steps < 1
+            or not 0 <= settings.width <= 2048
+            or not 0 <= settings.height <= 2048
+        ):
             raise ConfigError("preview: every_n_steps >= 0, steps >= 1 and sizes from 0 to 2048 are allowed.")
         return settings
 
     def for_run(self, cfg: CommonConfig) -> "PreviewSettings":
         """Fill the blanks from the run: the prompt names the LoRA, the size is the training resolution."""
         side = int(getattr(cfg, "resolution", 512)) // 8 * 8
-        return replace(self, prompt=self.prompt or resolved_output_name(cfg),
-                       width=self.width or side, height=self.height or side)
+        return replace(
+            self, prompt=self.prompt or resolved_output_name(cfg), width=self.width or side, height=self.height or side
+        )
 
 
 # (settings) -> PIL images: the host's txt2img with the LoRA live in the model.
@@ -352,8 +375,14 @@ class HostPreviews(TrainingCallback):
     would apply it twice and make the builtin extension merge a delta into the frozen weights mid-run.
     """
 
-    def __init__(self, settings: PreviewSettings, output_dir: str, render: PreviewRenderer,
-                 deliver: TrainingCallback, state: Any = None) -> None:
+    def __init__(
+        self,
+        settings: PreviewSettings,
+        output_dir: str,
+        render: PreviewRenderer,
+        deliver: TrainingCallback,
+        state: Any = None,
+    ) -> None:
         self.settings = settings
         self.folder = os.path.join(output_dir, PREVIEW_FOLDER)
         self.render = render
@@ -406,10 +435,20 @@ def render_host_preview(settings: PreviewSettings) -> List[Any]:
     from modules import processing, shared
 
     p = processing.StableDiffusionProcessingTxt2Img(
-        sd_model=shared.sd_model, prompt=settings.prompt, negative_prompt=settings.negative_prompt,
-        steps=settings.steps, width=settings.width, height=settings.height, cfg_scale=settings.cfg_scale,
-        seed=settings.seed, sampler_name=settings.sampler_name, batch_size=1, n_iter=1,
-        do_not_save_samples=True, do_not_save_grid=True)
+        sd_model=shared.sd_model,
+        prompt=settings.prompt,
+        negative_prompt=settings.negative_prompt,
+        steps=settings.steps,
+        width=settings.width,
+        height=settings.height,
+        cfg_scale=settings.cfg_scale,
+        seed=settings.seed,
+        sampler_name=settings.sampler_name,
+        batch_size=1,
+        n_iter=1,
+        do_not_save_samples=True,
+        do_not_save_grid=True,
+    )
     try:
         processed = processing.process_images(p)
     finally:
@@ -450,34 +489,39 @@ class HostWeights:
     def unavailable(self, exc: BaseException) -> CaptionerUnavailable:
         """The error for a failed load: missing weights (offline) said as such, anything else as it is."""
         if self.present():
-            return CaptionerUnavailable(f"The WebUI's {self.what} could not be loaded from {self.folder}: "
-                                        f"{type(exc).__name__}: {exc}")
+            return CaptionerUnavailable(
+                f"The WebUI's {self.what} could not be loaded from {self.folder}: {type(exc).__name__}: {exc}"
+            )
         return CaptionerUnavailable(
             f"The WebUI's {self.what} weights are not on disk and could not be downloaded "
             f"({type(exc).__name__}: {exc}). Put {self.filename} into {self.folder} (the WebUI downloads it there "
-            "on first use when it is online). The other captioners still work.")
+            "on first use when it is online). The other captioners still work."
+        )
 
 
 def host_blip_weights() -> HostWeights:
     from modules import paths
 
-    return HostWeights("BLIP captioner", os.path.join(paths.models_path, "BLIP"),
-                       "model_base_caption_capfilt_large.pth")
+    return HostWeights(
+        "BLIP captioner", os.path.join(paths.models_path, "BLIP"), "model_base_caption_capfilt_large.pth"
+    )
 
 
 def host_clip_weights() -> HostWeights:
     from modules import shared
 
-    folder = getattr(shared.cmd_opts, "clip_models_path", None) or os.path.expanduser(os.path.join("~", ".cache",
-                                                                                                  "clip"))
+    folder = getattr(shared.cmd_opts, "clip_models_path", None) or os.path.expanduser(
+        os.path.join("~", ".cache", "clip")
+    )
     return HostWeights("CLIP ViT-L/14 interrogator", folder, "ViT-L-14.pt", any_name=False)  # clip.load's name
 
 
 def host_deepbooru_weights() -> HostWeights:
     from modules import paths
 
-    return HostWeights("DeepBooru tagger", os.path.join(paths.models_path, "torch_deepdanbooru"),
-                       "model-resnet_custom_v3.pt")
+    return HostWeights(
+        "DeepBooru tagger", os.path.join(paths.models_path, "torch_deepdanbooru"), "model-resnet_custom_v3.pt"
+    )
 
 
 class HostCaptioner(CallableCaptioner):
@@ -520,8 +564,9 @@ def host_interrogator() -> Any:
 
     interrogator = getattr(shared, "interrogator", None)
     if interrogator is None:
-        raise CaptionerUnavailable("This WebUI has no BLIP/CLIP interrogator (shared.interrogator); choose "
-                                   "another captioner.")
+        raise CaptionerUnavailable(
+            "This WebUI has no BLIP/CLIP interrogator (shared.interrogator); choose another captioner."
+        )
     return interrogator
 
 
@@ -577,8 +622,11 @@ def _clip_phrases(interrogator: Any, categories: Sequence[Any], image: Any) -> L
     with torch.no_grad(), devices.autocast():
         features = interrogator.clip_model.encode_image(pixels.to(devices.device_interrogate)).type(interrogator.dtype)
         features /= features.norm(dim=-1, keepdim=True)
-        return [match for category in categories
-                for match, _score in interrogator.rank(features, category.items, top_count=category.topn)]
+        return [
+            match
+            for category in categories
+            for match, _score in interrogator.rank(features, category.items, top_count=category.topn)
+        ]
 
 
 def load_host_blip_clip(options: Any) -> Captioner:
@@ -608,8 +656,9 @@ def load_host_deepbooru(options: Any) -> Captioner:
     try:
         from modules import deepbooru
     except ImportError as exc:
-        raise CaptionerUnavailable(f"This WebUI has no DeepBooru tagger (modules.deepbooru: {exc}); choose "
-                                   "another captioner.") from None
+        raise CaptionerUnavailable(
+            f"This WebUI has no DeepBooru tagger (modules.deepbooru: {exc}); choose another captioner."
+        ) from None
     model = deepbooru.model
     try:
         model.start()
@@ -690,16 +739,22 @@ def estimate_extra_memory(model: Any, cfg: CommonConfig) -> str:
                 params += rank * (sub.in_channels + sub.out_channels)
     arch = architecture(model)
     resolution = getattr(cfg, "resolution", 512)
-    activations = (ACTIVATION_GIB_PER_SD1_512_SAMPLE * ARCH_ACTIVATION_FACTOR.get(arch, 2.0) * cfg.batch_size
-                   * (resolution / 512) ** 2)
+    activations = (
+        ACTIVATION_GIB_PER_SD1_512_SAMPLE
+        * ARCH_ACTIVATION_FACTOR.get(arch, 2.0)
+        * cfg.batch_size
+        * (resolution / 512) ** 2
+    )
     if cfg.gradient_checkpointing:
         activations /= CHECKPOINTING_DIVISOR
     lora_gib = params * BYTES_PER_TRAINED_PARAM / 2**30
-    return (f"Extra memory beyond the loaded checkpoint (no second copy of it is loaded): about "
-            f"{lora_gib:.2f} GiB for {params / 1e6:.1f} M LoRA parameters with their gradients and optimizer "
-            f"state, plus roughly {activations:.1f} GiB of activations for batch {cfg.batch_size} at "
-            f"{resolution} px{' with gradient checkpointing' if cfg.gradient_checkpointing else ''}. "
-            "If that is too much: lower batch size, resolution or rank, or turn on gradient checkpointing.")
+    return (
+        f"Extra memory beyond the loaded checkpoint (no second copy of it is loaded): about "
+        f"{lora_gib:.2f} GiB for {params / 1e6:.1f} M LoRA parameters with their gradients and optimizer "
+        f"state, plus roughly {activations:.1f} GiB of activations for batch {cfg.batch_size} at "
+        f"{resolution} px{' with gradient checkpointing' if cfg.gradient_checkpointing else ''}. "
+        "If that is too much: lower batch size, resolution or rank, or turn on gradient checkpointing."
+    )
 
 
 class WebUIBackend(UiBackend):
@@ -707,8 +762,11 @@ class WebUIBackend(UiBackend):
 
     title = "LoRA Trainer"
 
-    def __init__(self, default_preview: Optional[Callable[[], PreviewSettings]] = None,
-                 render_preview: PreviewRenderer = render_host_preview) -> None:
+    def __init__(
+        self,
+        default_preview: Optional[Callable[[], PreviewSettings]] = None,
+        render_preview: PreviewRenderer = render_host_preview,
+    ) -> None:
         # The preview defaults come from the host's settings page, read when each run starts.
         self.default_preview = default_preview or PreviewSettings
         self.render_preview = render_preview
@@ -722,8 +780,10 @@ class WebUIBackend(UiBackend):
         problem = model_refusal(model)
         if problem:
             return f"Base model: the loaded checkpoint `{checkpoint_name(model)}`. **Cannot train here:** {problem}"
-        return (f"Base model: **the loaded checkpoint** `{checkpoint_name(model)}` ({architecture(model)}, "
-                f"{prediction_label(model)}). Training runs in place on the weights the WebUI holds.")
+        return (
+            f"Base model: **the loaded checkpoint** `{checkpoint_name(model)}` ({architecture(model)}, "
+            f"{prediction_label(model)}). Training runs in place on the weights the WebUI holds."
+        )
 
     def resolve_base_model(self, typed: str) -> str:
         # The config still needs a base_model; it names the checkpoint for the LoRA's metadata.
@@ -752,8 +812,10 @@ class WebUIBackend(UiBackend):
             precision = host_facts(model).mixed_precision
             if precision != cfg.mixed_precision:
                 # The weights are the host's: their precision decides, not the form's option.
-                text += (f" Computing in the WebUI's precision ({precision}); the Mixed precision option "
-                         f"({cfg.mixed_precision}) does not apply to a loaded checkpoint.")
+                text += (
+                    f" Computing in the WebUI's precision ({precision}); the Mixed precision option "
+                    f"({cfg.mixed_precision}) does not apply to a loaded checkpoint."
+                )
             return text
         except Exception:  # an estimate must never block a start
             log.exception("Memory estimate failed")
@@ -776,12 +838,13 @@ class WebUIBackend(UiBackend):
         return host_caption_session(label)
 
     # --- what the trainer gets ---------------------------------------------------------------------------
-    def make_backend_kwargs(self, cfg: CommonConfig, preview: Optional[Mapping[str, Any]] = None
-                            ) -> Dict[str, Any]:
+    def make_backend_kwargs(self, cfg: CommonConfig, preview: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
         """The runtime and the host-model adapter; refuses here (before any work) what cannot train."""
         if cfg.task_type != "image-generation":
-            raise ConfigError("The WebUI tab trains image LoRAs on the loaded checkpoint; text-generation "
-                              "runs use the standalone command line.")
+            raise ConfigError(
+                "The WebUI tab trains image LoRAs on the loaded checkpoint; text-generation "
+                "runs use the standalone command line."
+            )
         from lora_trainer.train.runtime import LocalRuntime
 
         model = host_model()
@@ -793,12 +856,22 @@ class WebUIBackend(UiBackend):
 
         from lora_trainer.hosts.ldm_adapter import LdmHostAdapter
 
-        adapter = LdmHostAdapter(model, device=facts.device, dtype=facts.dtype, lowvram=facts.lowvram,
-                                 medvram=facts.medvram, fp8=facts.fp8, autocast=devices.autocast,
-                                 clip_skip_scope=host_clip_skip)
+        adapter = LdmHostAdapter(
+            model,
+            device=facts.device,
+            dtype=facts.dtype,
+            lowvram=facts.lowvram,
+            medvram=facts.medvram,
+            fp8=facts.fp8,
+            autocast=devices.autocast,
+            clip_skip_scope=host_clip_skip,
+        )
         settings = PreviewSettings.from_mapping(preview) if preview is not None else self.default_preview()
-        return {"runtime": LocalRuntime(facts.device, facts.mixed_precision), "adapter": adapter,
-                "preview": settings.for_run(cfg)}
+        return {
+            "runtime": LocalRuntime(facts.device, facts.mixed_precision),
+            "adapter": adapter,
+            "preview": settings.for_run(cfg),
+        }
 
     def train(self, cfg: CommonConfig, callbacks: List[TrainingCallback], **backend_kwargs: Any) -> Any:
         """The JobRunner's trainer: the engine plus the host progress and preview callbacks."""
@@ -807,8 +880,15 @@ class WebUIBackend(UiBackend):
         preview: Optional[PreviewSettings] = backend_kwargs.pop("preview", None)
         extra: List[TrainingCallback] = [HostProgress(shared.state, resolved_output_name(cfg))]
         if preview is not None and preview.every_n_steps > 0:
-            extra.append(HostPreviews(preview, cfg.output_dir, self.render_preview,
-                                      deliver=CallbackList(list(callbacks)), state=shared.state))
+            extra.append(
+                HostPreviews(
+                    preview,
+                    cfg.output_dir,
+                    self.render_preview,
+                    deliver=CallbackList(list(callbacks)),
+                    state=shared.state,
+                )
+            )
         adapter = backend_kwargs.get("adapter")
         try:
             return default_trainer(cfg, callbacks=[*callbacks, *extra], **backend_kwargs)
@@ -820,8 +900,9 @@ class WebUIBackend(UiBackend):
 
     # --- job hooks -----------------------------------------------------------------------------------------
     def job_hooks(self) -> JobHooks:
-        return JobHooks(guard=self.hold_gpu, before_start=self.before_start, after_save=self.after_save,
-                        after_end=self.after_end)
+        return JobHooks(
+            guard=self.hold_gpu, before_start=self.before_start, after_save=self.after_save, after_end=self.after_end
+        )
 
     @contextlib.contextmanager
     def hold_gpu(self, cfg: CommonConfig) -> Iterator[None]:
@@ -866,9 +947,30 @@ class WebUIBackend(UiBackend):
         self._cfg = None
 
 
-__all__ = ["HOST_BLIP", "HOST_BLIP_CLIP", "HOST_DEEPBOORU", "HostCaptionProgress", "HostCaptioner", "HostWeights",
-           "host_caption_session", "host_captioner_loaders",
-           "HostFacts", "HostPreviews", "HostProgress", "PreviewSettings", "WebUIBackend", "api_credentials",
-           "architecture", "estimate_extra_memory", "host_facts", "jobs_dir", "lora_dir", "model_refusal",
-           "parse_api_auth",
-           "refresh_host_networks", "refusal", "render_host_preview", "unload_host_networks"]
+__all__ = [
+    "HOST_BLIP",
+    "HOST_BLIP_CLIP",
+    "HOST_DEEPBOORU",
+    "HostCaptionProgress",
+    "HostCaptioner",
+    "HostWeights",
+    "host_caption_session",
+    "host_captioner_loaders",
+    "HostFacts",
+    "HostPreviews",
+    "HostProgress",
+    "PreviewSettings",
+    "WebUIBackend",
+    "api_credentials",
+    "architecture",
+    "estimate_extra_memory",
+    "host_facts",
+    "jobs_dir",
+    "lora_dir",
+    "model_refusal",
+    "parse_api_auth",
+    "refresh_host_networks",
+    "refusal",
+    "render_host_preview",
+    "unload_host_networks",
+]

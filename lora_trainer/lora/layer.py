@@ -93,7 +93,8 @@ def is_lora_target(module: nn.Module) -> bool:
     if isinstance(module, nn.Conv2d):
         return tuple(module.kernel_size) == (1, 1)
     return isinstance(module, nn.Linear) or (
-        type(module).__name__ == "Linear" and hasattr(module, "in_features") and hasattr(module, "out_features"))
+        type(module).__name__ == "Linear" and hasattr(module, "in_features") and hasattr(module, "out_features")
+    )
 
 
 def layer_dropout(value: Optional[float]) -> float:

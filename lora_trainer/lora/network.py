@@ -15,8 +15,15 @@ Target = Tuple[str, nn.Module]  # (kohya module name, module), e.g. ("lora_unet_
 
 
 class LoRANetwork(nn.Module):
-    def __init__(self, targets: Sequence[Target], rank: int, alpha: float, dropout: float = 0.0,
-                 ranks: Optional[Dict[str, int]] = None, alphas: Optional[Dict[str, float]] = None):
+    def __init__(
+        self,
+        targets: Sequence[Target],
+        rank: int,
+        alpha: float,
+        dropout: float = 0.0,
+        ranks: Optional[Dict[str, int]] = None,
+        alphas: Optional[Dict[str, float]] = None,
+    ):
         super().__init__()
         if not targets:
             raise ModelLoadError("no LoRA target modules were found in the model.")
@@ -49,8 +56,10 @@ class LoRANetwork(nn.Module):
         for name, layer in self.layers.items():
             prefix = "lora_unet" if name.startswith("lora_unet") else "lora_te"
             groups.setdefault(prefix, []).extend(layer.parameters())
-        return [{"params": params, "lr": lrs.get(prefix) if lrs.get(prefix) is not None else default_lr,
-                 "name": prefix} for prefix, params in groups.items()]
+        return [
+            {"params": params, "lr": lrs.get(prefix) if lrs.get(prefix) is not None else default_lr, "name": prefix}
+            for prefix, params in groups.items()
+        ]
 
     def kohya_state_dict(self, dtype: torch.dtype = torch.float32) -> Dict[str, torch.Tensor]:
         """``<name>.lora_down.weight``, ``<name>.lora_up.weight`` and ``<name>.alpha`` for every layer."""
@@ -67,15 +76,19 @@ class LoRANetwork(nn.Module):
         unknown = sorted({k.rsplit(".", 2)[0] for k in state if k.endswith(".lora_down.weight")} - set(self.layers))
         if missing or unknown:
             detail = f"missing {missing[0]}" if missing else f"it has {unknown[0]}, which this model lacks"
-            raise ModelLoadError(f"{source} does not match this model and these target modules: {detail} "
-                                 f"({len(missing)} missing, {len(unknown)} unknown). Was it trained on another "
-                                 "architecture or with train_text_encoder set differently?")
+            raise ModelLoadError(
+                f"{source} does not match this model and these target modules: {detail} "
+                f"({len(missing)} missing, {len(unknown)} unknown). Was it trained on another "
+                "architecture or with train_text_encoder set differently?"
+            )
         with torch.no_grad():
             for name, layer in self.layers.items():
                 down, up = state[f"{name}.lora_down.weight"], state[f"{name}.lora_up.weight"]
                 if down.shape != layer.lora_down.weight.shape or up.shape != layer.lora_up.weight.shape:
-                    raise ModelLoadError(f"{source}: {name} has shape {tuple(down.shape)} but the model needs "
-                                         f"{tuple(layer.lora_down.weight.shape)}.")
+                    raise ModelLoadError(
+                        f"{source}: {name} has shape {tuple(down.shape)} but the model needs "
+                        f"{tuple(layer.lora_down.weight.shape)}."
+                    )
                 layer.lora_down.weight.copy_(down.float())
                 layer.lora_up.weight.copy_(up.float())
                 if f"{name}.alpha" in state:

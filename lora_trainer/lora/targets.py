@@ -26,8 +26,10 @@ def find_targets(root: nn.Module, containers: Sequence[str], extra: Sequence[str
     substring, in model order."""
     for substring in extra:
         if any(blocked in substring for blocked in NEVER_TRAINED):
-            raise ConfigError(f"target_modules: {substring!r} is not trainable here: loaders (diffusers, the WebUI) "
-                              f"drop LoRA on {', '.join(NEVER_TRAINED)}.")
+            raise ConfigError(
+                f"target_modules: {substring!r} is not trainable here: loaders (diffusers, the WebUI) "
+                f"drop LoRA on {', '.join(NEVER_TRAINED)}."
+            )
     found = {}
     for name, module in root.named_modules():
         if type(module).__name__ in containers:

@@ -26,8 +26,14 @@ class SizeCondition:
 
     def time_ids(self) -> List[int]:
         # SDXL orders these as (h, w): original, crop top-left, target.
-        return [self.original[1], self.original[0], self.crop_left_top[1], self.crop_left_top[0],
-                self.target[1], self.target[0]]
+        return [
+            self.original[1],
+            self.original[0],
+            self.crop_left_top[1],
+            self.crop_left_top[0],
+            self.target[1],
+            self.target[0],
+        ]
 
 
 class DiffusionAdapter:
@@ -52,8 +58,13 @@ class DiffusionAdapter:
     def encode_text(self, captions: Sequence[str], clip_skip: int) -> Conditioning:
         raise NotImplementedError
 
-    def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning,
-                sizes: Optional[Sequence[SizeCondition]] = None) -> torch.Tensor:
+    def predict(
+        self,
+        noisy: torch.Tensor,
+        timesteps: torch.Tensor,
+        cond: Conditioning,
+        sizes: Optional[Sequence[SizeCondition]] = None,
+    ) -> torch.Tensor:
         raise NotImplementedError
 
     def lora_targets(self, train_text_encoder: bool, extra: Sequence[str] = ()) -> List[Tuple[str, nn.Module]]:

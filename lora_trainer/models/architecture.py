@@ -49,19 +49,25 @@ class CheckpointSpec:
 def detect_architecture(keys) -> str:
     keys = set(keys)
     if UNET_PREFIX + "input_blocks.0.0.weight" not in keys:
-        raise ModelLoadError("not a Stable Diffusion checkpoint: it has no model.diffusion_model.input_blocks "
-                             "keys (LoRA files, VAEs and embeddings cannot be trained on).")
+        raise ModelLoadError(
+            "not a Stable Diffusion checkpoint: it has no model.diffusion_model.input_blocks "
+            "keys (LoRA files, VAEs and embeddings cannot be trained on)."
+        )
     if any(k.startswith("conditioner.embedders.1.model.") for k in keys):
         if not any(k.startswith("conditioner.embedders.0.transformer.") for k in keys):
-            raise ModelLoadError("this looks like the SDXL refiner, which has no CLIP-L text encoder; train on an "
-                                 "SDXL base model instead.")
+            raise ModelLoadError(
+                "this looks like the SDXL refiner, which has no CLIP-L text encoder; train on an "
+                "SDXL base model instead."
+            )
         return SDXL
     if any(k.startswith("cond_stage_model.model.") for k in keys):
         return SD2
     if any(k.startswith("cond_stage_model.transformer.") for k in keys):
         return SD1
-    raise ModelLoadError("unrecognised checkpoint: no SD1 (cond_stage_model.transformer), SD2 "
-                         "(cond_stage_model.model) or SDXL (conditioner.embedders) text-encoder keys.")
+    raise ModelLoadError(
+        "unrecognised checkpoint: no SD1 (cond_stage_model.transformer), SD2 "
+        "(cond_stage_model.model) or SDXL (conditioner.embedders) text-encoder keys."
+    )
 
 
 def _count(shapes: Shapes, pattern: str) -> int:
@@ -70,7 +76,7 @@ def _count(shapes: Shapes, pattern: str) -> int:
 
 
 def infer_unet_config(arch: str, shapes: Shapes) -> dict:
-    u = {k[len(UNET_PREFIX):]: v for k, v in shapes.items() if k.startswith(UNET_PREFIX)}
+    u = {k[len(UNET_PREFIX) :]: v for k, v in shapes.items() if k.startswith(UNET_PREFIX)}
     model_channels, in_channels = u["input_blocks.0.0.weight"][:2]
     downsamplers = sorted(int(m.group(1)) for k in u for m in [re.match(r"input_blocks\.(\d+)\.0\.op\.weight", k)] if m)
     levels = len(downsamplers) + 1
@@ -112,7 +118,7 @@ def infer_unet_config(arch: str, shapes: Shapes) -> dict:
 
 
 def infer_vae_config(shapes: Shapes, arch: str) -> dict:
-    v = {k[len(VAE_PREFIX):]: s for k, s in shapes.items() if k.startswith(VAE_PREFIX)}
+    v = {k[len(VAE_PREFIX) :]: s for k, s in shapes.items() if k.startswith(VAE_PREFIX)}
     if not v:
         raise ModelLoadError("the checkpoint has no VAE (first_stage_model.*) weights; use a full checkpoint.")
     levels = _count(v, r"encoder\.down\.(\d+)\.")
@@ -133,7 +139,7 @@ def infer_vae_config(shapes: Shapes, arch: str) -> dict:
 
 
 def _text_config(shapes: Shapes, prefix: str, open_clip: bool, drop_last_layer: bool) -> Tuple[dict, bool]:
-    t = {k[len(prefix):]: s for k, s in shapes.items() if k.startswith(prefix)}
+    t = {k[len(prefix) :]: s for k, s in shapes.items() if k.startswith(prefix)}
     if open_clip:
         vocab, hidden = t["token_embedding.weight"]
         positions = t["positional_embedding"][0]
@@ -152,10 +158,17 @@ def _text_config(shapes: Shapes, prefix: str, open_clip: bool, drop_last_layer: 
     if drop_last_layer:  # SD2 uses the penultimate layer: diffusers' SD2 text encoder stops there
         layers -= 1
     config = {
-        "vocab_size": vocab, "hidden_size": hidden, "intermediate_size": intermediate,
-        "num_hidden_layers": layers, "num_attention_heads": max(1, hidden // 64),
-        "max_position_embeddings": positions, "hidden_act": act, "projection_dim": projection,
-        "bos_token_id": vocab - 2, "eos_token_id": vocab - 1, "pad_token_id": vocab - 1,
+        "vocab_size": vocab,
+        "hidden_size": hidden,
+        "intermediate_size": intermediate,
+        "num_hidden_layers": layers,
+        "num_attention_heads": max(1, hidden // 64),
+        "max_position_embeddings": positions,
+        "hidden_act": act,
+        "projection_dim": projection,
+        "bos_token_id": vocab - 2,
+        "eos_token_id": vocab - 1,
+        "pad_token_id": vocab - 1,
     }
     return config, "text_projection" in t or "text_projection.weight" in t
 
@@ -166,13 +179,19 @@ def infer_spec(shapes: Shapes, prediction_type: Optional[str] = None) -> Checkpo
     for index, prefix in enumerate(TEXT_PREFIXES[arch]):
         open_clip = prefix.endswith(".model.")
         config, has_projection = _text_config(shapes, prefix, open_clip, drop_last_layer=arch == SD2)
-        encoders.append(TextEncoderSpec(prefix, open_clip, config, with_projection=arch == SDXL and index == 1
-                                        and has_projection))
+        encoders.append(
+            TextEncoderSpec(prefix, open_clip, config, with_projection=arch == SDXL and index == 1 and has_projection)
+        )
     unet_config = infer_unet_config(arch, shapes)
     if arch == SDXL:
         # label_emb takes the pooled text vector plus six sinusoidal embeddings of the size/crop conditions.
         pooled = encoders[1].config["projection_dim"]
         unet_config["addition_time_embed_dim"] = (unet_config["projection_class_embeddings_input_dim"] - pooled) // 6
     default_prediction = "v_prediction" if arch == SD2 else "epsilon"
-    return CheckpointSpec(arch=arch, unet_config=unet_config, vae_config=infer_vae_config(shapes, arch),
-                          text_encoders=encoders, prediction_type=prediction_type or default_prediction)
+    return CheckpointSpec(
+        arch=arch,
+        unet_config=unet_config,
+        vae_config=infer_vae_config(shapes, arch),
+        text_encoders=encoders,
+        prediction_type=prediction_type or default_prediction,
+    )

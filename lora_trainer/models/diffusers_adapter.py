@@ -21,8 +21,11 @@ from lora_trainer.models.loading import load_stable_diffusion
 def file_identity(path: str) -> str:
     """A cheap fingerprint of a model on disk (paths, sizes, modification times of its files)."""
     digest = hashlib.sha1()
-    paths = [path] if os.path.isfile(path) else sorted(
-        os.path.join(root, f) for root, _, files in os.walk(path) for f in files)
+    paths = (
+        [path]
+        if os.path.isfile(path)
+        else sorted(os.path.join(root, f) for root, _, files in os.walk(path) for f in files)
+    )
     for p in paths:
         stat = os.stat(p)
         digest.update(f"{os.path.abspath(p)}|{stat.st_size}|{stat.st_mtime_ns}".encode())
@@ -30,14 +33,21 @@ def file_identity(path: str) -> str:
 
 
 class DiffusersAdapter(DiffusionAdapter):
-    def __init__(self, path: str, *, device: torch.device, dtype: torch.dtype = torch.float32,
-                 prediction_type: Optional[str] = None):
+    def __init__(
+        self,
+        path: str,
+        *,
+        device: torch.device,
+        dtype: torch.dtype = torch.float32,
+        prediction_type: Optional[str] = None,
+    ):
         self.path = path
         self.device = device
         self.dtype = dtype  # the frozen base's storage dtype; LoRA weights stay fp32
         self._prediction_override = prediction_type
-        probe = load_stable_diffusion(path, load_unet=False, load_vae=False, load_text_encoders=False,
-                                      prediction_type=prediction_type)
+        probe = load_stable_diffusion(
+            path, load_unet=False, load_vae=False, load_text_encoders=False, prediction_type=prediction_type
+        )
         self.arch = probe.arch
         self.prediction_type = probe.prediction_type
         self.alphas_cumprod = probe.alphas_cumprod.to(device)
@@ -60,12 +70,19 @@ class DiffusersAdapter(DiffusionAdapter):
             return
         if want_vae:
             # The VAE encodes in fp32: fp16 SD VAEs overflow to NaN at training resolutions.
-            self.vae = load_stable_diffusion(self.path, load_unet=False, load_vae=True, load_text_encoders=False,
-                                             dtype=torch.float32).vae.to(self.device)
+            self.vae = load_stable_diffusion(
+                self.path, load_unet=False, load_vae=True, load_text_encoders=False, dtype=torch.float32
+            ).vae.to(self.device)
         if not (want_unet or want_text):
             return
-        model = load_stable_diffusion(self.path, load_unet=want_unet, load_vae=False, load_text_encoders=want_text,
-                                      dtype=self.dtype, prediction_type=self._prediction_override)
+        model = load_stable_diffusion(
+            self.path,
+            load_unet=want_unet,
+            load_vae=False,
+            load_text_encoders=want_text,
+            dtype=self.dtype,
+            prediction_type=self._prediction_override,
+        )
         if want_unet:
             self.unet = model.unet.to(self.device)
             self.unet.set_attn_processor(_sdpa_processor())
@@ -90,8 +107,13 @@ class DiffusersAdapter(DiffusionAdapter):
         return latents * self.vae_scaling_factor
 
     def _token_ids(self, tokenizer, captions: Sequence[str]) -> torch.Tensor:
-        return tokenizer(list(captions), padding="max_length", max_length=tokenizer.model_max_length,
-                         truncation=True, return_tensors="pt").input_ids.to(self.device)
+        return tokenizer(
+            list(captions),
+            padding="max_length",
+            max_length=tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(self.device)
 
     def encode_text(self, captions: Sequence[str], clip_skip: int) -> Conditioning:
         if self.arch == SDXL:
@@ -111,8 +133,13 @@ class DiffusersAdapter(DiffusionAdapter):
 
     # ------------------------------------------------------------ denoiser
 
-    def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning,
-                sizes: Optional[Sequence[SizeCondition]] = None) -> torch.Tensor:
+    def predict(
+        self,
+        noisy: torch.Tensor,
+        timesteps: torch.Tensor,
+        cond: Conditioning,
+        sizes: Optional[Sequence[SizeCondition]] = None,
+    ) -> torch.Tensor:
         kwargs = {}
         if self.arch == SDXL:
             time_ids = torch.tensor([s.time_ids() for s in sizes], device=noisy.device, dtype=noisy.dtype)
@@ -122,12 +149,16 @@ class DiffusersAdapter(DiffusionAdapter):
     # ------------------------------------------------------------ LoRA wiring
 
     def lora_targets(self, train_text_encoder: bool, extra: Sequence[str] = ()) -> List[Tuple[str, nn.Module]]:
-        targets = [(unet_lora_name(path, self.arch, self.names), module)
-                   for path, module in find_targets(self.unet, UNET_CONTAINERS, extra)]
+        targets = [
+            (unet_lora_name(path, self.arch, self.names), module)
+            for path, module in find_targets(self.unet, UNET_CONTAINERS, extra)
+        ]
         if train_text_encoder:
             for index, te in enumerate(self.text_encoders):
-                targets += [(text_lora_name(path, self.arch, index), module)
-                            for path, module in find_targets(te, TEXT_CONTAINERS)]
+                targets += [
+                    (text_lora_name(path, self.arch, index), module)
+                    for path, module in find_targets(te, TEXT_CONTAINERS)
+                ]
         return targets
 
     def text_encoder_modules(self) -> List[nn.Module]:

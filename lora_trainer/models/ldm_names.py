@@ -13,8 +13,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
-RESNET_UNET = (("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("time_emb_proj", "emb_layers.1"),
-               ("norm2", "out_layers.0"), ("conv2", "out_layers.3"), ("conv_shortcut", "skip_connection"))
+RESNET_UNET = (
+    ("norm1", "in_layers.0"),
+    ("conv1", "in_layers.2"),
+    ("time_emb_proj", "emb_layers.1"),
+    ("norm2", "out_layers.0"),
+    ("conv2", "out_layers.3"),
+    ("conv_shortcut", "skip_connection"),
+)
 RESNET_VAE = (("conv_shortcut", "nin_shortcut"),)
 ATTENTION_VAE = (("group_norm", "norm"), ("to_q", "q"), ("to_k", "k"), ("to_v", "v"), ("to_out.0", "proj_out"))
 
@@ -30,8 +36,7 @@ class UNetLayout:
 
     @classmethod
     def from_config(cls, config: dict) -> "UNetLayout":
-        return cls(int(config["layers_per_block"]),
-                   tuple("CrossAttn" in t for t in config["down_block_types"]))
+        return cls(int(config["layers_per_block"]), tuple("CrossAttn" in t for t in config["down_block_types"]))
 
 
 def unet_block_prefixes(layout: UNetLayout) -> List[Tuple[str, str, str]]:
@@ -64,21 +69,27 @@ def unet_block_prefixes(layout: UNetLayout) -> List[Tuple[str, str, str]]:
             if attention:
                 pairs.append((f"up_blocks.{i}.attentions.{j}", f"output_blocks.{block}.1", "attention"))
         if i < n - 1:
-            pairs.append((f"up_blocks.{i}.upsamplers.0.conv",
-                          f"output_blocks.{i * (L + 1) + L}.{2 if attention else 1}.conv", "plain"))
+            pairs.append(
+                (
+                    f"up_blocks.{i}.upsamplers.0.conv",
+                    f"output_blocks.{i * (L + 1) + L}.{2 if attention else 1}.conv",
+                    "plain",
+                )
+            )
     return pairs
 
 
-def _rename(name: str, pairs: Iterable[Tuple[str, str, str]], internal: Dict[str, Sequence[Tuple[str, str]]],
-            reverse: bool) -> Optional[str]:
+def _rename(
+    name: str, pairs: Iterable[Tuple[str, str, str]], internal: Dict[str, Sequence[Tuple[str, str]]], reverse: bool
+) -> Optional[str]:
     for diffusers_prefix, ldm_prefix, kind in pairs:
         src, dst = (ldm_prefix, diffusers_prefix) if reverse else (diffusers_prefix, ldm_prefix)
         if name == src or name.startswith(src + "."):
-            rest = name[len(src):]
+            rest = name[len(src) :]
             for d_name, l_name in internal.get(kind, ()):
                 a, b = (l_name, d_name) if reverse else (d_name, l_name)
                 if rest.startswith("." + a + ".") or rest == "." + a:
-                    rest = "." + b + rest[len(a) + 1:]
+                    rest = "." + b + rest[len(a) + 1 :]
                     break
             return dst + rest
     return None
@@ -110,12 +121,14 @@ class UNetNameMap(PrefixNameMap):
 def vae_block_prefixes(levels: int, layers_per_block: int) -> List[Tuple[str, str, str]]:
     pairs: List[Tuple[str, str, str]] = []
     for part in ("encoder", "decoder"):
-        pairs += [(f"{part}.conv_in", f"{part}.conv_in", "plain"),
-                  (f"{part}.conv_norm_out", f"{part}.norm_out", "plain"),
-                  (f"{part}.conv_out", f"{part}.conv_out", "plain"),
-                  (f"{part}.mid_block.resnets.0", f"{part}.mid.block_1", "resnet"),
-                  (f"{part}.mid_block.resnets.1", f"{part}.mid.block_2", "resnet"),
-                  (f"{part}.mid_block.attentions.0", f"{part}.mid.attn_1", "attention")]
+        pairs += [
+            (f"{part}.conv_in", f"{part}.conv_in", "plain"),
+            (f"{part}.conv_norm_out", f"{part}.norm_out", "plain"),
+            (f"{part}.conv_out", f"{part}.conv_out", "plain"),
+            (f"{part}.mid_block.resnets.0", f"{part}.mid.block_1", "resnet"),
+            (f"{part}.mid_block.resnets.1", f"{part}.mid.block_2", "resnet"),
+            (f"{part}.mid_block.attentions.0", f"{part}.mid.attn_1", "attention"),
+        ]
     for i in range(levels):
         for j in range(layers_per_block):
             pairs.append((f"encoder.down_blocks.{i}.resnets.{j}", f"encoder.down.{i}.block.{j}", "resnet"))
@@ -134,20 +147,28 @@ class VaeNameMap(PrefixNameMap):
     """diffusers AutoencoderKL <-> ldm first_stage_model names (attention weights also change shape)."""
 
     def __init__(self, levels: int, layers_per_block: int):
-        super().__init__(vae_block_prefixes(levels, layers_per_block),
-                         {"resnet": RESNET_VAE, "attention": ATTENTION_VAE})
+        super().__init__(
+            vae_block_prefixes(levels, layers_per_block), {"resnet": RESNET_VAE, "attention": ATTENTION_VAE}
+        )
 
 
-OPEN_CLIP_LAYER = (("ln_1", "layer_norm1"), ("ln_2", "layer_norm2"), ("attn.out_proj", "self_attn.out_proj"),
-                   ("mlp.c_fc", "mlp.fc1"), ("mlp.c_proj", "mlp.fc2"))
+OPEN_CLIP_LAYER = (
+    ("ln_1", "layer_norm1"),
+    ("ln_2", "layer_norm2"),
+    ("attn.out_proj", "self_attn.out_proj"),
+    ("mlp.c_fc", "mlp.fc1"),
+    ("mlp.c_proj", "mlp.fc2"),
+)
 
 
 # open_clip text-tower names <-> transformers CLIPTextModel names (outside the per-layer blocks).
-OPEN_CLIP_TOP_LEVEL = (("token_embedding.weight", "text_model.embeddings.token_embedding.weight"),
-                       ("positional_embedding", "text_model.embeddings.position_embedding.weight"),
-                       ("ln_final.weight", "text_model.final_layer_norm.weight"),
-                       ("ln_final.bias", "text_model.final_layer_norm.bias"),
-                       ("text_projection", "text_projection.weight"))
+OPEN_CLIP_TOP_LEVEL = (
+    ("token_embedding.weight", "text_model.embeddings.token_embedding.weight"),
+    ("positional_embedding", "text_model.embeddings.position_embedding.weight"),
+    ("ln_final.weight", "text_model.final_layer_norm.weight"),
+    ("ln_final.bias", "text_model.final_layer_norm.bias"),
+    ("text_projection", "text_projection.weight"),
+)
 OPEN_CLIP_BLOCKS = ("transformer.resblocks.", "text_model.encoder.layers.")
 
 
@@ -158,13 +179,13 @@ def _clip_rename(name: str, reverse: bool) -> Optional[str]:
     src_blocks, dst_blocks = OPEN_CLIP_BLOCKS[::-1] if reverse else OPEN_CLIP_BLOCKS
     if not name.startswith(src_blocks):
         return None
-    index, rest = name[len(src_blocks):].split(".", 1)
+    index, rest = name[len(src_blocks) :].split(".", 1)
     for open_clip_part, hf_part in OPEN_CLIP_LAYER:
         src, dst = (hf_part, open_clip_part) if reverse else (open_clip_part, hf_part)
         if rest.startswith(src + "."):
-            return f"{dst_blocks}{index}.{dst}{rest[len(src):]}"
+            return f"{dst_blocks}{index}.{dst}{rest[len(src) :]}"
     if not reverse and rest.startswith("attn.in_proj_"):
-        return f"{dst_blocks}{index}.self_attn.in_proj_{rest[len('attn.in_proj_'):]}"
+        return f"{dst_blocks}{index}.self_attn.in_proj_{rest[len('attn.in_proj_') :]}"
     return None
 
 

@@ -47,11 +47,12 @@ class StableDiffusionModel:
     info: Dict[str, str] = field(default_factory=dict)
 
 
-def scaled_linear_alphas_cumprod(beta_start: float = 0.00085, beta_end: float = 0.012, steps: int = 1000,
-                                 schedule: str = "scaled_linear") -> torch.Tensor:
+def scaled_linear_alphas_cumprod(
+    beta_start: float = 0.00085, beta_end: float = 0.012, steps: int = 1000, schedule: str = "scaled_linear"
+) -> torch.Tensor:
     """The DDPM noise schedule every SD1/SD2/SDXL model was trained with."""
     if schedule == "scaled_linear":
-        betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, steps, dtype=torch.float64) ** 2
+        betas = torch.linspace(beta_start**0.5, beta_end**0.5, steps, dtype=torch.float64) ** 2
     elif schedule == "linear":
         betas = torch.linspace(beta_start, beta_end, steps, dtype=torch.float64)
     else:
@@ -63,21 +64,31 @@ def is_diffusers_folder(path: str) -> bool:
     return os.path.isdir(path) and os.path.isfile(os.path.join(path, "model_index.json"))
 
 
-def load_stable_diffusion(path: str, *, load_unet: bool = True, load_vae: bool = True,
-                          load_text_encoders: bool = True, dtype: torch.dtype = torch.float32,
-                          prediction_type: Optional[str] = None) -> StableDiffusionModel:
+def load_stable_diffusion(
+    path: str,
+    *,
+    load_unet: bool = True,
+    load_vae: bool = True,
+    load_text_encoders: bool = True,
+    dtype: torch.dtype = torch.float32,
+    prediction_type: Optional[str] = None,
+) -> StableDiffusionModel:
     """Load a diffusers folder or single-file SD1/SD2/SDXL checkpoint for training (eval mode, frozen).
 
     Parts not asked for are None: the trainer loads the encoders first, caches their outputs and frees them
     before the UNet loads, so the peak holds the UNet and never the encoders beside it.
     """
     if not os.path.exists(path):
-        raise ModelLoadError(f"base_model not found: {path}. Point base_model at a .safetensors checkpoint or a "
-                             "diffusers folder (with model_index.json).")
+        raise ModelLoadError(
+            f"base_model not found: {path}. Point base_model at a .safetensors checkpoint or a "
+            "diffusers folder (with model_index.json)."
+        )
     if os.path.isdir(path):
         if not is_diffusers_folder(path):
-            raise ModelLoadError(f"base_model {path} is a folder without model_index.json; give a diffusers "
-                                 "folder or a single-file checkpoint.")
+            raise ModelLoadError(
+                f"base_model {path} is a folder without model_index.json; give a diffusers "
+                "folder or a single-file checkpoint."
+            )
         model = _load_diffusers_folder(path, load_unet, load_vae, load_text_encoders, dtype, prediction_type)
     else:
         model = _load_single_file(path, load_unet, load_vae, load_text_encoders, dtype, prediction_type)
@@ -90,8 +101,10 @@ def load_stable_diffusion(path: str, *, load_unet: bool = True, load_vae: bool =
 
 # ---------------------------------------------------------------- diffusers folders
 
-def _load_diffusers_folder(path, load_unet, load_vae, load_text_encoders, dtype, prediction_type
-                           ) -> StableDiffusionModel:
+
+def _load_diffusers_folder(
+    path, load_unet, load_vae, load_text_encoders, dtype, prediction_type
+) -> StableDiffusionModel:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
@@ -101,33 +114,47 @@ def _load_diffusers_folder(path, load_unet, load_vae, load_text_encoders, dtype,
     unet_config = UNet2DConditionModel.load_config(path, subfolder="unet")
     if arch == SD1 and unet_config["cross_attention_dim"] == 1024:
         arch = SD2
-    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype, low_cpu_mem_usage=True) \
-        if load_unet else None
+    unet = (
+        UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype, low_cpu_mem_usage=True)
+        if load_unet
+        else None
+    )
     scheduler = {}
     scheduler_path = os.path.join(path, "scheduler", "scheduler_config.json")
     if os.path.isfile(scheduler_path):
         with open(scheduler_path, encoding="utf-8") as fh:
             scheduler = json.load(fh)
-    alphas = scaled_linear_alphas_cumprod(scheduler.get("beta_start", 0.00085), scheduler.get("beta_end", 0.012),
-                                          scheduler.get("num_train_timesteps", 1000),
-                                          scheduler.get("beta_schedule", "scaled_linear"))
+    alphas = scaled_linear_alphas_cumprod(
+        scheduler.get("beta_start", 0.00085),
+        scheduler.get("beta_end", 0.012),
+        scheduler.get("num_train_timesteps", 1000),
+        scheduler.get("beta_schedule", "scaled_linear"),
+    )
     vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype) if load_vae else None
     text_encoders = None
     names = ["text_encoder"] + (["text_encoder_2"] if arch == SDXL else [])
     if load_text_encoders:
         classes = [CLIPTextModel, CLIPTextModelWithProjection]
-        text_encoders = [classes[i].from_pretrained(path, subfolder=name, torch_dtype=dtype)
-                         for i, name in enumerate(names)]
+        text_encoders = [
+            classes[i].from_pretrained(path, subfolder=name, torch_dtype=dtype) for i, name in enumerate(names)
+        ]
     tokenizers = []
-    for i, name in enumerate(["tokenizer", "tokenizer_2"][:len(names)]):
+    for i, name in enumerate(["tokenizer", "tokenizer_2"][: len(names)]):
         folder = os.path.join(path, name)
         tokenizers.append(_tokenizer(folder if os.path.isdir(folder) else None, arch, i))
     scaling = vae.config.scaling_factor if vae is not None else _vae_scaling_from_config(path)
     return StableDiffusionModel(
-        arch=arch, unet=unet, vae=vae, text_encoders=text_encoders, tokenizers=tokenizers,
-        prediction_type=prediction_type or scheduler.get("prediction_type", "epsilon"), alphas_cumprod=alphas,
-        vae_scaling_factor=scaling, name=os.path.basename(os.path.normpath(path)),
-        unet_layout=UNetLayout.from_config(unet_config))
+        arch=arch,
+        unet=unet,
+        vae=vae,
+        text_encoders=text_encoders,
+        tokenizers=tokenizers,
+        prediction_type=prediction_type or scheduler.get("prediction_type", "epsilon"),
+        alphas_cumprod=alphas,
+        vae_scaling_factor=scaling,
+        name=os.path.basename(os.path.normpath(path)),
+        unet_layout=UNetLayout.from_config(unet_config),
+    )
 
 
 def _vae_scaling_from_config(path: str) -> float:
@@ -144,6 +171,7 @@ def _tokenizer(folder: Optional[str], arch: str, index: int):
 
 
 # ---------------------------------------------------------------- single files
+
 
 class _CheckpointReader:
     """Uniform tensor access for .safetensors (lazy) and weights-only .ckpt files."""
@@ -165,12 +193,14 @@ class _CheckpointReader:
                 raise ModelLoadError(
                     f"{path}: refusing to unpickle this checkpoint, it is not loadable with weights_only=True "
                     f"({type(exc).__name__}). Pickled checkpoints can run arbitrary code; convert it to "
-                    ".safetensors with a tool you trust.") from None
+                    ".safetensors with a tool you trust."
+                ) from None
             self.tensors = blob.get("state_dict", blob) if isinstance(blob, dict) else {}
             self.keys = [k for k, v in self.tensors.items() if isinstance(v, torch.Tensor)]
         else:
-            raise ModelLoadError(f"{path}: unsupported model file type {ext!r}; use .safetensors or a diffusers "
-                                 "folder.")
+            raise ModelLoadError(
+                f"{path}: unsupported model file type {ext!r}; use .safetensors or a diffusers folder."
+            )
 
     def shapes(self) -> Dict[str, Tuple[int, ...]]:
         if self.tensors is not None:
@@ -185,7 +215,7 @@ class _CheckpointReader:
     def items(self, prefix: str) -> Iterator[Tuple[str, torch.Tensor]]:
         for key in self.keys:
             if key.startswith(prefix):
-                yield key[len(prefix):], self.get(key)
+                yield key[len(prefix) :], self.get(key)
 
 
 def _prediction_type_from_yaml(path: str) -> Optional[str]:
@@ -201,13 +231,16 @@ def _prediction_type_from_yaml(path: str) -> Optional[str]:
     return "v_prediction" if params.get("parameterization") == "v" else "epsilon"
 
 
-def _materialise(module: torch.nn.Module, state: Dict[str, torch.Tensor], what: str, path: str,
-                 optional: Tuple[str, ...] = ()) -> None:
+def _materialise(
+    module: torch.nn.Module, state: Dict[str, torch.Tensor], what: str, path: str, optional: Tuple[str, ...] = ()
+) -> None:
     missing, _unexpected = module.load_state_dict(state, strict=False, assign=True)
     missing = [k for k in missing if not k.endswith(optional)]
     if missing:
-        raise ModelLoadError(f"{path}: the {what} is missing {len(missing)} weights (first: {missing[0]}); the "
-                             "checkpoint is incomplete or of an unsupported layout.")
+        raise ModelLoadError(
+            f"{path}: the {what} is missing {len(missing)} weights (first: {missing[0]}); the "
+            "checkpoint is incomplete or of an unsupported layout."
+        )
 
 
 def _convert_unet(reader: _CheckpointReader, spec: CheckpointSpec, dtype) -> torch.nn.Module:
@@ -268,8 +301,11 @@ def _convert_text_encoder(reader: _CheckpointReader, te: TextEncoderSpec, dtype)
             name = key if key.startswith(("text_model.", "text_projection")) else "text_model." + key
         state[name] = tensor.to(dtype)
     # Layers beyond the encoder's depth (SD2's last layer, which it never uses) are dropped here.
-    state = {k: v for k, v in state.items()
-             if not (k.startswith("text_model.encoder.layers.") and int(k.split(".")[3]) >= layers)}
+    state = {
+        k: v
+        for k, v in state.items()
+        if not (k.startswith("text_model.encoder.layers.") and int(k.split(".")[3]) >= layers)
+    }
     if not te.with_projection:
         state.pop("text_projection.weight", None)
     state = {hf_text_state_name(model, k): v for k, v in state.items()}
@@ -277,8 +313,9 @@ def _convert_text_encoder(reader: _CheckpointReader, te: TextEncoderSpec, dtype)
     for module in model.modules():
         buffer = getattr(module, "position_ids", None)
         if isinstance(buffer, torch.Tensor) and buffer.is_meta:
-            module.register_buffer("position_ids", torch.arange(config.max_position_embeddings).unsqueeze(0),
-                                   persistent=False)
+            module.register_buffer(
+                "position_ids", torch.arange(config.max_position_embeddings).unsqueeze(0), persistent=False
+            )
     return model
 
 
@@ -287,20 +324,27 @@ def hf_text_state_name(model: torch.nn.Module, name: str) -> str:
     has_level = hasattr(model, "text_model")
     if has_level or not name.startswith("text_model."):
         return name
-    return name[len("text_model."):]
+    return name[len("text_model.") :]
 
 
-def _load_single_file(path, load_unet, load_vae, load_text_encoders, dtype, prediction_type
-                      ) -> StableDiffusionModel:
+def _load_single_file(path, load_unet, load_vae, load_text_encoders, dtype, prediction_type) -> StableDiffusionModel:
     reader = _CheckpointReader(path)
     spec = infer_spec(reader.shapes(), prediction_type or _prediction_type_from_yaml(path))
     unet = _convert_unet(reader, spec, dtype) if load_unet else None
     vae = _convert_vae(reader, spec, dtype) if load_vae else None
-    text_encoders = [_convert_text_encoder(reader, te, dtype) for te in spec.text_encoders] \
-        if load_text_encoders else None
+    text_encoders = (
+        [_convert_text_encoder(reader, te, dtype) for te in spec.text_encoders] if load_text_encoders else None
+    )
     tokenizers = [_tokenizer(None, spec.arch, i) for i in range(len(spec.text_encoders))]
     return StableDiffusionModel(
-        arch=spec.arch, unet=unet, vae=vae, text_encoders=text_encoders, tokenizers=tokenizers,
-        prediction_type=spec.prediction_type, alphas_cumprod=scaled_linear_alphas_cumprod(),
-        vae_scaling_factor=spec.vae_config["scaling_factor"], name=os.path.basename(path),
-        unet_layout=UNetLayout.from_config(spec.unet_config))
+        arch=spec.arch,
+        unet=unet,
+        vae=vae,
+        text_encoders=text_encoders,
+        tokenizers=tokenizers,
+        prediction_type=spec.prediction_type,
+        alphas_cumprod=scaled_linear_alphas_cumprod(),
+        vae_scaling_factor=spec.vae_config["scaling_factor"],
+        name=os.path.basename(path),
+        unet_layout=UNetLayout.from_config(spec.unet_config),
+    )

@@ -20,8 +20,9 @@ MERGES_USED = 49152 - 256 - 2  # CLIP keeps this many merges; the rest of the fi
 
 def _bytes_to_unicode() -> dict:
     """GPT-2/CLIP's reversible byte -> printable character table."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
-        list(range(ord("®"), ord("ÿ") + 1))
+    printable = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     chars = printable[:]
     extra = 0
     for b in range(256):
@@ -36,8 +37,10 @@ def open_clip_bpe_path() -> str:
     try:
         import open_clip
     except ImportError:
-        raise ModelLoadError("no tokenizer in the model folder and open_clip_torch is not installed; install "
-                             "open_clip_torch (it ships the CLIP vocabulary) or add a tokenizer/ folder.") from None
+        raise ModelLoadError(
+            "no tokenizer in the model folder and open_clip_torch is not installed; install "
+            "open_clip_torch (it ships the CLIP vocabulary) or add a tokenizer/ folder."
+        ) from None
     path = os.path.join(os.path.dirname(open_clip.__file__), "bpe_simple_vocab_16e6.txt.gz")
     if not os.path.isfile(path):
         raise ModelLoadError(f"open_clip's CLIP vocabulary is missing ({path}); reinstall open_clip_torch.")
@@ -50,20 +53,30 @@ def write_clip_tokenizer_files(folder: str) -> str:
     if os.path.isfile(os.path.join(folder, "tokenizer_config.json")):
         return folder
     with gzip.open(open_clip_bpe_path(), "rt", encoding="utf-8") as fh:
-        merges = fh.read().split("\n")[1:MERGES_USED + 1]
+        merges = fh.read().split("\n")[1 : MERGES_USED + 1]
     pairs = [tuple(m.split()) for m in merges]
     vocab = list(_bytes_to_unicode().values())
     vocab = vocab + [v + "</w>" for v in vocab] + ["".join(p) for p in pairs]
     vocab += ["<|startoftext|>", "<|endoftext|>"]
-    atomic_write_text(os.path.join(folder, "vocab.json"), json.dumps({t: i for i, t in enumerate(vocab)},
-                                                                      ensure_ascii=False))
-    atomic_write_text(os.path.join(folder, "merges.txt"), "#version: 0.2\n" + "\n".join(" ".join(p) for p in pairs)
-                      + "\n")
-    config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "bos_token": "<|startoftext|>",
-              "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
-              "do_lower_case": True}
-    atomic_write_text(os.path.join(folder, "special_tokens_map.json"),
-                      json.dumps({k: config[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token")}))
+    atomic_write_text(
+        os.path.join(folder, "vocab.json"), json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False)
+    )
+    atomic_write_text(
+        os.path.join(folder, "merges.txt"), "#version: 0.2\n" + "\n".join(" ".join(p) for p in pairs) + "\n"
+    )
+    config = {
+        "tokenizer_class": "CLIPTokenizer",
+        "model_max_length": 77,
+        "bos_token": "<|startoftext|>",
+        "eos_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>",
+        "pad_token": "<|endoftext|>",
+        "do_lower_case": True,
+    }
+    atomic_write_text(
+        os.path.join(folder, "special_tokens_map.json"),
+        json.dumps({k: config[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token")}),
+    )
     atomic_write_text(os.path.join(folder, "tokenizer_config.json"), json.dumps(config))
     return folder
 

@@ -29,8 +29,9 @@ class BatchSchedule:
     its start until every micro-batch is full, so that all processes always run the same number of passes.
     """
 
-    def __init__(self, count: int, batch_size: int, accumulation: int, seed: int, num_processes: int = 1,
-                 process_index: int = 0):
+    def __init__(
+        self, count: int, batch_size: int, accumulation: int, seed: int, num_processes: int = 1, process_index: int = 0
+    ):
         self.count = count
         self.batch_size = batch_size
         self.accumulation = accumulation
@@ -59,7 +60,7 @@ class BatchSchedule:
         first = (step % self.steps_per_epoch) * self.accumulation
         last = min(first + self.accumulation, self.micro_batches_per_epoch)
         mine = slice(self.process_index * self.batch_size, (self.process_index + 1) * self.batch_size)
-        return [order[m * self.global_batch:(m + 1) * self.global_batch][mine] for m in range(first, last)]
+        return [order[m * self.global_batch : (m + 1) * self.global_batch][mine] for m in range(first, last)]
 
 
 @dataclass

@@ -16,16 +16,19 @@ Segment = Tuple[str, bool]  # (text, trainable)
 
 
 def _render(tokenizer, messages: Sequence[Tuple[str, str]], generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template([{"role": r, "content": c} for r, c in messages], tokenize=False,
-                                         add_generation_prompt=generation_prompt)
+    return tokenizer.apply_chat_template(
+        [{"role": r, "content": c} for r, c in messages], tokenize=False, add_generation_prompt=generation_prompt
+    )
 
 
 def require_chat_template(tokenizer, base_model: str) -> None:
     """Chat data needs a template; say so before the model loads."""
     if not getattr(tokenizer, "chat_template", None):
-        raise DatasetError(f"The tokenizer of {base_model} has no chat template, which chat data (\"messages\") "
-                           "needs. Use a chat/instruct model, add a chat_template to its tokenizer_config.json, "
-                           "or convert the data to prompt/completion lines.")
+        raise DatasetError(
+            f'The tokenizer of {base_model} has no chat template, which chat data ("messages") '
+            "needs. Use a chat/instruct model, add a chat_template to its tokenizer_config.json, "
+            "or convert the data to prompt/completion lines."
+        )
 
 
 def chat_segments(tokenizer, messages: Sequence[Tuple[str, str]], origin: str) -> List[Segment]:
@@ -54,7 +57,9 @@ def _opening(tokenizer) -> str:
 def _extend(done: str, rendered: str, origin: str) -> str:
     if not rendered.startswith(done):
         # Templates that rewrite earlier turns (e.g. dropping past reasoning) cannot be split into turns.
-        raise DatasetError(f"{origin}: the tokenizer's chat template renders this conversation differently "
-                           "once more turns follow, so the assistant turns cannot be located. Use a template "
-                           "that renders each turn the same way regardless of the turns after it.")
-    return rendered[len(done):]
+        raise DatasetError(
+            f"{origin}: the tokenizer's chat template renders this conversation differently "
+            "once more turns follow, so the assistant turns cannot be located. Use a template "
+            "that renders each turn the same way regardless of the turns after it."
+        )
+    return rendered[len(done) :]

@@ -87,8 +87,14 @@ def _describe(record: Any) -> str:
     if isinstance(record, dict):
         keys = ", ".join(repr(k) for k in record) or "none"
         return f"an object with keys {keys}"
-    kinds = {list: "a JSON list", str: "a JSON string", bool: "a JSON true/false", int: "a JSON number",
-             float: "a JSON number", type(None): "JSON null"}
+    kinds = {
+        list: "a JSON list",
+        str: "a JSON string",
+        bool: "a JSON true/false",
+        int: "a JSON number",
+        float: "a JSON number",
+        type(None): "JSON null",
+    }
     return kinds.get(type(record), type(record).__name__)
 
 
@@ -108,8 +114,10 @@ def _string(record: dict, key: str, where: str, *, required: bool = True, nonemp
 def _chat_messages(record: dict, where: str) -> Tuple[Tuple[str, str], ...]:
     messages = record["messages"]
     if not isinstance(messages, list) or not messages:
-        raise DatasetError(f'{where}: "messages" must be a non-empty list of {{"role": ..., "content": ...}} '
-                           f"objects, got {json.dumps(messages)[:60]}.")
+        raise DatasetError(
+            f'{where}: "messages" must be a non-empty list of {{"role": ..., "content": ...}} '
+            f"objects, got {json.dumps(messages)[:60]}."
+        )
     turns = []
     for i, message in enumerate(messages):
         at = f"{where}, message {i + 1}"
@@ -120,24 +128,31 @@ def _chat_messages(record: dict, where: str) -> Tuple[Tuple[str, str], ...]:
             raise DatasetError(f"{at}: role {json.dumps(role)} is not one of {', '.join(CHAT_ROLES)}.")
         turns.append((role, _string(message, "content", at)))
     if not any(role == "assistant" and content.strip() for role, content in turns):
-        raise DatasetError(f"{where}: the conversation has no assistant message; the model learns only the "
-                           "assistant turns, so there is nothing to learn from this line.")
+        raise DatasetError(
+            f"{where}: the conversation has no assistant message; the model learns only the "
+            "assistant turns, so there is nothing to learn from this line."
+        )
     return tuple(turns)
 
 
 def parse_record(record: Any, data_format: str, where: str) -> TextSample:
     """Validate one parsed JSON line against ``data_format`` and turn it into a sample."""
     if not isinstance(record, dict) or detect_format(record) != data_format:
-        raise DatasetError(f"{where}: expected {EXPECTED[data_format]} ({data_format} format), "
-                           f"got {_describe(record)}.")
+        raise DatasetError(
+            f"{where}: expected {EXPECTED[data_format]} ({data_format} format), got {_describe(record)}."
+        )
     if data_format == "text":
         return TextSample(where, completion=_string(record, "text", where, nonempty=True))
     if data_format == "prompt_completion":
-        return TextSample(where, prompt=_string(record, "prompt", where),
-                          completion=_string(record, "completion", where, nonempty=True))
+        return TextSample(
+            where,
+            prompt=_string(record, "prompt", where),
+            completion=_string(record, "completion", where, nonempty=True),
+        )
     if data_format == "alpaca":
-        prompt = alpaca_prompt(_string(record, "instruction", where, nonempty=True),
-                               _string(record, "input", where, required=False))
+        prompt = alpaca_prompt(
+            _string(record, "instruction", where, nonempty=True), _string(record, "input", where, required=False)
+        )
         return TextSample(where, prompt=prompt, completion=_string(record, "output", where, nonempty=True))
     return TextSample(where, messages=_chat_messages(record, where))
 
@@ -166,13 +181,18 @@ def read_jsonl(path: str, data_format: str = "auto") -> Tuple[List[TextSample], 
         try:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise DatasetError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno}); expected "
-                               f"{EXPECTED[fmt] if fmt else 'one JSON object per line'}.") from None
+            raise DatasetError(
+                f"{where}: not valid JSON ({exc.msg} at column {exc.colno}); expected "
+                f"{EXPECTED[fmt] if fmt else 'one JSON object per line'}."
+            ) from None
         if fmt is None:
             fmt = detect_format(record)
             if fmt is None:
-                raise DatasetError(f"{where}: got {_describe(record)}, which matches no data format; expected "
-                                   + "; or ".join(f"{EXPECTED[f]} ({f})" for f in FORMATS) + ".")
+                raise DatasetError(
+                    f"{where}: got {_describe(record)}, which matches no data format; expected "
+                    + "; or ".join(f"{EXPECTED[f]} ({f})" for f in FORMATS)
+                    + "."
+                )
         samples.append(parse_record(record, fmt, where))
     return samples, fmt
 
@@ -183,16 +203,19 @@ def read_txt(path: str, sample_unit: str = "line") -> List[TextSample]:
     if sample_unit == "file":
         text = "\n".join(lines).strip()
         return [TextSample(path, completion=text)] if text else []
-    return [TextSample(f"{path} line {n}", completion=line.strip()) for n, line in enumerate(lines, start=1)
-            if line.strip()]
+    return [
+        TextSample(f"{path} line {n}", completion=line.strip()) for n, line in enumerate(lines, start=1) if line.strip()
+    ]
 
 
 def find_data_files(path: str, data_format: str = "auto") -> List[str]:
     """The data files at ``path`` (a file, or a folder's top-level ``.txt``/``.jsonl`` files, sorted)."""
     if os.path.isfile(path):
         if not path.lower().endswith(TEXT_EXTENSIONS + JSONL_EXTENSIONS):
-            raise DatasetError(f"train_data_dir: {path} is neither a .txt nor a .jsonl file (a JSON array is "
-                               "not read: write one JSON object per line, as .jsonl).")
+            raise DatasetError(
+                f"train_data_dir: {path} is neither a .txt nor a .jsonl file (a JSON array is "
+                "not read: write one JSON object per line, as .jsonl)."
+            )
         return [path]
     if not os.path.isdir(path):
         raise DatasetError(f"train_data_dir: {path} does not exist. Point it at a data folder or file.")
@@ -204,9 +227,11 @@ def find_data_files(path: str, data_format: str = "auto") -> List[str]:
     elif data_format == "text" or not (txt and jsonl):
         files = txt + jsonl
     else:
-        raise DatasetError(f"train_data_dir: {path} mixes .txt and .jsonl files; set data_format (text reads "
-                           "both as plain text; prompt_completion, alpaca and chat read the .jsonl files only) "
-                           "or keep one kind of file there.")
+        raise DatasetError(
+            f"train_data_dir: {path} mixes .txt and .jsonl files; set data_format (text reads "
+            "both as plain text; prompt_completion, alpaca and chat read the .jsonl files only) "
+            "or keep one kind of file there."
+        )
     if not files:
         wanted = ".jsonl" if data_format in JSONL_ONLY_FORMATS else ".txt or .jsonl"
         raise DatasetError(f"train_data_dir: {path} has no {wanted} files.")
@@ -224,8 +249,9 @@ def load_text_dataset(path: str, data_format: str = "auto", sample_unit: str = "
         elif data_format in ("auto", "text"):
             found, fmt = read_txt(file, sample_unit), "text"
         else:
-            raise DatasetError(f"{file}: data_format {data_format} needs a .jsonl file with "
-                               f"{EXPECTED[data_format]} on each line.")
+            raise DatasetError(
+                f"{file}: data_format {data_format} needs a .jsonl file with {EXPECTED[data_format]} on each line."
+            )
         samples.extend(found)
         if found:
             formats[fmt] += len(found)

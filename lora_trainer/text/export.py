@@ -36,8 +36,7 @@ def save_adapter(model, tokenizer, folder: str, precision: str = "fp16") -> str:
     config = copy.deepcopy(model.peft_config["default"])
     config.inference_mode = True  # a loaded adapter is for inference unless asked otherwise
     with atomic_directory(folder) as tmp:
-        save_file(adapter_state_dict(model, precision), os.path.join(tmp, ADAPTER_WEIGHTS),
-                  metadata={"format": "pt"})
+        save_file(adapter_state_dict(model, precision), os.path.join(tmp, ADAPTER_WEIGHTS), metadata={"format": "pt"})
         config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)

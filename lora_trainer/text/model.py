@@ -29,16 +29,20 @@ class LoraSettings:
 
 def resolve_lora_settings(cfg: TextConfig) -> LoraSettings:
     """The adapter's shape: the config's values, or the text task's defaults where they are None."""
-    return LoraSettings(rank=cfg.lora_rank if cfg.lora_rank is not None else DEFAULT_RANK,
-                        alpha=cfg.lora_alpha if cfg.lora_alpha is not None else DEFAULT_ALPHA,
-                        dropout=cfg.lora_dropout if cfg.lora_dropout is not None else DEFAULT_DROPOUT,
-                        target_modules=list(cfg.target_modules))
+    return LoraSettings(
+        rank=cfg.lora_rank if cfg.lora_rank is not None else DEFAULT_RANK,
+        alpha=cfg.lora_alpha if cfg.lora_alpha is not None else DEFAULT_ALPHA,
+        dropout=cfg.lora_dropout if cfg.lora_dropout is not None else DEFAULT_DROPOUT,
+        target_modules=list(cfg.target_modules),
+    )
 
 
 def _require_model_folder(path: str) -> None:
     if not os.path.isdir(path) or not os.path.isfile(os.path.join(path, "config.json")):
-        raise ModelLoadError(f"base_model: {path} is not a transformers model folder (no config.json there). "
-                             "The text task needs a local causal-LM folder, as written by save_pretrained.")
+        raise ModelLoadError(
+            f"base_model: {path} is not a transformers model folder (no config.json there). "
+            "The text task needs a local causal-LM folder, as written by save_pretrained."
+        )
 
 
 def load_tokenizer(base_model: str):
@@ -70,8 +74,7 @@ def load_base_model(base_model: str, dtype: torch.dtype, gradient_checkpointing:
     try:
         model = AutoModelForCausalLM.from_pretrained(base_model, dtype=dtype)
     except Exception as exc:
-        raise ModelLoadError(f"base_model: cannot load a causal language model from {base_model}: {exc}") \
-            from exc
+        raise ModelLoadError(f"base_model: cannot load a causal language model from {base_model}: {exc}") from exc
     model.config.use_cache = False  # the key/value cache only serves generation
     if gradient_checkpointing:
         # Non-reentrant checkpointing lets gradients reach the adapter although the embeddings are frozen.
@@ -100,17 +103,25 @@ def attach_adapter(model, cfg: TextConfig, settings: LoraSettings):
         if os.path.isfile(folder):  # the adapter_model.safetensors inside the folder is accepted too
             folder = os.path.dirname(folder)
         if not os.path.isfile(os.path.join(folder, "adapter_config.json")):
-            raise ModelLoadError(f"network_weights: {cfg.network_weights} is not a PEFT adapter folder (no "
-                                 "adapter_config.json there).")
+            raise ModelLoadError(
+                f"network_weights: {cfg.network_weights} is not a PEFT adapter folder (no adapter_config.json there)."
+            )
         try:
             with _quiet_peft():
                 peft_model = PeftModel.from_pretrained(model, folder, is_trainable=True)
         except Exception as exc:
-            raise ModelLoadError(f"network_weights: cannot load the adapter in {folder} onto {cfg.base_model}: "
-                                 f"{exc}") from exc
+            raise ModelLoadError(
+                f"network_weights: cannot load the adapter in {folder} onto {cfg.base_model}: {exc}"
+            ) from exc
     else:
-        lora = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
-                          target_modules=settings.target_modules, bias="none", task_type="CAUSAL_LM")
+        lora = LoraConfig(
+            r=settings.rank,
+            lora_alpha=settings.alpha,
+            lora_dropout=settings.dropout,
+            target_modules=settings.target_modules,
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
         try:
             with _quiet_peft():
                 peft_model = get_peft_model(model, lora)

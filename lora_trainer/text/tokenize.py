@@ -47,10 +47,16 @@ class TokenizedDataset:
         return sum(sum(1 for t in s.labels if t != IGNORE_INDEX) for s in self.sequences)
 
     def summary(self) -> Dict[str, int]:
-        return {"samples": self.samples, "sequences": len(self.sequences), "truncated": self.truncated,
-                "skipped": self.skipped, "tokens": sum(len(s) for s in self.sequences),
-                "trained_tokens": self.trained_tokens, "max_seq_length": self.max_seq_length,
-                "packing": int(self.packed)}
+        return {
+            "samples": self.samples,
+            "sequences": len(self.sequences),
+            "truncated": self.truncated,
+            "skipped": self.skipped,
+            "tokens": sum(len(s) for s in self.sequences),
+            "trained_tokens": self.trained_tokens,
+            "max_seq_length": self.max_seq_length,
+            "packing": int(self.packed),
+        }
 
 
 def sample_segments(sample: TextSample, tokenizer) -> Tuple[List[Segment], bool]:
@@ -65,8 +71,7 @@ def sample_segments(sample: TextSample, tokenizer) -> Tuple[List[Segment], bool]
     return [s for s in segments if s[0]], True
 
 
-def encode_segments(tokenizer, segments: Sequence[Segment], add_special_tokens: bool) -> Tuple[List[int],
-                                                                                                List[int]]:
+def encode_segments(tokenizer, segments: Sequence[Segment], add_special_tokens: bool) -> Tuple[List[int], List[int]]:
     """Token ids of the joined segments and their labels (``IGNORE_INDEX`` outside trainable segments)."""
     if getattr(tokenizer, "is_fast", False):
         ids, trainable = _encode_with_offsets(tokenizer, segments, add_special_tokens)
@@ -97,8 +102,9 @@ def _encode_with_offsets(tokenizer, segments, add_special_tokens):
     ids = list(enc["input_ids"])
     # A token is trained when its characters overlap a trainable segment; tokens the tokenizer adds itself
     # (BOS) have empty spans and are not.
-    trainable = [end > begin and any(begin < hi and end > lo for lo, hi in spans)
-                 for begin, end in enc["offset_mapping"]]
+    trainable = [
+        end > begin and any(begin < hi and end > lo for lo, hi in spans) for begin, end in enc["offset_mapping"]
+    ]
     return ids, trainable
 
 
@@ -135,8 +141,7 @@ def pack_sequences(rows: Sequence[TokenSequence], max_seq_length: int) -> List[T
     return packed
 
 
-def tokenize_dataset(dataset: TextDataset, tokenizer, max_seq_length: int, packing: bool = False) \
-        -> TokenizedDataset:
+def tokenize_dataset(dataset: TextDataset, tokenizer, max_seq_length: int, packing: bool = False) -> TokenizedDataset:
     """Encode every sample, truncate to ``max_seq_length`` and optionally pack; report what was cut."""
     rows: List[TokenSequence] = []
     truncated = skipped = 0
@@ -151,14 +156,27 @@ def tokenize_dataset(dataset: TextDataset, tokenizer, max_seq_length: int, packi
             continue
         rows.append(TokenSequence(tuple(ids), tuple(labels)))
     if truncated:
-        logger.warning("%d of %d samples are longer than max_seq_length %d tokens and were truncated.",
-                       truncated, len(dataset), max_seq_length)
+        logger.warning(
+            "%d of %d samples are longer than max_seq_length %d tokens and were truncated.",
+            truncated,
+            len(dataset),
+            max_seq_length,
+        )
     if skipped:
-        logger.warning("%d samples had no completion tokens within max_seq_length %d and were skipped.",
-                       skipped, max_seq_length)
+        logger.warning(
+            "%d samples had no completion tokens within max_seq_length %d and were skipped.", skipped, max_seq_length
+        )
     if not rows:
-        raise DatasetError(f"No sample has a completion within max_seq_length {max_seq_length} tokens; raise "
-                           "max_seq_length or shorten the prompts.")
+        raise DatasetError(
+            f"No sample has a completion within max_seq_length {max_seq_length} tokens; raise "
+            "max_seq_length or shorten the prompts."
+        )
     sequences = pack_sequences(rows, max_seq_length) if packing else rows
-    return TokenizedDataset(sequences=sequences, samples=len(dataset), truncated=truncated, skipped=skipped,
-                            max_seq_length=max_seq_length, packed=packing)
+    return TokenizedDataset(
+        sequences=sequences,
+        samples=len(dataset),
+        truncated=truncated,
+        skipped=skipped,
+        max_seq_length=max_seq_length,
+        packed=packing,
+    )

@@ -42,9 +42,12 @@ def step_seed(seed: int, step: int) -> int:
 
 def summed_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Cross-entropy summed over the trained tokens (each position predicts the next token)."""
-    return torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-                                             labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX,
-                                             reduction="sum")
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+        labels[:, 1:].reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
 
 
 def adapter_folder(cfg: TextConfig, step: Optional[int] = None) -> str:
@@ -61,8 +64,9 @@ def _pad_id(tokenizer) -> int:
     return 0  # pragma: no cover
 
 
-def train_text(cfg: TextConfig, callbacks: Optional[List[TrainingCallback]] = None, runtime=None,
-               **backend) -> TrainingResult:
+def train_text(
+    cfg: TextConfig, callbacks: Optional[List[TrainingCallback]] = None, runtime=None, **backend
+) -> TrainingResult:
     """Train a LoRA adapter for ``cfg.base_model`` on ``cfg.train_data_dir``; see the module docstring."""
     if backend:
         raise ConfigError(f"text-generation takes no backend objects; got {', '.join(sorted(backend))}.")
@@ -93,26 +97,40 @@ def _train(cfg: TextConfig, dataset, callbacks: List[TrainingCallback], runtime)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
 
-    schedule = BatchSchedule(len(tokens.sequences), cfg.batch_size, cfg.gradient_accumulation_steps, cfg.seed,
-                             runtime.num_processes, runtime.process_index)
+    schedule = BatchSchedule(
+        len(tokens.sequences),
+        cfg.batch_size,
+        cfg.gradient_accumulation_steps,
+        cfg.seed,
+        runtime.num_processes,
+        runtime.process_index,
+    )
     total = cfg.max_train_steps or cfg.epochs * schedule.steps_per_epoch
     optimizer = build_optimizer(cfg.optimizer, [{"params": params}], cfg.learning_rate, cfg.weight_decay)
-    scheduler = build_scheduler(cfg.lr_scheduler, optimizer, cfg.lr_warmup_steps, total,
-                                cfg.lr_scheduler_num_cycles)
+    scheduler = build_scheduler(cfg.lr_scheduler, optimizer, cfg.lr_warmup_steps, total, cfg.lr_scheduler_num_cycles)
     start = _resume(cfg, named, optimizer, scheduler) if cfg.resume else 0
 
     main = runtime.is_main_process
-    listeners = CallbackList(callbacks + ([TensorBoardLogger(cfg.logging_dir or os.path.join(cfg.output_dir,
-                                                                                                  "logs"))]
-                                          if main else []))
+    listeners = CallbackList(
+        callbacks + ([TensorBoardLogger(cfg.logging_dir or os.path.join(cfg.output_dir, "logs"))] if main else [])
+    )
     if main:
         os.makedirs(cfg.output_dir, exist_ok=True)
         save_config_snapshot(cfg, os.path.join(cfg.output_dir, "config.yaml"))
-    summary = {"task_type": cfg.task_type, "formats": dataset.formats, "files": len(dataset.files),
-               **tokens.summary(), "lora_rank": settings.rank, "lora_alpha": settings.alpha,
-               "lora_dropout": settings.dropout, "target_modules": settings.target_modules,
-               "trainable_params": sum(p.numel() for p in params), "steps_per_epoch": schedule.steps_per_epoch,
-               "total_steps": total, "resumed_from": start}
+    summary = {
+        "task_type": cfg.task_type,
+        "formats": dataset.formats,
+        "files": len(dataset.files),
+        **tokens.summary(),
+        "lora_rank": settings.rank,
+        "lora_alpha": settings.alpha,
+        "lora_dropout": settings.dropout,
+        "target_modules": settings.target_modules,
+        "trainable_params": sum(p.numel() for p in params),
+        "steps_per_epoch": schedule.steps_per_epoch,
+        "total_steps": total,
+        "resumed_from": start,
+    }
     listeners.on_train_start(total, start, summary)
 
     def save(step: int, final: bool) -> str:
@@ -120,10 +138,15 @@ def _train(cfg: TextConfig, dataset, callbacks: List[TrainingCallback], runtime)
         if main:
             save_adapter(model, tokenizer, folder, cfg.save_precision)
             if cfg.save_state:
-                save_training_state(os.path.join(cfg.output_dir, f"state-{step}"), step=step,
-                                    epoch=schedule.epoch_of(max(step - 1, 0)),
-                                    weights={n: p for n, p in named}, optimizer=optimizer, scheduler=scheduler,
-                                    info={"task_type": cfg.task_type, "total_steps": total})
+                save_training_state(
+                    os.path.join(cfg.output_dir, f"state-{step}"),
+                    step=step,
+                    epoch=schedule.epoch_of(max(step - 1, 0)),
+                    weights={n: p for n, p in named},
+                    optimizer=optimizer,
+                    scheduler=scheduler,
+                    info={"task_type": cfg.task_type, "total_steps": total},
+                )
             listeners.on_save(folder, step)
         runtime.wait_for_everyone()
         return folder
@@ -142,24 +165,39 @@ def _train(cfg: TextConfig, dataset, callbacks: List[TrainingCallback], runtime)
             torch.manual_seed(step_seed(cfg.seed, step))
             lr = optimizer.param_groups[0]["lr"]
             try:
-                loss = _optimizer_step(model, params, optimizer, runtime, cfg,
-                                       [collate([tokens.sequences[i] for i in rows], pad_id)
-                                        for rows in schedule.micro_batches(step)])
+                loss = _optimizer_step(
+                    model,
+                    params,
+                    optimizer,
+                    runtime,
+                    cfg,
+                    [collate([tokens.sequences[i] for i in rows], pad_id) for rows in schedule.micro_batches(step)],
+                )
             except torch.cuda.OutOfMemoryError:
                 status = "stopped"
-                message = (f"Out of memory at step {step + 1}. Lower batch_size or max_seq_length, or turn on "
-                           "gradient_checkpointing.")
+                message = (
+                    f"Out of memory at step {step + 1}. Lower batch_size or max_seq_length, or turn on "
+                    "gradient_checkpointing."
+                )
                 break
             if not math.isfinite(loss):
                 status = "stopped"
-                message = (f"The loss became {loss} at step {step + 1}, so training stopped; the adapter was "
-                           "not updated with it. Try a lower learning_rate or mixed_precision: no.")
+                message = (
+                    f"The loss became {loss} at step {step + 1}, so training stopped; the adapter was "
+                    "not updated with it. Try a lower learning_rate or mixed_precision: no."
+                )
                 break
             scheduler.step()
             done = step + 1
             losses.append(loss)
-            info = StepInfo(step=done, total_steps=total, epoch=schedule.epoch_of(step) + 1, loss=loss, lr=lr,
-                            elapsed_s=time.time() - started)
+            info = StepInfo(
+                step=done,
+                total_steps=total,
+                epoch=schedule.epoch_of(step) + 1,
+                loss=loss,
+                lr=lr,
+                elapsed_s=time.time() - started,
+            )
             listeners.on_step_end(info)
             if done < total and _save_due(cfg, done, schedule.steps_per_epoch):
                 last_save = save(done, final=False)
@@ -221,8 +259,11 @@ def _optimizer_step(model, params, optimizer, runtime, cfg: TextConfig, batches)
 def _save_due(cfg: TextConfig, done: int, steps_per_epoch: int) -> bool:
     if cfg.save_steps and done % cfg.save_steps == 0:
         return True
-    return bool(cfg.save_every_n_epochs and done % steps_per_epoch == 0
-                and (done // steps_per_epoch) % cfg.save_every_n_epochs == 0)
+    return bool(
+        cfg.save_every_n_epochs
+        and done % steps_per_epoch == 0
+        and (done // steps_per_epoch) % cfg.save_every_n_epochs == 0
+    )
 
 
 def _resume(cfg: TextConfig, named, optimizer, scheduler) -> int:
@@ -230,8 +271,10 @@ def _resume(cfg: TextConfig, named, optimizer, scheduler) -> int:
     state = load_training_state(cfg.resume)
     own = dict(named)
     if set(state.weights) != set(own) or any(state.weights[k].shape != own[k].shape for k in own):
-        raise ConfigError(f"resume: {cfg.resume} holds a different adapter (other lora_rank, target_modules or "
-                          "base model) than this config builds.")
+        raise ConfigError(
+            f"resume: {cfg.resume} holds a different adapter (other lora_rank, target_modules or "
+            "base model) than this config builds."
+        )
     with torch.no_grad():
         for name, param in own.items():
             param.copy_(state.weights[name].to(param.dtype))
@@ -244,8 +287,10 @@ def _resume(cfg: TextConfig, named, optimizer, scheduler) -> int:
 def _finished_message(adapter: str, tokens) -> str:
     message = f"Saved the adapter to {adapter}."
     if tokens.truncated:
-        message += (f" {tokens.truncated} of {tokens.samples} samples were longer than max_seq_length "
-                    f"{tokens.max_seq_length} tokens and were truncated.")
+        message += (
+            f" {tokens.truncated} of {tokens.samples} samples were longer than max_seq_length "
+            f"{tokens.max_seq_length} tokens and were truncated."
+        )
     if tokens.skipped:
         message += f" {tokens.skipped} samples had no completion within max_seq_length and were skipped."
     return message

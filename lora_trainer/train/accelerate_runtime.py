@@ -40,7 +40,7 @@ class AccelerateRuntime(LocalRuntime):
         flat /= self.num_processes
         offset = 0
         for g in grads:
-            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
             offset += g.numel()
 
     def mean_across_processes(self, value: float) -> float:

@@ -8,28 +8,40 @@ import torch
 import torch.nn.functional as F
 
 
-def add_noise(latents: torch.Tensor, timesteps: torch.Tensor, alphas_cumprod: torch.Tensor,
-              generator: torch.Generator, noise_offset: float = 0.0) -> Tuple[torch.Tensor, torch.Tensor]:
+def add_noise(
+    latents: torch.Tensor,
+    timesteps: torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+    generator: torch.Generator,
+    noise_offset: float = 0.0,
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """Return (noisy latents, noise): ``sqrt(ac)·x0 + sqrt(1−ac)·n``."""
     noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
     if noise_offset > 0:
-        offset = torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=generator,
-                             device=latents.device, dtype=latents.dtype)
+        offset = torch.randn(
+            (latents.shape[0], latents.shape[1], 1, 1), generator=generator, device=latents.device, dtype=latents.dtype
+        )
         noise = noise + noise_offset * offset
     ac = alphas_cumprod[timesteps].to(latents.dtype).view(-1, 1, 1, 1)
     return ac.sqrt() * latents + (1 - ac).sqrt() * noise, noise
 
 
-def diffusion_target(latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
-                     alphas_cumprod: torch.Tensor, prediction_type: str) -> torch.Tensor:
+def diffusion_target(
+    latents: torch.Tensor,
+    noise: torch.Tensor,
+    timesteps: torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+    prediction_type: str,
+) -> torch.Tensor:
     if prediction_type == "epsilon":
         return noise
     ac = alphas_cumprod[timesteps].to(latents.dtype).view(-1, 1, 1, 1)
     return ac.sqrt() * noise - (1 - ac).sqrt() * latents  # v-prediction
 
 
-def min_snr_weights(timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, gamma: float,
-                    prediction_type: str) -> torch.Tensor:
+def min_snr_weights(
+    timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, gamma: float, prediction_type: str
+) -> torch.Tensor:
     """Min-SNR-gamma loss weights (Hang et al. 2023)."""
     ac = alphas_cumprod[timesteps].float()
     snr = ac / (1 - ac)
@@ -37,12 +49,19 @@ def min_snr_weights(timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, gamma
     return clipped / (snr + 1) if prediction_type == "v_prediction" else clipped / snr
 
 
-def denoising_loss(latents: torch.Tensor, predict: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-                   alphas_cumprod: torch.Tensor, prediction_type: str, generator: torch.Generator,
-                   noise_offset: float = 0.0, min_snr_gamma: Optional[float] = None) -> torch.Tensor:
+def denoising_loss(
+    latents: torch.Tensor,
+    predict: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    alphas_cumprod: torch.Tensor,
+    prediction_type: str,
+    generator: torch.Generator,
+    noise_offset: float = 0.0,
+    min_snr_gamma: Optional[float] = None,
+) -> torch.Tensor:
     """One training loss: sample timesteps and noise from ``generator``, call ``predict(noisy, t)``."""
-    timesteps = torch.randint(0, alphas_cumprod.shape[0], (latents.shape[0],), generator=generator,
-                              device=latents.device)
+    timesteps = torch.randint(
+        0, alphas_cumprod.shape[0], (latents.shape[0],), generator=generator, device=latents.device
+    )
     noisy, noise = add_noise(latents, timesteps, alphas_cumprod, generator, noise_offset)
     prediction = predict(noisy, timesteps).float()
     target = diffusion_target(latents, noise, timesteps, alphas_cumprod, prediction_type).float()

@@ -39,11 +39,16 @@ def crop_offset(size, bucket: Bucket):
 
 
 def step_seed(seed: int, micro_step: int, process: int) -> int:
-    return (seed * 1_000_003 + micro_step * 7_919 + process * 104_729) % (2 ** 63)
+    return (seed * 1_000_003 + micro_step * 7_919 + process * 104_729) % (2**63)
 
 
-def train_image(cfg: ImageConfig, callbacks: Optional[List[TrainingCallback]] = None, runtime=None,
-                adapter: Optional[DiffusionAdapter] = None, log=print) -> TrainingResult:
+def train_image(
+    cfg: ImageConfig,
+    callbacks: Optional[List[TrainingCallback]] = None,
+    runtime=None,
+    adapter: Optional[DiffusionAdapter] = None,
+    log=print,
+) -> TrainingResult:
     """Train an image LoRA. ``adapter`` defaults to diffusers models loaded from ``cfg.base_model``."""
     if runtime is None:
         from lora_trainer.train.accelerate_runtime import AccelerateRuntime
@@ -66,8 +71,11 @@ class ImageTrainingSession:
         self.runtime = runtime
         self.log = log
         self.output_name = resolved_output_name(cfg)
-        logger = TensorBoardLogger(cfg.logging_dir or os.path.join(cfg.output_dir, "logs")) \
-            if runtime.is_main_process else None
+        logger = (
+            TensorBoardLogger(cfg.logging_dir or os.path.join(cfg.output_dir, "logs"))
+            if runtime.is_main_process
+            else None
+        )
         self.callbacks = CallbackList([*callbacks, logger])
         self.started_at = time.time()
         self.saved_files: List[str] = []
@@ -90,13 +98,16 @@ class ImageTrainingSession:
         if adapter is None:
             from lora_trainer.models.diffusers_adapter import DiffusersAdapter
 
-            adapter = DiffusersAdapter(cfg.base_model, device=runtime.device, dtype=runtime.dtype,
-                                       prediction_type=cfg.prediction_type)
+            adapter = DiffusersAdapter(
+                cfg.base_model, device=runtime.device, dtype=runtime.dtype, prediction_type=cfg.prediction_type
+            )
         elif cfg.prediction_type:
             adapter.prediction_type = cfg.prediction_type
         self.adapter = adapter
-        self.log(f"model: {adapter.model_name} ({adapter.arch}, {adapter.prediction_type}); training on "
-                 f"{runtime.device} in {runtime.num_processes} process(es)")
+        self.log(
+            f"model: {adapter.model_name} ({adapter.arch}, {adapter.prediction_type}); training on "
+            f"{runtime.device} in {runtime.num_processes} process(es)"
+        )
         try:  # whatever fails from here on, the model (the host's, in the WebUI) is handed back as it was
             self._prepare_encodings()
             self.network = self._build_network()
@@ -109,14 +120,19 @@ class ImageTrainingSession:
         """Fill the latent/text caches with the encoders loaded, then free them before the UNet loads."""
         cfg, adapter, dataset = self.cfg, self.adapter, self.dataset
         cache_dir = cfg.cache_dir or os.path.join(cfg.train_data_dir, ".lora_trainer_cache")
-        self.cache = EncodingCache(cache_dir if cfg.cache_to_disk else None, adapter.identity,
-                                   writer=self.runtime.is_main_process)
+        self.cache = EncodingCache(
+            cache_dir if cfg.cache_to_disk else None, adapter.identity, writer=self.runtime.is_main_process
+        )
         self.cache_latents = cfg.cache_latents and not cfg.random_flip
         self.cache_text = not cfg.train_text_encoder and dataset.captions_are_fixed()
-        missing_latents = [s for s in dataset.samples
-                           if self.cache_latents and not self.cache.has(self.cache.latent_key(s))]
-        missing_text = [c for c in dataset.all_caption_variants()
-                        if self.cache_text and not self.cache.has(self.cache.text_key(c, cfg.clip_skip))]
+        missing_latents = [
+            s for s in dataset.samples if self.cache_latents and not self.cache.has(self.cache.latent_key(s))
+        ]
+        missing_text = [
+            c
+            for c in dataset.all_caption_variants()
+            if self.cache_text and not self.cache.has(self.cache.text_key(c, cfg.clip_skip))
+        ]
         if missing_latents or missing_text:
             adapter.load(unet=False, vae=bool(missing_latents), text_encoders=bool(missing_text))
             if missing_latents:
@@ -184,16 +200,23 @@ class ImageTrainingSession:
         generator = torch.Generator(device=runtime.device).manual_seed(seed)
         latents, cond, sizes = self._batch_inputs(indices, epoch, generator)
         with runtime.autocast():
-            return denoising_loss(latents, lambda noisy, t: adapter.predict(noisy, t, cond, sizes),
-                                  adapter.alphas_cumprod, adapter.prediction_type, generator,
-                                  cfg.noise_offset, cfg.min_snr_gamma)
+            return denoising_loss(
+                latents,
+                lambda noisy, t: adapter.predict(noisy, t, cond, sizes),
+                adapter.alphas_cumprod,
+                adapter.prediction_type,
+                generator,
+                cfg.noise_offset,
+                cfg.min_snr_gamma,
+            )
 
     # ------------------------------------------------------------ the loop
 
     def _plan_steps(self) -> None:
         cfg, runtime = self.cfg, self.runtime
-        batches_per_epoch = len(self.dataset.epoch_batches(0, cfg.seed, cfg.batch_size, runtime.process_index,
-                                                           runtime.num_processes))
+        batches_per_epoch = len(
+            self.dataset.epoch_batches(0, cfg.seed, cfg.batch_size, runtime.process_index, runtime.num_processes)
+        )
         steps_per_epoch = max(1, math.ceil(batches_per_epoch / cfg.gradient_accumulation_steps))
         self.total_steps = cfg.max_train_steps or cfg.epochs * steps_per_epoch
         self.epochs = math.ceil(self.total_steps / steps_per_epoch)
@@ -202,11 +225,13 @@ class ImageTrainingSession:
         """Optimizer and schedule (resumed when asked); returns the (step, epoch, batch) to start from."""
         cfg = self.cfg
         self.params = [p for p in self.network.parameters() if p.requires_grad]
-        groups = self.network.parameter_groups({"lora_unet": cfg.unet_lr, "lora_te": cfg.text_encoder_lr},
-                                               cfg.learning_rate)
+        groups = self.network.parameter_groups(
+            {"lora_unet": cfg.unet_lr, "lora_te": cfg.text_encoder_lr}, cfg.learning_rate
+        )
         self.optimizer = build_optimizer(cfg.optimizer, groups, cfg.learning_rate, cfg.weight_decay)
-        self.scheduler = build_scheduler(cfg.lr_scheduler, self.optimizer, cfg.lr_warmup_steps, self.total_steps,
-                                         cfg.lr_scheduler_num_cycles)
+        self.scheduler = build_scheduler(
+            cfg.lr_scheduler, self.optimizer, cfg.lr_warmup_steps, self.total_steps, cfg.lr_scheduler_num_cycles
+        )
         if not cfg.resume:
             return 0, 0, 0
         state = load_training_state(cfg.resume)
@@ -247,15 +272,23 @@ class ImageTrainingSession:
         status, message = "finished", ""
         try:
             while step < total_steps and status == "finished":
-                batches = dataset.epoch_batches(epoch, cfg.seed, cfg.batch_size, runtime.process_index,
-                                                runtime.num_processes)
+                batches = dataset.epoch_batches(
+                    epoch, cfg.seed, cfg.batch_size, runtime.process_index, runtime.num_processes
+                )
                 while batch_offset < len(batches) and step < total_steps:
-                    group = batches[batch_offset:batch_offset + cfg.gradient_accumulation_steps]
+                    group = batches[batch_offset : batch_offset + cfg.gradient_accumulation_steps]
                     loss_value = self._optimizer_step(group, epoch, step)
                     step, batch_offset = step + 1, batch_offset + len(group)
                     losses.append(loss_value)
-                    info = StepInfo(step, total_steps, epoch + 1, loss_value, self.scheduler.get_last_lr()[0],
-                                    time.time() - t0, start_step=start_step)
+                    info = StepInfo(
+                        step,
+                        total_steps,
+                        epoch + 1,
+                        loss_value,
+                        self.scheduler.get_last_lr()[0],
+                        time.time() - t0,
+                        start_step=start_step,
+                    )
                     self.callbacks.on_step_end(info)
                     finished_epoch = epoch + 1 if batch_offset >= len(batches) else None
                     if step < total_steps and self._save_due(step, finished_epoch):
@@ -285,28 +318,45 @@ class ImageTrainingSession:
     def _save_due(self, step: int, finished_epoch: Optional[int]) -> bool:
         cfg = self.cfg
         by_steps = cfg.save_steps is not None and step % cfg.save_steps == 0
-        by_epochs = cfg.save_every_n_epochs is not None and finished_epoch is not None \
+        by_epochs = (
+            cfg.save_every_n_epochs is not None
+            and finished_epoch is not None
             and finished_epoch % cfg.save_every_n_epochs == 0
+        )
         return by_steps or by_epochs
 
     def _nan_message(self, step: int) -> str:
         kept = f"the last good save ({self.last_good_save}) is kept" if self.last_good_save else "nothing was saved"
-        return (f"loss became NaN/inf at step {step}; training stopped and {kept}. Lower learning_rate, or use "
-                "mixed_precision bf16/no instead of fp16.")
+        return (
+            f"loss became NaN/inf at step {step}; training stopped and {kept}. Lower learning_rate, or use "
+            "mixed_precision bf16/no instead of fp16."
+        )
 
     def _oom_message(self, step: int) -> str:
-        return (f"out of memory at step {step}; the last good save is kept. Lower batch_size, resolution or "
-                "lora_rank, or turn on gradient_checkpointing / mixed_precision.")
+        return (
+            f"out of memory at step {step}; the last good save is kept. Lower batch_size, resolution or "
+            "lora_rank, or turn on gradient_checkpointing / mixed_precision."
+        )
 
     # ------------------------------------------------------------ saving
 
     def _lora_tensors_and_metadata(self, step: int, epoch: int):
         cfg, adapter = self.cfg, self.adapter
         tensors = self.network.kohya_state_dict(SAVE_DTYPES[cfg.save_precision])
-        metadata = lora_metadata(cfg, arch=adapter.arch, model_name=adapter.model_name,
-                                 prediction_type=adapter.prediction_type, rank=self.rank, alpha=self.alpha,
-                                 dataset=self.dataset.metadata(), started_at=self.started_at, step=step,
-                                 epoch=epoch, num_epochs=self.epochs, max_steps=self.total_steps)
+        metadata = lora_metadata(
+            cfg,
+            arch=adapter.arch,
+            model_name=adapter.model_name,
+            prediction_type=adapter.prediction_type,
+            rank=self.rank,
+            alpha=self.alpha,
+            dataset=self.dataset.metadata(),
+            started_at=self.started_at,
+            step=step,
+            epoch=epoch,
+            num_epochs=self.epochs,
+            max_steps=self.total_steps,
+        )
         return tensors, metadata
 
     def _save(self, step: int, epoch: int, batch_offset: int) -> None:
@@ -336,7 +386,12 @@ class ImageTrainingSession:
     def _save_state(self, step: int, epoch: int, batch_offset: int) -> None:
         cfg = self.cfg
         if cfg.save_state:
-            save_training_state(os.path.join(cfg.output_dir, f"state-{step}"), step=step, epoch=epoch,
-                                weights=self.network.kohya_state_dict(torch.float32), optimizer=self.optimizer,
-                                scheduler=self.scheduler, info={"batch_in_epoch": batch_offset,
-                                                           "started_at": self.started_at, "seed": cfg.seed})
+            save_training_state(
+                os.path.join(cfg.output_dir, f"state-{step}"),
+                step=step,
+                epoch=epoch,
+                weights=self.network.kohya_state_dict(torch.float32),
+                optimizer=self.optimizer,
+                scheduler=self.scheduler,
+                info={"batch_in_epoch": batch_offset, "started_at": self.started_at, "seed": cfg.seed},
+            )

@@ -20,8 +20,10 @@ def build_optimizer(name: str, param_groups: List[Dict[str, Any]], lr: float, we
         try:
             import bitsandbytes as bnb
         except Exception as exc:  # ImportError, or its CUDA setup failing
-            raise ConfigError(f"optimizer: AdamW8bit needs bitsandbytes, which could not be imported ({exc}). "
-                              "Install bitsandbytes or use optimizer: AdamW.") from None
+            raise ConfigError(
+                f"optimizer: AdamW8bit needs bitsandbytes, which could not be imported ({exc}). "
+                "Install bitsandbytes or use optimizer: AdamW."
+            ) from None
         return bnb.optim.AdamW8bit(param_groups, lr=lr, weight_decay=weight_decay)
     if name == "Prodigy":
         try:

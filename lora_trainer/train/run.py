@@ -18,8 +18,9 @@ class TrainingResult:
     losses: List[float] = field(default_factory=list)
 
 
-def run_training(cfg: CommonConfig, callbacks: Optional[List[TrainingCallback]] = None, runtime=None,
-                 **backend) -> TrainingResult:
+def run_training(
+    cfg: CommonConfig, callbacks: Optional[List[TrainingCallback]] = None, runtime=None, **backend
+) -> TrainingResult:
     """Train ``cfg`` to completion (or cancel/stop), calling ``callbacks`` along the way.
 
     ``runtime`` defaults to accelerate's (standalone); ``backend`` passes trainer-specific objects such as the

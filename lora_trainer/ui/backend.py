@@ -77,8 +77,10 @@ class UiBackend:
 
         if choice == LOCAL_CAPTIONER:
             if not options.model_path:
-                raise CaptionerUnavailable("Enter the captioner's folder or file in \"Model path\" (a BLIP folder, "
-                                           "an open_clip folder or checkpoint, or a WD14 .onnx with its tags).")
+                raise CaptionerUnavailable(
+                    'Enter the captioner\'s folder or file in "Model path" (a BLIP folder, '
+                    "an open_clip folder or checkpoint, or a WD14 .onnx with its tags)."
+                )
             return load_captioner(options.model_path, options)
         return load_captioner(choice, options)
 
@@ -93,8 +95,9 @@ def _weights_size(path: str) -> int:
         return os.path.getsize(path)
     total = 0
     for root, _dirs, files in os.walk(path):
-        total += sum(os.path.getsize(os.path.join(root, f)) for f in files
-                     if f.lower().endswith(MODEL_WEIGHT_EXTENSIONS))
+        total += sum(
+            os.path.getsize(os.path.join(root, f)) for f in files if f.lower().endswith(MODEL_WEIGHT_EXTENSIONS)
+        )
     return total
 
 
@@ -120,6 +123,8 @@ class StandaloneBackend(UiBackend):
         if not size:
             return ""
         precision = "its stored precision" if cfg.mixed_precision == "no" else cfg.mixed_precision
-        return (f"The base model's weights take about {size / 2**30:.1f} GiB on disk; training holds them in "
-                f"{precision} plus the LoRA weights ({resolved_output_name(cfg)}, rank {cfg.lora_rank or 8}), "
-                "their optimizer state and the activations of one batch.")
+        return (
+            f"The base model's weights take about {size / 2**30:.1f} GiB on disk; training holds them in "
+            f"{precision} plus the LoRA weights ({resolved_output_name(cfg)}, rank {cfg.lora_rank or 8}), "
+            "their optimizer state and the activations of one batch."
+        )

@@ -74,37 +74,67 @@ class CaptionPanel:
         """Lay the panel out in the current gradio context; ``dataset`` is the training form's folder box."""
         self.dataset = dataset
         choices = self.backend.captioner_choices()
-        with gr.Accordion("Dataset captions: caption automatically, then review and edit", open=False,
-                          elem_id=f"{ELEM}panel"):
+        with gr.Accordion(
+            "Dataset captions: caption automatically, then review and edit", open=False, elem_id=f"{ELEM}panel"
+        ):
             with gr.Row():
-                self.captioner = gr.Dropdown(choices=choices, value=choices[0] if choices else None,
-                                             label="Captioner", elem_id=f"{ELEM}model")
-                self.model_path = gr.Textbox(label="Model path", max_lines=1, elem_id=f"{ELEM}model_path",
-                                             placeholder="blank: the local Hugging Face cache",
-                                             info="A local folder or file; required for \"local model path\".")
-                self.threshold = gr.Slider(0.05, 0.95, value=DEFAULT_THRESHOLD, step=0.01,
-                                           label="Tag threshold (taggers)", elem_id=f"{ELEM}threshold")
+                self.captioner = gr.Dropdown(
+                    choices=choices, value=choices[0] if choices else None, label="Captioner", elem_id=f"{ELEM}model"
+                )
+                self.model_path = gr.Textbox(
+                    label="Model path",
+                    max_lines=1,
+                    elem_id=f"{ELEM}model_path",
+                    placeholder="blank: the local Hugging Face cache",
+                    info='A local folder or file; required for "local model path".',
+                )
+                self.threshold = gr.Slider(
+                    0.05,
+                    0.95,
+                    value=DEFAULT_THRESHOLD,
+                    step=0.01,
+                    label="Tag threshold (taggers)",
+                    elem_id=f"{ELEM}threshold",
+                )
             with gr.Row():
-                self.prefix = gr.Textbox(label="Trigger word before each new caption", max_lines=1,
-                                         elem_id=f"{ELEM}prefix")
+                self.prefix = gr.Textbox(
+                    label="Trigger word before each new caption", max_lines=1, elem_id=f"{ELEM}prefix"
+                )
                 self.suffix = gr.Textbox(label="... and after it", max_lines=1, elem_id=f"{ELEM}suffix")
-                self.overwrite = gr.Checkbox(label="Re-caption images that already have a caption", value=False,
-                                             elem_id=f"{ELEM}overwrite")
-                self.sidecar = gr.Checkbox(label="Also read and write a .txt beside each image", value=False,
-                                           elem_id=f"{ELEM}sidecar")
+                self.overwrite = gr.Checkbox(
+                    label="Re-caption images that already have a caption", value=False, elem_id=f"{ELEM}overwrite"
+                )
+                self.sidecar = gr.Checkbox(
+                    label="Also read and write a .txt beside each image", value=False, elem_id=f"{ELEM}sidecar"
+                )
             with gr.Row():
                 self.run_button = gr.Button("Run captioning", variant="primary", elem_id=f"{ELEM}run")
                 self.stop_button = gr.Button("Stop", variant="stop", elem_id=f"{ELEM}stop")
                 self.load_button = gr.Button("Load captions", elem_id=f"{ELEM}load")
-            self.progress = gr.Textbox(label="Captioning", value=progress_line(self.runner.status()), lines=2,
-                                       interactive=False, elem_id=f"{ELEM}progress")
+            self.progress = gr.Textbox(
+                label="Captioning",
+                value=progress_line(self.runner.status()),
+                lines=2,
+                interactive=False,
+                elem_id=f"{ELEM}progress",
+            )
             self.notice = gr.Markdown("", elem_id=f"{ELEM}notice")
             with gr.Row():
-                self.grid = gr.Dataframe(label="Captions (edit a cell, then Save)", elem_id=f"{ELEM}grid",
-                                         value=compat.table_value(GRID_HEADERS, []), scale=3,
-                                         **compat.editable_table_kwargs(GRID_HEADERS, read_only_columns=[0]))
-                self.gallery = gr.Gallery(label="Images", columns=4, height=GALLERY_HEIGHT, object_fit="contain",
-                                          scale=2, elem_id=f"{ELEM}gallery")
+                self.grid = gr.Dataframe(
+                    label="Captions (edit a cell, then Save)",
+                    elem_id=f"{ELEM}grid",
+                    value=compat.table_value(GRID_HEADERS, []),
+                    scale=3,
+                    **compat.editable_table_kwargs(GRID_HEADERS, read_only_columns=[0]),
+                )
+                self.gallery = gr.Gallery(
+                    label="Images",
+                    columns=4,
+                    height=GALLERY_HEIGHT,
+                    object_fit="contain",
+                    scale=2,
+                    elem_id=f"{ELEM}gallery",
+                )
             with gr.Row():
                 self.trigger = gr.Textbox(label="Trigger word", max_lines=1, elem_id=f"{ELEM}trigger")
                 self.position = gr.Radio(POSITIONS, value="start", label="Add at", elem_id=f"{ELEM}position")
@@ -126,28 +156,63 @@ class CaptionPanel:
         self._wire(blocks)
 
     def _wire(self, blocks: gr.Blocks) -> None:
-        self.run_button.click(self.start_captioning, outputs=[self.notice],
-                              inputs=[self.dataset, self.captioner, self.model_path, self.threshold, self.prefix,
-                                      self.suffix, self.overwrite, self.sidecar])
+        self.run_button.click(
+            self.start_captioning,
+            outputs=[self.notice],
+            inputs=[
+                self.dataset,
+                self.captioner,
+                self.model_path,
+                self.threshold,
+                self.prefix,
+                self.suffix,
+                self.overwrite,
+                self.sidecar,
+            ],
+        )
         self.stop_button.click(self.stop_captioning, inputs=None, outputs=[self.notice])
-        self.load_button.click(self.load_captions, inputs=[self.dataset, self.sidecar],
-                               outputs=[self.grid, self.gallery, self.grid_folder, self.notice])
-        self.save_button.click(self.save_captions, inputs=[self.dataset, self.grid_folder, self.grid, self.sidecar],
-                               outputs=[self.notice])
-        self.add_button.click(self.add_trigger, inputs=[self.grid, self.trigger, self.position],
-                              outputs=[self.grid, self.notice])
-        self.remove_button.click(self.remove_trigger, inputs=[self.grid, self.trigger],
-                                 outputs=[self.grid, self.notice])
-        self.replace_button.click(self.find_replace, outputs=[self.grid, self.notice],
-                                  inputs=[self.grid, self.find, self.replacement, self.regex, self.case])
-        self.finished_run.change(self.show_finished_run, inputs=[self.finished_run],
-                                 outputs=[self.grid, self.gallery, self.grid_folder])
-        compat.poll(self.poll, inputs=[self.seen], seconds=POLL_SECONDS, blocks=blocks,
-                    outputs=[self.progress, self.finished_run, self.seen])
+        self.load_button.click(
+            self.load_captions,
+            inputs=[self.dataset, self.sidecar],
+            outputs=[self.grid, self.gallery, self.grid_folder, self.notice],
+        )
+        self.save_button.click(
+            self.save_captions, inputs=[self.dataset, self.grid_folder, self.grid, self.sidecar], outputs=[self.notice]
+        )
+        self.add_button.click(
+            self.add_trigger, inputs=[self.grid, self.trigger, self.position], outputs=[self.grid, self.notice]
+        )
+        self.remove_button.click(
+            self.remove_trigger, inputs=[self.grid, self.trigger], outputs=[self.grid, self.notice]
+        )
+        self.replace_button.click(
+            self.find_replace,
+            outputs=[self.grid, self.notice],
+            inputs=[self.grid, self.find, self.replacement, self.regex, self.case],
+        )
+        self.finished_run.change(
+            self.show_finished_run, inputs=[self.finished_run], outputs=[self.grid, self.gallery, self.grid_folder]
+        )
+        compat.poll(
+            self.poll,
+            inputs=[self.seen],
+            seconds=POLL_SECONDS,
+            blocks=blocks,
+            outputs=[self.progress, self.finished_run, self.seen],
+        )
 
     # --- captioning ----------------------------------------------------------------------------------------
-    def start_captioning(self, folder: str, choice: str, model_path: str, threshold: float, prefix: str,
-                         suffix: str, overwrite: bool, sidecar: bool) -> str:
+    def start_captioning(
+        self,
+        folder: str,
+        choice: str,
+        model_path: str,
+        threshold: float,
+        prefix: str,
+        suffix: str,
+        overwrite: bool,
+        sidecar: bool,
+    ) -> str:
         from lora_trainer.caption.registry import CaptionerOptions
         from lora_trainer.caption.run import CaptionRunOptions
 
@@ -158,13 +223,20 @@ class CaptionPanel:
             return f"**Captioning not started:** the dataset folder `{folder}` does not exist."
         if not choice:
             return "**Captioning not started:** choose a captioner."
-        options = CaptionerOptions(model_path=(model_path or "").strip() or None,
-                                   threshold=float(threshold if threshold is not None else DEFAULT_THRESHOLD))
-        run_options = CaptionRunOptions(prefix=prefix or "", suffix=suffix or "", sidecar=bool(sidecar),
-                                        overwrite=bool(overwrite))
-        request = CaptionRequest(folder=folder, label=choice, options=run_options,
-                                 load=lambda: self.backend.load_captioner(choice, options),
-                                 session=self.backend.caption_session)
+        options = CaptionerOptions(
+            model_path=(model_path or "").strip() or None,
+            threshold=float(threshold if threshold is not None else DEFAULT_THRESHOLD),
+        )
+        run_options = CaptionRunOptions(
+            prefix=prefix or "", suffix=suffix or "", sidecar=bool(sidecar), overwrite=bool(overwrite)
+        )
+        request = CaptionRequest(
+            folder=folder,
+            label=choice,
+            options=run_options,
+            load=lambda: self.backend.load_captioner(choice, options),
+            session=self.backend.caption_session,
+        )
         try:
             self.runner.start(request)
         except CaptionBusyError as exc:
@@ -227,8 +299,10 @@ class CaptionPanel:
         if not grid_folder:
             return "**Not saved:** load the captions first (Load captions, or run captioning)."
         if (folder or "").strip() and os.path.abspath(folder.strip()) != os.path.abspath(grid_folder):
-            return (f"**Not saved:** the grid holds the captions of `{grid_folder}`, but the dataset folder is now "
-                    f"`{folder.strip()}`. Load captions to edit that folder.")
+            return (
+                f"**Not saved:** the grid holds the captions of `{grid_folder}`, but the dataset folder is now "
+                f"`{folder.strip()}`. Load captions to edit that folder."
+            )
         rows = grid_rows(table)
         try:
             path = save_caption_rows(grid_folder, rows, sidecar=bool(sidecar))
@@ -262,10 +336,10 @@ class CaptionPanel:
             return [compat.no_change(), "Enter the text to find."]
         before = grid_rows(table)
         try:
-            after = find_replace(before, find, replacement or "", regex=bool(regex),
-                                 case_sensitive=bool(case_sensitive))
+            after = find_replace(
+                before, find, replacement or "", regex=bool(regex), case_sensitive=bool(case_sensitive)
+            )
         except ValueError as exc:
             return [compat.no_change(), f"**Not replaced:** {exc}"]
         changed = sum(1 for old, new in zip(before, after, strict=True) if old != new)
         return [compat.table_value(GRID_HEADERS, after), f"Changed {changed} caption(s); Save to keep them."]
-

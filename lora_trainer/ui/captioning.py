@@ -96,9 +96,11 @@ def summarize_report(report: Any) -> str:
     """A caption report in a few words: what was written, kept, refused, and the most common tags."""
     parts = [f"{len(report.captioned)} captioned", f"{len(report.skipped)} kept (already captioned)"]
     if report.failed:
-        parts.append(f"{len(report.failed)} unreadable: "
-                     + "; ".join(f"{name} ({reason})" for name, reason in report.failed[:3])
-                     + (" …" if len(report.failed) > 3 else ""))
+        parts.append(
+            f"{len(report.failed)} unreadable: "
+            + "; ".join(f"{name} ({reason})" for name, reason in report.failed[:3])
+            + (" …" if len(report.failed) > 3 else "")
+        )
     text = ", ".join(parts) + f". Written to {report.output}."
     if report.tag_counts:
         top = ", ".join(f"{tag} ({count})" for tag, count in report.tag_counts.most_common(TOP_TAGS_SHOWN))
@@ -123,22 +125,30 @@ class CaptionRunner:
         """Start ``request`` in a background thread and return its run id; CaptionBusyError when refused."""
         with self._lock:
             if not self._done.is_set():
-                raise CaptionBusyError(f"Captioning is already running ({self._progress_words()}): stop it or "
-                                       "wait for it to finish.")
+                raise CaptionBusyError(
+                    f"Captioning is already running ({self._progress_words()}): stop it or wait for it to finish."
+                )
             if self.jobs.is_running:
                 s = self.jobs.status()
-                raise CaptionBusyError(f"A training run is in progress ({s.label or 'Train'}: {s.output_name}); "
-                                       "captioning would compete with it for the GPU and change its data. "
-                                       "Caption after it ends, or cancel it.")
+                raise CaptionBusyError(
+                    f"A training run is in progress ({s.label or 'Train'}: {s.output_name}); "
+                    "captioning would compete with it for the GPU and change its data. "
+                    "Caption after it ends, or cancel it."
+                )
             run_id = self._next_id
             self._next_id += 1
             self._stop.clear()
             self._done.clear()
-            self._status = CaptionStatus(state=RUNNING, run_id=run_id, label=request.label, folder=request.folder,
-                                         sidecar=bool(getattr(request.options, "sidecar", False)),
-                                         message="Starting…", started_at=time.time())
-        thread = threading.Thread(target=self._run, args=(request,), name=f"lora-trainer-caption-{run_id}",
-                                  daemon=True)
+            self._status = CaptionStatus(
+                state=RUNNING,
+                run_id=run_id,
+                label=request.label,
+                folder=request.folder,
+                sidecar=bool(getattr(request.options, "sidecar", False)),
+                message="Starting…",
+                started_at=time.time(),
+            )
+        thread = threading.Thread(target=self._run, args=(request,), name=f"lora-trainer-caption-{run_id}", daemon=True)
         thread.start()
         return run_id
 
@@ -147,8 +157,10 @@ class CaptionRunner:
         """Hold this around starting a training job: refuses (CaptionBusyError) while captioning runs."""
         with self._lock:
             if not self._done.is_set():
-                raise CaptionBusyError(f"Captioning is running ({self._progress_words()}); training would read "
-                                       "captions while they change. Stop it or wait for it to finish.")
+                raise CaptionBusyError(
+                    f"Captioning is running ({self._progress_words()}); training would read "
+                    "captions while they change. Stop it or wait for it to finish."
+                )
             yield
 
     def stop(self) -> bool:
@@ -199,15 +211,20 @@ class CaptionRunner:
                 if isinstance(preferred, int) and preferred > 0:
                     options = replace(options, batch_size=preferred)
                 try:
-                    report = caption_folder(request.folder, captioner, options,
-                                            on_progress=lambda done, total: self._progress(host, done, total),
-                                            should_stop=lambda: self._stop.is_set() or host.should_stop())
+                    report = caption_folder(
+                        request.folder,
+                        captioner,
+                        options,
+                        on_progress=lambda done, total: self._progress(host, done, total),
+                        should_stop=lambda: self._stop.is_set() or host.should_stop(),
+                    )
                 finally:
                     captioner.close()
             failed = tuple(report.failed)
             if report.stopped:
-                self._end(STOPPED, "Stopped; captions written so far are saved. " + summarize_report(report),
-                          failed=failed)
+                self._end(
+                    STOPPED, "Stopped; captions written so far are saved. " + summarize_report(report), failed=failed
+                )
             else:
                 self._end(FINISHED, summarize_report(report), failed=failed)
         except LoraTrainerError as exc:  # missing weights, missing folder, no images: said as they are
@@ -220,10 +237,12 @@ class CaptionRunner:
 
     def _progress(self, host: CaptionProgress, done: int, total: int) -> None:
         text = f"Captioning with {self.status().label}: {done}/{total} images"
-        self._update(done=done, total=total, message="Captioning…" if not self._stop.is_set() else
-                     "Stopping after the current batch…")
+        self._update(
+            done=done,
+            total=total,
+            message="Captioning…" if not self._stop.is_set() else "Stopping after the current batch…",
+        )
         host.update(done, total, text)
 
     def _end(self, state: str, message: str, failed: Tuple[Tuple[str, str], ...] = ()) -> None:
         self._update(state=state, message=message, failed=failed)
-

@@ -41,8 +41,7 @@ def quiet_progress() -> Dict[str, Any]:
     return {"show_progress": "hidden"}
 
 
-def poll(fn: Callable[..., Any], inputs: Sequence[Any], outputs: Sequence[Any], seconds: float,
-         blocks: Any) -> None:
+def poll(fn: Callable[..., Any], inputs: Sequence[Any], outputs: Sequence[Any], seconds: float, blocks: Any) -> None:
     """Call ``fn`` every ``seconds`` while the page is open; call inside the ``with blocks:`` context.
 
     gradio >= 4.40 has ``gr.Timer``; older versions repeat a load event with ``every=`` (needs the queue,
@@ -75,8 +74,7 @@ def editable_table_kwargs(headers: List[str], read_only_columns: Sequence[int] =
     can (6.x's ``static_columns``). Fixed column counts: ``col_count=(n, "fixed")`` before 6.0, then
     ``column_count``."""
     count = len(headers)
-    kwargs: Dict[str, Any] = {"headers": list(headers), "interactive": True, "wrap": True,
-                              "datatype": ["str"] * count}
+    kwargs: Dict[str, Any] = {"headers": list(headers), "interactive": True, "wrap": True, "datatype": ["str"] * count}
     if gradio_major() >= 6:
         kwargs["column_count"] = count
         if read_only_columns and "static_columns" in inspect.signature(gr.Dataframe.__init__).parameters:

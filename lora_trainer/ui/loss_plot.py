@@ -49,8 +49,14 @@ def _label(value: float) -> str:
     return f"{value:.3g}" if abs(value) < 1000 else f"{value:.2e}"
 
 
-def render_loss_plot(steps: Sequence[int], losses: Sequence[float], *, width: int = WIDTH,
-                     height: int = HEIGHT, title: Optional[str] = None) -> Image.Image:
+def render_loss_plot(
+    steps: Sequence[int],
+    losses: Sequence[float],
+    *,
+    width: int = WIDTH,
+    height: int = HEIGHT,
+    title: Optional[str] = None,
+) -> Image.Image:
     """Loss against step: the raw values light, their moving average dark, with min/max and step labels."""
     image = Image.new("RGB", (width, height), BACKGROUND)
     draw = ImageDraw.Draw(image)
@@ -70,8 +76,7 @@ def render_loss_plot(steps: Sequence[int], losses: Sequence[float], *, width: in
     x_lo, x_hi = xs[0], xs[-1] if xs[-1] > xs[0] else xs[0] + 1
 
     def point(x: float, y: float) -> Tuple[float, float]:
-        return (left + (x - x_lo) / (x_hi - x_lo) * (right - left),
-                bottom - (y - lo) / (hi - lo) * (bottom - top))
+        return (left + (x - x_lo) / (x_hi - x_lo) * (right - left), bottom - (y - lo) / (hi - lo) * (bottom - top))
 
     for fraction in (0.25, 0.5, 0.75):
         y = top + fraction * (bottom - top)

@@ -19,12 +19,34 @@ from lora_trainer.errors import ConfigError
 # Options with a row of their own at the top of the tab instead of a generated widget.
 OWN_ROW_KEYS = ("task_type", "base_model", "train_data_dir", "output_name", "output_dir")
 # What most runs change; everything else is in the folded "Advanced" section.
-BASIC_KEYS = ("resolution", "lora_rank", "lora_alpha", "batch_size", "epochs", "max_train_steps", "learning_rate",
-              "optimizer", "lr_scheduler", "mixed_precision", "gradient_checkpointing", "train_text_encoder",
-              "save_steps", "seed")
+BASIC_KEYS = (
+    "resolution",
+    "lora_rank",
+    "lora_alpha",
+    "batch_size",
+    "epochs",
+    "max_train_steps",
+    "learning_rate",
+    "optimizer",
+    "lr_scheduler",
+    "mixed_precision",
+    "gradient_checkpointing",
+    "train_text_encoder",
+    "save_steps",
+    "seed",
+)
 AUTO = "auto"  # the dropdown entry of an optional choice that means "let the engine decide" (None)
-LABEL_WORDS = {"lora": "LoRA", "lr": "LR", "unet": "UNet", "snr": "SNR", "reso": "resolution", "te": "TE",
-               "n": "N", "dir": "folder", "csv": "CSV"}
+LABEL_WORDS = {
+    "lora": "LoRA",
+    "lr": "LR",
+    "unet": "UNet",
+    "snr": "SNR",
+    "reso": "resolution",
+    "te": "TE",
+    "n": "N",
+    "dir": "folder",
+    "csv": "CSV",
+}
 
 # The quick check: a few steps at low resolution and small rank, through the whole path.
 QUICK_CHECK_STEPS = 4
@@ -80,8 +102,13 @@ def form_fields(cls: Type[CommonConfig] = ImageConfig) -> List[FormField]:
             continue
         annotation, optional = _unwrap_optional(hints[f.name])
         choices = tuple(f.metadata.get("choices") or ())
-        common = {"key": f.name, "label": label_for(f.name), "doc": f.metadata.get("doc", ""),
-                  "optional": optional, "advanced": f.name not in BASIC_KEYS}
+        common = {
+            "key": f.name,
+            "label": label_for(f.name),
+            "doc": f.metadata.get("doc", ""),
+            "optional": optional,
+            "advanced": f.name not in BASIC_KEYS,
+        }
         if annotation is bool:
             spec = FormField(kind="checkbox", default=bool(_field_default(f)), **common)
         elif choices:
@@ -133,8 +160,10 @@ def check_output_name(name: str) -> str:
     if name.lower().endswith(".safetensors"):
         name = name[: -len(".safetensors")]
     if not _SAFE_NAME.match(name) or ".." in name or len(name) > 120:
-        raise ConfigError(f"Output name {name!r} is not allowed: use letters, digits, spaces and _ . ( ) + - "
-                          "(no path separators, no leading dot, at most 120 characters).")
+        raise ConfigError(
+            f"Output name {name!r} is not allowed: use letters, digits, spaces and _ . ( ) + - "
+            "(no path separators, no leading dot, at most 120 characters)."
+        )
     return name
 
 
@@ -148,24 +177,33 @@ class FormRequest:
     output_dir: str = ""  # blank: the backend's default folder for this name
 
 
-def build_config(request: FormRequest, specs: Sequence[FormField], values: Sequence[Any], *,
-                 default_output_dir: str, cls: Type[CommonConfig] = ImageConfig) -> CommonConfig:
+def build_config(
+    request: FormRequest,
+    specs: Sequence[FormField],
+    values: Sequence[Any],
+    *,
+    default_output_dir: str,
+    cls: Type[CommonConfig] = ImageConfig,
+) -> CommonConfig:
     """Validate the form into a config (raises ConfigError naming the option at fault)."""
     name = check_output_name(request.output_name)
     if not (request.train_data_dir or "").strip():
         raise ConfigError("Dataset folder is required: the folder with your training images.")
-    raw: Dict[str, Any] = {"task_type": "image-generation" if cls is ImageConfig else "text-generation",
-                           "train_data_dir": request.train_data_dir.strip(),
-                           "base_model": (request.base_model or "").strip(),
-                           "output_name": name,
-                           "output_dir": (request.output_dir or "").strip() or default_output_dir}
+    raw: Dict[str, Any] = {
+        "task_type": "image-generation" if cls is ImageConfig else "text-generation",
+        "train_data_dir": request.train_data_dir.strip(),
+        "base_model": (request.base_model or "").strip(),
+        "output_name": name,
+        "output_dir": (request.output_dir or "").strip() or default_output_dir,
+    }
     for spec, value in zip(specs, values, strict=True):
         raw[spec.key] = from_widget(spec, value)
     return config_from_dict(raw)
 
 
-def widget_values_from_mapping(specs: Sequence[FormField], raw: Mapping[str, Any],
-                               cls: Type[CommonConfig] = ImageConfig) -> Tuple[List[Any], List[str]]:
+def widget_values_from_mapping(
+    specs: Sequence[FormField], raw: Mapping[str, Any], cls: Type[CommonConfig] = ImageConfig
+) -> Tuple[List[Any], List[str]]:
     """Form values for the options present in ``raw`` (a loaded YAML); absent ones keep their defaults.
 
     Returns the values and the keys it did not know, so the page can say what it ignored.
@@ -178,17 +216,26 @@ def widget_values_from_mapping(specs: Sequence[FormField], raw: Mapping[str, Any
 
 def quick_check_config(cfg: CommonConfig, output_dir: str) -> CommonConfig:
     """The same run cut down to a few steps at low resolution and small rank, saved under its own name."""
-    changes: Dict[str, Any] = {"max_train_steps": QUICK_CHECK_STEPS, "lora_rank": QUICK_CHECK_RANK,
-                               "lora_alpha": float(QUICK_CHECK_RANK), "gradient_accumulation_steps": 1,
-                               "save_steps": None, "save_every_n_epochs": None, "save_state": False,
-                               "resume": None, "output_dir": output_dir,
-                               "output_name": (cfg.output_name or "lora") + QUICK_CHECK_SUFFIX}
+    changes: Dict[str, Any] = {
+        "max_train_steps": QUICK_CHECK_STEPS,
+        "lora_rank": QUICK_CHECK_RANK,
+        "lora_alpha": float(QUICK_CHECK_RANK),
+        "gradient_accumulation_steps": 1,
+        "save_steps": None,
+        "save_every_n_epochs": None,
+        "save_state": False,
+        "resume": None,
+        "output_dir": output_dir,
+        "output_name": (cfg.output_name or "lora") + QUICK_CHECK_SUFFIX,
+    }
     if isinstance(cfg, ImageConfig):
         resolution = min(cfg.resolution, QUICK_CHECK_RESOLUTION)
-        changes.update(resolution=resolution, min_bucket_reso=min(cfg.min_bucket_reso, resolution),
-                       max_bucket_reso=max(min(cfg.max_bucket_reso, resolution * 2),
-                                           min(cfg.min_bucket_reso, resolution)),
-                       cache_to_disk=False)
+        changes.update(
+            resolution=resolution,
+            min_bucket_reso=min(cfg.min_bucket_reso, resolution),
+            max_bucket_reso=max(min(cfg.max_bucket_reso, resolution * 2), min(cfg.min_bucket_reso, resolution)),
+            cache_to_disk=False,
+        )
     return dataclasses.replace(cfg, **changes)
 
 

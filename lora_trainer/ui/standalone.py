@@ -17,8 +17,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lora_trainer ui", description=__doc__)
     parser.add_argument("--host", default=DEFAULT_HOST, help=f"address to listen on (default {DEFAULT_HOST})")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
-    parser.add_argument("--output-root", default="./output",
-                        help="folder for trained LoRAs; each run gets a subfolder (default ./output)")
+    parser.add_argument(
+        "--output-root",
+        default="./output",
+        help="folder for trained LoRAs; each run gets a subfolder (default ./output)",
+    )
     return parser
 
 
@@ -46,8 +49,14 @@ def launch(app, host: str, port: int, block: bool = True):
     """Serve ``app``; with ``block=False`` return at once (tests), else until Ctrl+C."""
     from lora_trainer.ui import gradio_compat as compat
 
-    return app.launch(server_name=host, server_port=port, prevent_thread_lock=not block, quiet=not block,
-                      inbrowser=False, **compat.launch_kwargs(css=read_css()))
+    return app.launch(
+        server_name=host,
+        server_port=port,
+        prevent_thread_lock=not block,
+        quiet=not block,
+        inbrowser=False,
+        **compat.launch_kwargs(css=read_css()),
+    )
 
 
 def main(argv: Optional[List[str]] = None) -> int:

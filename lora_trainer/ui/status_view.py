@@ -81,8 +81,12 @@ def find_lora_files(folder: str, depth: int = LIST_DEPTH) -> List[str]:
             continue
         if entry.is_file() and entry.name.lower().endswith(LORA_EXTENSION) and entry.name != DIFFUSERS_COPY_NAME:
             found.append(entry.path)
-        elif (entry.is_dir() and depth > 1 and not entry.name.startswith(STATE_PREFIX)
-              and entry.name not in SKIPPED_FOLDERS):
+        elif (
+            entry.is_dir()
+            and depth > 1
+            and not entry.name.startswith(STATE_PREFIX)
+            and entry.name not in SKIPPED_FOLDERS
+        ):
             found.extend(find_lora_files(entry.path, depth - 1))
     return found
 
@@ -90,8 +94,7 @@ def find_lora_files(folder: str, depth: int = LIST_DEPTH) -> List[str]:
 def lora_table(folder: str, extra: Iterable[str] = ()) -> List[List[object]]:
     """Rows for the finished-files table, newest first: files in ``folder`` plus ``extra`` (this session's runs)."""
     paths = {os.path.abspath(p) for p in find_lora_files(folder)}
-    paths.update(os.path.abspath(p) for p in extra
-                 if os.path.isfile(p) and os.path.basename(p) != DIFFUSERS_COPY_NAME)
+    paths.update(os.path.abspath(p) for p in extra if os.path.isfile(p) and os.path.basename(p) != DIFFUSERS_COPY_NAME)
     rows = []
     for path in paths:
         try:

@@ -46,7 +46,7 @@ ELEM = "lora_trainer_"  # elem_id prefix: stable selectors for CSS, the WebUI's 
 
 
 def _rows(items: Sequence[FormField], size: int) -> List[Sequence[FormField]]:
-    return [items[i:i + size] for i in range(0, len(items), size)]
+    return [items[i : i + size] for i in range(0, len(items), size)]
 
 
 def _make_widget(spec: FormField) -> Any:
@@ -76,8 +76,13 @@ def _load_previews(paths: Sequence[str]) -> List[Tuple[Image.Image, str]]:
 class TrainerTab:
     """The tab's components and handlers, bound to one backend and one job runner."""
 
-    def __init__(self, backend: UiBackend, runner: Optional[JobRunner] = None,
-                 config_cls: type = ImageConfig, captions: Optional[CaptionRunner] = None) -> None:
+    def __init__(
+        self,
+        backend: UiBackend,
+        runner: Optional[JobRunner] = None,
+        config_cls: type = ImageConfig,
+        captions: Optional[CaptionRunner] = None,
+    ) -> None:
         self.backend = backend
         self.runner = runner or JobRunner()
         self.captions = captions or CaptionRunner(self.runner)  # excludes training while it captions
@@ -91,20 +96,30 @@ class TrainerTab:
         model_text = self.backend.describe_model()
         with gr.Blocks(**compat.blocks_kwargs(title=self.backend.title)) as blocks:
             with gr.Row():
-                self.dataset = gr.Textbox(label="Dataset folder", elem_id=f"{ELEM}dataset", max_lines=1,
-                                          placeholder="/path/to/images (captions: .txt beside each image or "
-                                                      "metadata.csv)")
-                self.output_name = gr.Textbox(label="Output name", elem_id=f"{ELEM}output_name", max_lines=1,
-                                              placeholder="my_lora",
-                                              info="File name and the <lora:name> alias.")
+                self.dataset = gr.Textbox(
+                    label="Dataset folder",
+                    elem_id=f"{ELEM}dataset",
+                    max_lines=1,
+                    placeholder="/path/to/images (captions: .txt beside each image or metadata.csv)",
+                )
+                self.output_name = gr.Textbox(
+                    label="Output name",
+                    elem_id=f"{ELEM}output_name",
+                    max_lines=1,
+                    placeholder="my_lora",
+                    info="File name and the <lora:name> alias.",
+                )
             self.caption_panel = CaptionPanel(self.backend, self.captions)
             self.caption_panel.build(self.dataset, blocks)
             # The standalone app asks for a path; a host with a loaded checkpoint names it instead.
-            self.base_model = gr.Textbox(label="Base model", elem_id=f"{ELEM}base_model", max_lines=1,
-                                         visible=model_text is None,
-                                         placeholder="diffusers folder or single-file .safetensors checkpoint")
-            self.model_info = gr.Markdown(model_text or "", elem_id=f"{ELEM}model_info",
-                                          visible=model_text is not None)
+            self.base_model = gr.Textbox(
+                label="Base model",
+                elem_id=f"{ELEM}base_model",
+                max_lines=1,
+                visible=model_text is None,
+                placeholder="diffusers folder or single-file .safetensors checkpoint",
+            )
+            self.model_info = gr.Markdown(model_text or "", elem_id=f"{ELEM}model_info", visible=model_text is not None)
             basic = [s for s in self.specs if not s.advanced]
             advanced = [s for s in self.specs if s.advanced]
             self.widgets: Dict[str, Any] = {}
@@ -113,41 +128,63 @@ class TrainerTab:
                     for spec in row:
                         self.widgets[spec.key] = _make_widget(spec)
             with gr.Accordion("Advanced options", open=False, elem_id=f"{ELEM}advanced"):
-                self.output_dir = gr.Textbox(label="Output folder", elem_id=f"{ELEM}output_dir", max_lines=1,
-                                             placeholder="default: "
-                                                         + self.backend.default_output_dir("<output name>"))
+                self.output_dir = gr.Textbox(
+                    label="Output folder",
+                    elem_id=f"{ELEM}output_dir",
+                    max_lines=1,
+                    placeholder="default: " + self.backend.default_output_dir("<output name>"),
+                )
                 for row in _rows(advanced, OPTIONS_PER_ROW):
                     with gr.Row():
                         for spec in row:
                             self.widgets[spec.key] = _make_widget(spec)
             with gr.Accordion("Load / save config (YAML)", open=False, elem_id=f"{ELEM}yaml"):
                 with gr.Row():
-                    self.yaml_upload = gr.File(label="Load a YAML config", file_types=[".yaml", ".yml"],
-                                               elem_id=f"{ELEM}yaml_upload")
-                    self.yaml_download = gr.File(label="Saved config", interactive=False,
-                                                 elem_id=f"{ELEM}yaml_download")
+                    self.yaml_upload = gr.File(
+                        label="Load a YAML config", file_types=[".yaml", ".yml"], elem_id=f"{ELEM}yaml_upload"
+                    )
+                    self.yaml_download = gr.File(
+                        label="Saved config", interactive=False, elem_id=f"{ELEM}yaml_download"
+                    )
                 self.save_yaml_button = gr.Button("Save as YAML", elem_id=f"{ELEM}save_yaml")
-            self.overwrite = gr.Checkbox(label="Overwrite an existing LoRA of the same name", value=False,
-                                         elem_id=f"{ELEM}overwrite")
+            self.overwrite = gr.Checkbox(
+                label="Overwrite an existing LoRA of the same name", value=False, elem_id=f"{ELEM}overwrite"
+            )
             with gr.Row():
                 self.train_button = gr.Button("Train", variant="primary", elem_id=f"{ELEM}train")
                 self.quick_button = gr.Button("Quick check", elem_id=f"{ELEM}quick_check")
                 self.cancel_button = gr.Button("Cancel", variant="stop", elem_id=f"{ELEM}cancel")
             self.notice = gr.Markdown("", elem_id=f"{ELEM}notice")
-            self.progress = gr.Textbox(label="Progress", value=progress_text(JobStatus()), lines=2,
-                                       interactive=False, elem_id=f"{ELEM}progress")
+            self.progress = gr.Textbox(
+                label="Progress",
+                value=progress_text(JobStatus()),
+                lines=2,
+                interactive=False,
+                elem_id=f"{ELEM}progress",
+            )
             with gr.Row():
                 # The plot carries its own title: gradio's label would cover its top-left corner.
-                self.loss_plot = gr.Image(value=render_loss_plot([], []), label="Loss", show_label=False,
-                                          type="pil", interactive=False, elem_id=f"{ELEM}loss_plot")
-                self.gallery = gr.Gallery(label="Previews", columns=4, height=PREVIEW_HEIGHT, object_fit="contain",
-                                          elem_id=f"{ELEM}previews")
-            self.lora_list = gr.Dataframe(label="Finished LoRA files (select one to try it)",
-                                          elem_id=f"{ELEM}lora_list", **compat.dataframe_kwargs(TABLE_HEADERS))
+                self.loss_plot = gr.Image(
+                    value=render_loss_plot([], []),
+                    label="Loss",
+                    show_label=False,
+                    type="pil",
+                    interactive=False,
+                    elem_id=f"{ELEM}loss_plot",
+                )
+                self.gallery = gr.Gallery(
+                    label="Previews", columns=4, height=PREVIEW_HEIGHT, object_fit="contain", elem_id=f"{ELEM}previews"
+                )
+            self.lora_list = gr.Dataframe(
+                label="Finished LoRA files (select one to try it)",
+                elem_id=f"{ELEM}lora_list",
+                **compat.dataframe_kwargs(TABLE_HEADERS),
+            )
             with gr.Row():
                 # interactive: gradio would otherwise lock an output-only box, and the user edits the prompt here
-                self.try_it = gr.Textbox(label="Try it: add this to your prompt", elem_id=f"{ELEM}try_it",
-                                         max_lines=1, interactive=True)
+                self.try_it = gr.Textbox(
+                    label="Try it: add this to your prompt", elem_id=f"{ELEM}try_it", max_lines=1, interactive=True
+                )
                 send_js = self.backend.send_prompt_js()
                 if send_js:
                     send = gr.Button("Send to txt2img", elem_id=f"{ELEM}send_to_txt2img")
@@ -159,38 +196,64 @@ class TrainerTab:
     @property
     def form_inputs(self) -> List[Any]:
         """The components a start/save handler reads, in the order of its arguments."""
-        return [self.dataset, self.base_model, self.output_name, self.output_dir, self.overwrite,
-                *[self.widgets[s.key] for s in self.specs]]
+        return [
+            self.dataset,
+            self.base_model,
+            self.output_name,
+            self.output_dir,
+            self.overwrite,
+            *[self.widgets[s.key] for s in self.specs],
+        ]
 
     def _wire(self, blocks: gr.Blocks) -> None:
         self.train_button.click(self.start_training, inputs=self.form_inputs, outputs=[self.notice])
         self.quick_button.click(self.start_quick_check, inputs=self.form_inputs, outputs=[self.notice])
         self.cancel_button.click(self.cancel, inputs=None, outputs=[self.notice])
-        self.save_yaml_button.click(self.save_yaml, inputs=self.form_inputs,
-                                    outputs=[self.yaml_download, self.notice])
-        self.yaml_upload.change(self.load_yaml, inputs=[self.yaml_upload],
-                                outputs=[self.dataset, self.base_model, self.output_name, self.output_dir,
-                                         *[self.widgets[s.key] for s in self.specs], self.notice])
+        self.save_yaml_button.click(self.save_yaml, inputs=self.form_inputs, outputs=[self.yaml_download, self.notice])
+        self.yaml_upload.change(
+            self.load_yaml,
+            inputs=[self.yaml_upload],
+            outputs=[
+                self.dataset,
+                self.base_model,
+                self.output_name,
+                self.output_dir,
+                *[self.widgets[s.key] for s in self.specs],
+                self.notice,
+            ],
+        )
         self.lora_list.select(self.pick_lora, inputs=[self.lora_list], outputs=[self.try_it])
-        compat.poll(self.poll, inputs=[self.seen], outputs=self.poll_outputs, seconds=POLL_SECONDS,
-                    blocks=blocks)
+        compat.poll(self.poll, inputs=[self.seen], outputs=self.poll_outputs, seconds=POLL_SECONDS, blocks=blocks)
 
     @property
     def poll_outputs(self) -> List[Any]:
-        return [self.progress, self.loss_plot, self.gallery, self.lora_list, self.try_it, self.model_info,
-                self.seen]
+        return [self.progress, self.loss_plot, self.gallery, self.lora_list, self.try_it, self.model_info, self.seen]
 
     # --- handlers ------------------------------------------------------------------------------------------
-    def _config_from_form(self, dataset: str, base_model: str, output_name: str, output_dir: str,
-                          values: Sequence[Any]) -> CommonConfig:
+    def _config_from_form(
+        self, dataset: str, base_model: str, output_name: str, output_dir: str, values: Sequence[Any]
+    ) -> CommonConfig:
         name = check_output_name(output_name)
-        request = FormRequest(train_data_dir=dataset, base_model=self.backend.resolve_base_model(base_model),
-                              output_name=name, output_dir=output_dir)
-        return build_config(request, self.specs, values, default_output_dir=self.backend.default_output_dir(name),
-                            cls=self.config_cls)
+        request = FormRequest(
+            train_data_dir=dataset,
+            base_model=self.backend.resolve_base_model(base_model),
+            output_name=name,
+            output_dir=output_dir,
+        )
+        return build_config(
+            request, self.specs, values, default_output_dir=self.backend.default_output_dir(name), cls=self.config_cls
+        )
 
-    def _start(self, quick: bool, dataset: str, base_model: str, output_name: str, output_dir: str,
-               overwrite: bool, values: Sequence[Any]) -> str:
+    def _start(
+        self,
+        quick: bool,
+        dataset: str,
+        base_model: str,
+        output_name: str,
+        output_dir: str,
+        overwrite: bool,
+        values: Sequence[Any],
+    ) -> str:
         label = "Quick check" if quick else "Train"
         try:
             cfg = self._config_from_form(dataset, base_model, output_name, output_dir, values)
@@ -200,8 +263,10 @@ class TrainerTab:
             else:
                 target = self.backend.final_lora_path(cfg)
                 if os.path.exists(target) and not overwrite:
-                    raise ConfigError(f"{target} already exists. Choose another output name or tick "
-                                      "\"Overwrite an existing LoRA of the same name\".")
+                    raise ConfigError(
+                        f"{target} already exists. Choose another output name or tick "
+                        '"Overwrite an existing LoRA of the same name".'
+                    )
             estimate = self.backend.estimate_memory(cfg)
             with self.captions.training_start():  # refused while captioning rewrites the captions
                 self.runner.start(cfg, label=label, backend_kwargs=self.backend.make_backend_kwargs(cfg))
@@ -213,12 +278,14 @@ class TrainerTab:
         started = f"**{label} started:** {cfg.output_name} → `{cfg.output_dir}`."
         return f"{started}\n\n{estimate}" if estimate else started
 
-    def start_training(self, dataset: str, base_model: str, output_name: str, output_dir: str, overwrite: bool,
-                       *values: Any) -> str:
+    def start_training(
+        self, dataset: str, base_model: str, output_name: str, output_dir: str, overwrite: bool, *values: Any
+    ) -> str:
         return self._start(False, dataset, base_model, output_name, output_dir, overwrite, values)
 
-    def start_quick_check(self, dataset: str, base_model: str, output_name: str, output_dir: str,
-                          overwrite: bool, *values: Any) -> str:
+    def start_quick_check(
+        self, dataset: str, base_model: str, output_name: str, output_dir: str, overwrite: bool, *values: Any
+    ) -> str:
         return self._start(True, dataset, base_model, output_name, output_dir, overwrite, values)
 
     def cancel(self) -> str:
@@ -226,8 +293,9 @@ class TrainerTab:
             return "Cancelling: the run stops after the current step and keeps its last save."
         return "Nothing is running."
 
-    def save_yaml(self, dataset: str, base_model: str, output_name: str, output_dir: str, overwrite: bool,
-                  *values: Any) -> Tuple[Any, str]:
+    def save_yaml(
+        self, dataset: str, base_model: str, output_name: str, output_dir: str, overwrite: bool, *values: Any
+    ) -> Tuple[Any, str]:
         try:
             cfg = self._config_from_form(dataset, base_model, output_name, output_dir, values)
         except LoraTrainerError as exc:
@@ -256,8 +324,10 @@ class TrainerTab:
             return keep + [f"**Not loaded:** this tab trains image LoRAs; the file has task_type {task!r}."]
         values, unknown = widget_values_from_mapping(self.specs, raw, self.config_cls)
         values = [v if s.key in raw else compat.no_change() for s, v in zip(self.specs, values, strict=True)]
-        head = [str(raw[k]) if raw.get(k) is not None else compat.no_change()
-                for k in ("train_data_dir", "base_model", "output_name", "output_dir")]
+        head = [
+            str(raw[k]) if raw.get(k) is not None else compat.no_change()
+            for k in ("train_data_dir", "base_model", "output_name", "output_dir")
+        ]
         note = f"Loaded {os.path.basename(path)}."
         if unknown:
             note += " Ignored unknown keys: " + ", ".join(unknown) + "."
@@ -285,8 +355,7 @@ class TrainerTab:
 
         text = progress_text(status)
         send("progress", text, lambda: text)
-        send("plot", (status.job_id, len(status.losses)),
-             lambda: render_loss_plot(status.loss_steps, status.losses))
+        send("plot", (status.job_id, len(status.losses)), lambda: render_loss_plot(status.loss_steps, status.losses))
         send("previews", (status.job_id, status.previews), lambda: _load_previews(status.previews))
         rows = lora_table(self.backend.lora_dir(), self.runner.finished_files)
         send("files", rows, lambda: rows)
@@ -308,8 +377,9 @@ class TrainerTab:
         return try_it_prompt(path)
 
 
-def build_tab(backend: UiBackend, runner: Optional[JobRunner] = None,
-              captions: Optional[CaptionRunner] = None) -> gr.Blocks:
+def build_tab(
+    backend: UiBackend, runner: Optional[JobRunner] = None, captions: Optional[CaptionRunner] = None
+) -> gr.Blocks:
     """The trainer tab for ``backend``; ``runner`` is the host's one job runner (a new one when None), and
     ``captions`` its one caption runner (a new one bound to ``runner`` when None)."""
     return TrainerTab(backend, runner, captions=captions).blocks

@@ -17,20 +17,59 @@ VOCAB = 49408
 TEXT_WIDTH = 64
 OPEN_CLIP_ARCH = "lora-trainer-tiny-sd2"
 
-VAE = {"target": "ldm.models.autoencoder.AutoencoderKL",
-       "params": {"embed_dim": 4, "monitor": "val/rec_loss", "lossconfig": {"target": "torch.nn.Identity"},
-                  "ddconfig": {"double_z": True, "z_channels": 4, "resolution": 64, "in_channels": 3, "out_ch": 3,
-                               "ch": 32, "ch_mult": [1, 1, 1, 1], "num_res_blocks": 1, "attn_resolutions": [],
-                               "dropout": 0.0}}}
+VAE = {
+    "target": "ldm.models.autoencoder.AutoencoderKL",
+    "params": {
+        "embed_dim": 4,
+        "monitor": "val/rec_loss",
+        "lossconfig": {"target": "torch.nn.Identity"},
+        "ddconfig": {
+            "double_z": True,
+            "z_channels": 4,
+            "resolution": 64,
+            "in_channels": 3,
+            "out_ch": 3,
+            "ch": 32,
+            "ch_mult": [1, 1, 1, 1],
+            "num_res_blocks": 1,
+            "attn_resolutions": [],
+            "dropout": 0.0,
+        },
+    },
+}
 # use_checkpoint as in the real configs: the adapter must switch ldm's own checkpointing off to train.
 UNETS = {
-    "sd1": {"image_size": 8, "in_channels": 4, "out_channels": 4, "model_channels": 32, "attention_resolutions": [2],
-            "num_res_blocks": 2, "channel_mult": [1, 2], "num_heads": 8, "use_spatial_transformer": True,
-            "transformer_depth": 1, "context_dim": TEXT_WIDTH, "use_checkpoint": True, "legacy": False},
-    "sd2": {"image_size": 8, "in_channels": 4, "out_channels": 4, "model_channels": 64,
-            "attention_resolutions": [1, 2], "num_res_blocks": 1, "channel_mult": [1, 2], "num_head_channels": 64,
-            "use_spatial_transformer": True, "use_linear_in_transformer": True, "transformer_depth": 1,
-            "context_dim": TEXT_WIDTH, "use_checkpoint": True, "legacy": False},
+    "sd1": {
+        "image_size": 8,
+        "in_channels": 4,
+        "out_channels": 4,
+        "model_channels": 32,
+        "attention_resolutions": [2],
+        "num_res_blocks": 2,
+        "channel_mult": [1, 2],
+        "num_heads": 8,
+        "use_spatial_transformer": True,
+        "transformer_depth": 1,
+        "context_dim": TEXT_WIDTH,
+        "use_checkpoint": True,
+        "legacy": False,
+    },
+    "sd2": {
+        "image_size": 8,
+        "in_channels": 4,
+        "out_channels": 4,
+        "model_channels": 64,
+        "attention_resolutions": [1, 2],
+        "num_res_blocks": 1,
+        "channel_mult": [1, 2],
+        "num_head_channels": 64,
+        "use_spatial_transformer": True,
+        "use_linear_in_transformer": True,
+        "transformer_depth": 1,
+        "context_dim": TEXT_WIDTH,
+        "use_checkpoint": True,
+        "legacy": False,
+    },
 }
 
 
@@ -40,10 +79,18 @@ def _clip_folder(folder: str) -> str:
 
     if not os.path.isfile(os.path.join(folder, "config.json")):
         write_clip_tokenizer_files(folder)
-        config = CLIPTextConfig(vocab_size=VOCAB, hidden_size=TEXT_WIDTH, intermediate_size=TEXT_WIDTH * 2,
-                                num_hidden_layers=2, num_attention_heads=1, max_position_embeddings=77,
-                                hidden_act="quick_gelu", bos_token_id=VOCAB - 2, eos_token_id=VOCAB - 1,
-                                pad_token_id=VOCAB - 1)
+        config = CLIPTextConfig(
+            vocab_size=VOCAB,
+            hidden_size=TEXT_WIDTH,
+            intermediate_size=TEXT_WIDTH * 2,
+            num_hidden_layers=2,
+            num_attention_heads=1,
+            max_position_embeddings=77,
+            hidden_act="quick_gelu",
+            bos_token_id=VOCAB - 2,
+            eos_token_id=VOCAB - 1,
+            pad_token_id=VOCAB - 1,
+        )
         CLIPTextModel(config).save_pretrained(folder)
     return folder
 
@@ -57,9 +104,20 @@ def _register_open_clip_arch(folder: str) -> None:
     for name, layers, embed in ((OPEN_CLIP_ARCH, 3, TEXT_WIDTH), (OPEN_CLIP_ARCH + "-g", 2, 32)):
         path = os.path.join(folder, f"{name}.json")
         with open(path, "w") as fh:
-            json.dump({"embed_dim": embed, "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "patch_size": 16},
-                       "text_cfg": {"context_length": 77, "vocab_size": VOCAB, "width": TEXT_WIDTH, "heads": 1,
-                                    "layers": layers}}, fh)
+            json.dump(
+                {
+                    "embed_dim": embed,
+                    "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "patch_size": 16},
+                    "text_cfg": {
+                        "context_length": 77,
+                        "vocab_size": VOCAB,
+                        "width": TEXT_WIDTH,
+                        "heads": 1,
+                        "layers": layers,
+                    },
+                },
+                fh,
+            )
         open_clip.add_model_config(path)
 
 
@@ -69,20 +127,37 @@ def build_ldm(arch: str, work_dir: str, checkpoint: Optional[str] = None) -> nn.
     from ldm.util import instantiate_from_config
 
     if arch == "sd1":
-        cond = {"target": "ldm.modules.encoders.modules.FrozenCLIPEmbedder",
-                "params": {"version": _clip_folder(os.path.join(work_dir, "clip")), "device": "cpu"}}
+        cond = {
+            "target": "ldm.modules.encoders.modules.FrozenCLIPEmbedder",
+            "params": {"version": _clip_folder(os.path.join(work_dir, "clip")), "device": "cpu"},
+        }
     else:
         _register_open_clip_arch(os.path.join(work_dir, "open_clip"))
-        cond = {"target": "ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder",
-                "params": {"arch": OPEN_CLIP_ARCH, "version": None, "device": "cpu", "layer": "penultimate"}}
-    config = {"target": "ldm.models.diffusion.ddpm.LatentDiffusion",
-              "params": {"linear_start": 0.00085, "linear_end": 0.012, "num_timesteps_cond": 1, "timesteps": 1000,
-                         "first_stage_key": "jpg", "cond_stage_key": "txt", "image_size": 8, "channels": 4,
-                         "cond_stage_trainable": False, "conditioning_key": "crossattn", "scale_factor": 0.18215,
-                         "use_ema": False, "parameterization": "eps" if arch == "sd1" else "v",
-                         "unet_config": {"target": "ldm.modules.diffusionmodules.openaimodel.UNetModel",
-                                         "params": UNETS[arch]},
-                         "first_stage_config": VAE, "cond_stage_config": cond}}
+        cond = {
+            "target": "ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder",
+            "params": {"arch": OPEN_CLIP_ARCH, "version": None, "device": "cpu", "layer": "penultimate"},
+        }
+    config = {
+        "target": "ldm.models.diffusion.ddpm.LatentDiffusion",
+        "params": {
+            "linear_start": 0.00085,
+            "linear_end": 0.012,
+            "num_timesteps_cond": 1,
+            "timesteps": 1000,
+            "first_stage_key": "jpg",
+            "cond_stage_key": "txt",
+            "image_size": 8,
+            "channels": 4,
+            "cond_stage_trainable": False,
+            "conditioning_key": "crossattn",
+            "scale_factor": 0.18215,
+            "use_ema": False,
+            "parameterization": "eps" if arch == "sd1" else "v",
+            "unet_config": {"target": "ldm.modules.diffusionmodules.openaimodel.UNetModel", "params": UNETS[arch]},
+            "first_stage_config": VAE,
+            "cond_stage_config": cond,
+        },
+    }
     torch.manual_seed(0)
     model = instantiate_from_config(config)
     if checkpoint:
@@ -97,8 +172,7 @@ def load_single_file(model: nn.Module, path: str) -> None:
     state = load_file(path)
     missing, unexpected = model.load_state_dict(state, strict=False)
     parts = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conditioner.")
-    weights = [k for k in missing if k.startswith(parts)
-               and not k.endswith(("position_ids", "logit_scale"))]
+    weights = [k for k in missing if k.startswith(parts) and not k.endswith(("position_ids", "logit_scale"))]
     assert not weights and not unexpected, (weights[:5], unexpected[:5])
 
 

@@ -24,10 +24,19 @@ def _open_clip_shaped_encoder(projection: int = 0):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(1)
-    config = CLIPTextConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
-                            num_attention_heads=1, max_position_embeddings=77, hidden_act="gelu",
-                            projection_dim=projection or 64, bos_token_id=VOCAB - 2, eos_token_id=VOCAB - 1,
-                            pad_token_id=VOCAB - 1)
+    config = CLIPTextConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=1,
+        max_position_embeddings=77,
+        hidden_act="gelu",
+        projection_dim=projection or 64,
+        bos_token_id=VOCAB - 2,
+        eos_token_id=VOCAB - 1,
+        pad_token_id=VOCAB - 1,
+    )
     return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config).eval()
 
 
@@ -38,12 +47,22 @@ def _sdxl_unet():
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(32, 64, 64),
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=2,
+        block_out_channels=(32, 64, 64),
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=128, attention_head_dim=[1, 1, 1], transformer_layers_per_block=1,
-        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
-        projection_class_embeddings_input_dim=32 + 6 * 8, norm_num_groups=32)
+        cross_attention_dim=128,
+        attention_head_dim=[1, 1, 1],
+        transformer_layers_per_block=1,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=32 + 6 * 8,
+        norm_num_groups=32,
+    )
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for p in unet.parameters():
@@ -66,11 +85,17 @@ def host_shaped_parts(arch: str):
 def main(out: str) -> None:
     os.makedirs(out, exist_ok=True)
     for arch in ARCHS:
-        checkpoint = save_single_file(host_shaped_parts(arch), os.path.join(out, f"tiny_{arch}.safetensors"),
-                                      with_yaml=True)
-        cfg = image_config(os.path.join(out, f"work_{arch}"), checkpoint, train_text_encoder=True,
-                           max_train_steps=1, output_name=f"standalone_{arch}",
-                           output_dir=os.path.join(out, f"standalone_{arch}"))
+        checkpoint = save_single_file(
+            host_shaped_parts(arch), os.path.join(out, f"tiny_{arch}.safetensors"), with_yaml=True
+        )
+        cfg = image_config(
+            os.path.join(out, f"work_{arch}"),
+            checkpoint,
+            train_text_encoder=True,
+            max_train_steps=1,
+            output_name=f"standalone_{arch}",
+            output_dir=os.path.join(out, f"standalone_{arch}"),
+        )
         result = train(cfg)
         assert result.status == "finished", result.message
         print(f"{arch}: {result.output_files[-1]}")

@@ -18,10 +18,22 @@ from torch import nn
 
 SIZE_KEYS = ("original_size_as_tuple", "crop_coords_top_left", "target_size_as_tuple")
 SIZE_DIM = 8
-UNET = {"image_size": 8, "in_channels": 4, "out_channels": 4, "model_channels": 32, "attention_resolutions": [2, 4],
-        "num_res_blocks": 2, "channel_mult": [1, 2, 2], "num_head_channels": 64, "use_spatial_transformer": True,
-        "use_linear_in_transformer": True, "transformer_depth": 1, "context_dim": 128, "use_checkpoint": True,
-        "legacy": False}
+UNET = {
+    "image_size": 8,
+    "in_channels": 4,
+    "out_channels": 4,
+    "model_channels": 32,
+    "attention_resolutions": [2, 4],
+    "num_res_blocks": 2,
+    "channel_mult": [1, 2, 2],
+    "num_head_channels": 64,
+    "use_spatial_transformer": True,
+    "use_linear_in_transformer": True,
+    "transformer_depth": 1,
+    "context_dim": 128,
+    "use_checkpoint": True,
+    "legacy": False,
+}
 ADM_IN = 32 + 6 * SIZE_DIM  # pooled OpenCLIP-G + three embedded size pairs
 
 
@@ -114,8 +126,14 @@ class SdxlEngine(nn.Module):
     def get_learned_conditioning(self, batch):
         n = len(batch)
         size = torch.tensor([[1024.0, 1024.0]]).repeat(n, 1)
-        return self.conditioner({"txt": batch, "original_size_as_tuple": size,
-                                 "crop_coords_top_left": torch.zeros(n, 2), "target_size_as_tuple": size})
+        return self.conditioner(
+            {
+                "txt": batch,
+                "original_size_as_tuple": size,
+                "crop_coords_top_left": torch.zeros(n, 2),
+                "target_size_as_tuple": size,
+            }
+        )
 
     def apply_model(self, x, t, cond):
         return self.model.diffusion_model(x, timesteps=t, context=cond["crossattn"], y=cond["vector"])
@@ -134,8 +152,9 @@ def build_sdxl(work_dir: str, checkpoint: str) -> SdxlEngine:
 
     _register_open_clip_arch(os.path.join(work_dir, "open_clip"))
     torch.manual_seed(0)
-    clip_l = FrozenCLIPEmbedder(version=_clip_folder(os.path.join(work_dir, "clip")), device="cpu",
-                                layer="hidden", layer_idx=-2)
+    clip_l = FrozenCLIPEmbedder(
+        version=_clip_folder(os.path.join(work_dir, "clip")), device="cpu", layer="hidden", layer_idx=-2
+    )
     clip_l.input_key = "txt"
     conditioner = Conditioner([clip_l, OpenClipG(), *(SizeEmbedder(k) for k in SIZE_KEYS)])
     unet = instantiate_from_config({"target": "ldm.modules.diffusionmodules.openaimodel.UNetModel", "params": UNET})

@@ -30,8 +30,10 @@ def snapshot(model: torch.nn.Module) -> dict:
         "requires_grad": {n: p.requires_grad for n, p in model.named_parameters()},
         "training": {n: m.training for n, m in model.named_modules()},
         "types": {n: type(m) for n, m in model.named_modules()},
-        "attributes": {n: {k: v for k, v in vars(m).items() if isinstance(v, (bool, int, float, str))}
-                       for n, m in model.named_modules()},
+        "attributes": {
+            n: {k: v for k, v in vars(m).items() if isinstance(v, (bool, int, float, str))}
+            for n, m in model.named_modules()
+        },
         "instance_forward": sorted(n for n, m in model.named_modules() if "forward" in vars(m)),
     }
 
@@ -80,8 +82,11 @@ def lora_names(path: str) -> set:
 
 
 def no_partial_files(folder: str) -> bool:
-    return not [p for p in glob.glob(os.path.join(folder, "**", "*"), recursive=True)
-                if p.endswith(".tmp") or os.path.basename(p).startswith(".tmp")]
+    return not [
+        p
+        for p in glob.glob(os.path.join(folder, "**", "*"), recursive=True)
+        if p.endswith(".tmp") or os.path.basename(p).startswith(".tmp")
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -94,8 +99,14 @@ def test_trains_on_the_live_model_with_the_standalone_keys(arch, reference_dir, 
     """SD1/SD2: real ldm models. SDXL: the sgm stand-in (``sgm_standin.py``; no wheel ships sgm)."""
     model = host_model(arch, work_dir, reference_dir)
     before, prediction = snapshot(model), fixed_prediction(model)
-    cfg = image_config(tmp_path, "host", train_text_encoder=True, gradient_checkpointing=True, max_train_steps=2,
-                       output_name=f"host_{arch}")
+    cfg = image_config(
+        tmp_path,
+        "host",
+        train_text_encoder=True,
+        gradient_checkpointing=True,
+        max_train_steps=2,
+        output_name=f"host_{arch}",
+    )
     with LdmHostAdapter(model, device=CPU, model_name=f"tiny_{arch}") as adapter:
         assert adapter.arch == arch
         assert adapter.prediction_type == ("v_prediction" if arch == "sd2" else "epsilon")
@@ -110,10 +121,15 @@ def test_trains_on_the_live_model_with_the_standalone_keys(arch, reference_dir, 
         assert f"{prefix}text_model_encoder_layers_1_self_attn_q_proj" in names
     # Every LoRA learned something: gradients reached the UNet and the text encoder through the host's paths.
     tensors = load_file(host_file)
-    untrained = [k for k, v in tensors.items() if k.endswith("lora_up.weight") and not v.abs().sum() > 0
-                 # SDXL conditions on CLIP-L's penultimate layer: its last layer has LoRA (as in the standalone
-                 # engine and sd-scripts) but no gradient.
-                 and not (arch == "sdxl" and k.startswith("lora_te1_text_model_encoder_layers_1_"))]
+    untrained = [
+        k
+        for k, v in tensors.items()
+        if k.endswith("lora_up.weight")
+        and not v.abs().sum() > 0
+        # SDXL conditions on CLIP-L's penultimate layer: its last layer has LoRA (as in the standalone
+        # engine and sd-scripts) but no gradient.
+        and not (arch == "sdxl" and k.startswith("lora_te1_text_model_encoder_layers_1_"))
+    ]
     assert not untrained, untrained[:5]
     assert_restored(model, before)
     assert torch.equal(fixed_prediction(model), prediction)
@@ -127,8 +143,14 @@ def test_sd2_text_targets_skip_the_unused_last_layer(work_dir):
     adapter.restore()
     text = sorted({n.split("_layers_")[1].split("_")[0] for n in names if n.startswith("lora_te_")})
     assert text == ["0", "1"]  # three open_clip blocks; the penultimate-layer encoder runs two
-    for part in ("self_attn_q_proj", "self_attn_k_proj", "self_attn_v_proj", "self_attn_out_proj", "mlp_fc1",
-                 "mlp_fc2"):
+    for part in (
+        "self_attn_q_proj",
+        "self_attn_k_proj",
+        "self_attn_v_proj",
+        "self_attn_out_proj",
+        "mlp_fc1",
+        "mlp_fc2",
+    ):
         assert f"lora_te_text_model_encoder_layers_1_{part}" in names
 
 
@@ -157,8 +179,9 @@ def test_cancel_keeps_the_last_save_and_restores(work_dir, tmp_path):
 def test_an_error_mid_run_restores_and_leaves_no_partial_file(work_dir, tmp_path):
     model = build_ldm("sd2", work_dir)
     before = snapshot(model)
-    cfg = image_config(tmp_path, "host", max_train_steps=6, train_text_encoder=True, gradient_checkpointing=True,
-                       output_name="failed")
+    cfg = image_config(
+        tmp_path, "host", max_train_steps=6, train_text_encoder=True, gradient_checkpointing=True, output_name="failed"
+    )
     with pytest.raises(RuntimeError, match="boom"):
         with LdmHostAdapter(model, device=CPU) as adapter:
             run(cfg, adapter, [FailAt(2)])
@@ -283,8 +306,9 @@ def test_split_open_clip_attention_equals_the_fused_one(work_dir):
     mask = torch.full((77, 77), float("-inf")).triu(1)
     with torch.no_grad():
         fused = attention(x, x, x, need_weights=False, attn_mask=mask)[0]
-        split = split_projection_forward(attention, projection_views(attention))(x, x, x, need_weights=False,
-                                                                                 attn_mask=mask)[0]
+        split = split_projection_forward(attention, projection_views(attention))(
+            x, x, x, need_weights=False, attn_mask=mask
+        )[0]
     torch.testing.assert_close(split, fused, rtol=1e-5, atol=1e-6)
 
 
@@ -296,8 +320,13 @@ def test_a_failure_while_building_the_network_restores(work_dir, tmp_path):
     model = build_ldm("sd1", work_dir)
     before = snapshot(model)
     wrong = str(tmp_path / "other.safetensors")
-    save_file({"lora_unet_nothing_here.lora_down.weight": torch.zeros(4, 8),
-               "lora_unet_nothing_here.lora_up.weight": torch.zeros(8, 4)}, wrong)
+    save_file(
+        {
+            "lora_unet_nothing_here.lora_down.weight": torch.zeros(4, 8),
+            "lora_unet_nothing_here.lora_up.weight": torch.zeros(8, 4),
+        },
+        wrong,
+    )
     cfg = image_config(tmp_path, "host", network_weights=wrong, output_name="wrong")
     with pytest.raises(ModelLoadError):
         run(cfg, LdmHostAdapter(model, device=CPU))

@@ -46,8 +46,22 @@ def test_tab_builds_under_the_hosts_gradio(host, tmp_path):
     blocks = build_tab(backend, JobRunner())
     assert isinstance(blocks, gr.Blocks)
     ids = elem_ids(blocks)
-    for part in ("dataset", "output_name", "train", "cancel", "quick_check", "progress", "loss_plot", "previews",
-                 "lora_list", "try_it", "advanced", "yaml_upload", "save_yaml", "opt_resolution"):
+    for part in (
+        "dataset",
+        "output_name",
+        "train",
+        "cancel",
+        "quick_check",
+        "progress",
+        "loss_plot",
+        "previews",
+        "lora_list",
+        "try_it",
+        "advanced",
+        "yaml_upload",
+        "save_yaml",
+        "opt_resolution",
+    ):
         assert f"lora_trainer_{part}" in ids, part
     assert ("lora_trainer_send_to_txt2img" in ids) == host
     config = blocks.get_config_file()  # what the page loads: every component must serialise

@@ -32,7 +32,7 @@ def test_undo_restores_properties_attributes_forwards_flags_and_modes():
     changes.freeze(model)
     changes.set_attribute(model, "is_trainable", True)
     changes.set_attribute(model, "checkpoint", False)
-    changes.wrap_forward(model.linear, lambda old: (lambda x: old(x) * 2))
+    changes.wrap_forward(model.linear, lambda old: lambda x: old(x) * 2)
     model.train()
     assert model.is_trainable and not model.checkpoint and "forward" in vars(model.linear)
     assert not any(p.requires_grad for p in model.parameters())
