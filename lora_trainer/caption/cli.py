@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=8, help="images per model call (default: 8)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
     parser.add_argument("--top-tags", type=int, default=20, help="tags listed in the closing summary")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars (captioning, downloads)")
     return parser
 
 
@@ -73,6 +73,15 @@ def _captioner_options(args: argparse.Namespace) -> CaptionerOptions:
     )
 
 
+def _hide_download_bars() -> None:
+    """--no-progress also hides huggingface_hub's bars of a first-use download."""
+    try:
+        from huggingface_hub.utils import disable_progress_bars
+    except ImportError:
+        return
+    disable_progress_bars()
+
+
 def run(args: argparse.Namespace) -> int:
     """Caption as ``args`` say and print the outcome; raises LoraTrainerError for problems a user can fix."""
     if args.batch_size < 1:
@@ -86,6 +95,8 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         show_progress=not args.no_progress,
     )
+    if args.no_progress:
+        _hide_download_bars()
     captioner = load_captioner(args.model, _captioner_options(args))
     try:
         report = caption_folder(args.input, captioner, run_options)
