@@ -145,11 +145,8 @@ def declared_dtype(base_model: str) -> torch.dtype:
     return dtype if isinstance(dtype, torch.dtype) else torch.float32
 
 
-def load_base_model(
-    base_model: str, dtype: torch.dtype, gradient_checkpointing: bool = False, name_or_path: Optional[str] = None
-):
-    """The frozen base model in ``dtype`` (the compute precision), in training mode. ``name_or_path`` (a Hub id
-    whose files are in ``base_model``) is what the adapter records as its base, so it loads anywhere."""
+def load_base_model(base_model: str, dtype: torch.dtype, gradient_checkpointing: bool = False):
+    """The frozen base model in ``dtype`` (the compute precision), in training mode."""
     from transformers import AutoModelForCausalLM
 
     _require_model_folder(base_model)
@@ -157,9 +154,6 @@ def load_base_model(
         model = AutoModelForCausalLM.from_pretrained(base_model, dtype=dtype)
     except Exception as exc:
         raise ModelLoadError(f"base_model: cannot load a causal language model from {base_model}: {exc}") from exc
-    if name_or_path:
-        model.name_or_path = name_or_path  # peft writes it as the adapter's base_model_name_or_path
-        model.config._name_or_path = name_or_path
     model.config.use_cache = False  # the key/value cache only serves generation
     if gradient_checkpointing:
         # Non-reentrant checkpointing lets gradients reach the adapter although the embeddings are frozen.

@@ -95,7 +95,7 @@ def _train(cfg: TextConfig, dataset, callbacks: List[TrainingCallback], runtime)
     tokens = tokenize_dataset(dataset, tokenizer, cfg.max_seq_length, cfg.packing)
 
     settings = resolve_lora_settings(cfg)
-    base = load_base_model(base_path, runtime.dtype, cfg.gradient_checkpointing, name_or_path=hub_name)
+    base = load_base_model(base_path, runtime.dtype, cfg.gradient_checkpointing)
     torch.manual_seed(cfg.seed)  # the adapter's initial weights
     model = attach_adapter(base, cfg, settings).to(runtime.device)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -140,7 +140,7 @@ def _train(cfg: TextConfig, dataset, callbacks: List[TrainingCallback], runtime)
     def save(step: int, final: bool) -> str:
         folder = adapter_folder(cfg, None if final else step)
         if main:
-            save_adapter(model, tokenizer, folder, cfg.save_precision)
+            save_adapter(model, tokenizer, folder, cfg.save_precision, base_model_name=hub_name)
             if cfg.save_state:
                 save_training_state(
                     os.path.join(cfg.output_dir, f"state-{step}"),
