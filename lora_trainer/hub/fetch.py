@@ -126,10 +126,12 @@ class _Messages:
         self.url = f"{hub_endpoint()}/{ref.repo_id}"
 
     def offline_ways(self, cache_dir: str) -> str:
-        command = self.download_command or hf_download_command(self.ref, self.files)
+        command = f"`{hf_download_command(self.ref, self.files)}`"
+        if self.download_command:
+            command = f"`{self.download_command}` (or {command})"
         ways = (
-            f"To use it on a machine without a network, fill the cache where there is one with `{command}` "
-            f"and copy {cache_dir} to this machine (or point HF_HOME at a copy)"
+            f"To use it on a machine without a network, fill the cache where there is one with {command} "
+            f"and copy that machine's cache folder to {cache_dir} here (or point HF_HOME at a copy)"
         )
         return ways + (f"; or {self.place_hint}." if self.place_hint else ".")
 
