@@ -230,6 +230,8 @@ def test_the_watcher_reports_bytes_being_written_and_ignores_leftovers(tmp_path)
             fh.write(b"y" * 200)
         watcher.poll()
         watcher.poll()  # unchanged: no report
+        current.rename(tmp_path / "bbbb")  # finished and moved into place: the count never goes back
+        watcher.poll()
     assert seen == [300, 500]
 
 

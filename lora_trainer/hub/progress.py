@@ -58,7 +58,7 @@ DownloadCallback = Callable[[DownloadProgress], None]
 
 class IncompleteFileWatcher:
     """While entered, calls ``on_bytes(n)`` with the bytes written so far to temporary download files in
-    ``blobs_dir``, whenever that number changes. Files left over by an earlier, killed run are ignored until
+    ``blobs_dir``, whenever that number grows. Files left over by an earlier, killed run are ignored until
     they change (an older huggingface_hub resumes from them; a newer one never touches them again)."""
 
     def __init__(self, blobs_dir: str, on_bytes: Callable[[int], None], interval: float = POLL_SECONDS) -> None:
@@ -86,9 +86,10 @@ class IncompleteFileWatcher:
         return sizes
 
     def poll(self) -> None:
-        """Report once (the thread calls this; tests may too)."""
+        """Report once, when the count grew (the thread calls this; tests may too). It falls back to 0 when the
+        finished file is renamed into place: the caller's next report covers that."""
         written = sum(size for name, (size, mtime) in self._sizes().items() if self._initial.get(name) != (size, mtime))
-        if written != self._last:
+        if written > self._last:
             self._last = written
             self.on_bytes(written)
 
