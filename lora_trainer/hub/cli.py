@@ -46,7 +46,7 @@ class ModelRepoFiles:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lora_trainer download",
-        description=__doc__,
+        description=__doc__.replace("``", ""),
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="The cache is HF_HUB_CACHE (default HF_HOME/hub, default ~/.cache/huggingface/hub). Copy that folder "
         "to another machine (or point HF_HOME at a copy) and runs there find the models without a network; set "
