@@ -1,5 +1,6 @@
-"""Command line: ``python -m lora_trainer train|caption|ui`` (``train.py`` and ``tools/auto_label.py`` are
-thin aliases). Errors a user can fix are printed as one clear line, without a traceback."""
+"""Command line: ``python -m lora_trainer train|caption|ui|download`` (``train.py`` and
+``tools/auto_label.py`` are thin aliases). Errors a user can fix are printed as one clear line, without a
+traceback."""
 
 from __future__ import annotations
 
@@ -12,11 +13,17 @@ from lora_trainer.errors import LoraTrainerError
 
 def _train(args: argparse.Namespace) -> int:
     from lora_trainer.config import load_config
+    from lora_trainer.models.hub_models import DEFAULT_BASE_MODEL
     from lora_trainer.train.callbacks import TqdmProgress
     from lora_trainer.train.cpu_launch import missing_cpu_ranks, start_missing_ranks
     from lora_trainer.train.run import run_training
 
-    cfg = load_config(args.config)
+    cfg = load_config(args.config, default_base_model=DEFAULT_BASE_MODEL)
+    if cfg.task_type == "image-generation" and cfg.base_model == DEFAULT_BASE_MODEL:
+        print(
+            f"base_model: {DEFAULT_BASE_MODEL} (SD 1.5 from the Hugging Face Hub, the default when the config names "
+            "none; downloaded on first use, then read from the cache)"
+        )
     workers = start_missing_ranks(missing_cpu_ranks())
     try:
         result = run_training(cfg, callbacks=[TqdmProgress()])
@@ -40,6 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     caption.set_defaults(func=None)
     ui = sub.add_parser("ui", help="serve the trainer tab as a standalone gradio app", add_help=False)
     ui.set_defaults(func=None)
+    download = sub.add_parser(
+        "download", help="fill the Hugging Face cache with models, for offline use later", add_help=False
+    )
+    download.set_defaults(func=None)
     return parser
 
 
@@ -68,6 +79,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             from lora_trainer.ui.standalone import main as ui_main
 
             return ui_main(argv[1:])
+        if argv and argv[0] == "download":
+            from lora_trainer.hub.cli import main as download_main
+
+            return download_main(argv[1:])
         args = build_parser().parse_args(argv)
         return args.func(args)
 

@@ -18,6 +18,7 @@ from typing import Any, Dict, List, Mapping, Optional, Type
 import yaml
 
 from lora_trainer.errors import ConfigError
+from lora_trainer.hub.reference import as_hub_reference
 
 TASK_TYPES = ("image-generation", "text-generation")
 
@@ -40,7 +41,11 @@ class CommonConfig:
         "image-generation", "What to train: a diffusion LoRA or a causal-LM LoRA.", choices=TASK_TYPES
     )
     base_model: str = option(
-        "", "The model to train on: a diffusers/transformers folder or a single-file checkpoint (.safetensors)."
+        "",
+        "The model to train on: a diffusers/transformers folder, a single-file checkpoint (.safetensors), or a "
+        "Hugging Face Hub id (owner/name[@revision], or owner/name/file.safetensors), downloaded on first use. "
+        "Left empty for an image LoRA, the command line and the standalone app use "
+        "stable-diffusion-v1-5/stable-diffusion-v1-5.",
     )
     train_data_dir: str = option("", "Folder with the training data.")
     output_dir: str = option("./output", "Where the LoRA, training states, config snapshot and logs go.")
@@ -225,11 +230,15 @@ def _coerce(key: str, value: Any, annotation: Any, f: dataclasses.Field) -> Any:
     raise ConfigError(f"{key}: unsupported option type {annotation!r}.")  # pragma: no cover
 
 
-def config_from_dict(raw: Mapping[str, Any], *, base_dir: str | None = None) -> CommonConfig:
+def config_from_dict(
+    raw: Mapping[str, Any], *, base_dir: str | None = None, default_base_model: str | None = None
+) -> CommonConfig:
     """Validate a mapping of options and build the config of its ``task_type``.
 
     Relative paths are resolved against ``base_dir`` (the current directory when None), so a config file
     behaves the same wherever the command is run from only when its paths are absolute, as users expect.
+    A ``base_model`` naming a Hub repository (and no local path) is kept as written. ``default_base_model``
+    fills an empty ``base_model`` of an image config (the command line's and standalone app's default).
     """
     if not isinstance(raw, Mapping):
         raise ConfigError(f"The config must be a mapping of key: value pairs, got {type(raw).__name__}.")
@@ -249,8 +258,12 @@ def config_from_dict(raw: Mapping[str, Any], *, base_dir: str | None = None) -> 
             hint = f" Did you mean {near[0]!r}?" if near else " See configs/ for the documented keys."
             raise ConfigError(f"Unknown key {key!r}.{hint}")
         values[key] = _coerce(key, value, hints[key], known[key])
+    if default_base_model and cls is ImageConfig and not values.get("base_model"):
+        values["base_model"] = default_base_model
     for key in PATH_KEYS:
         if key in known and values.get(key):
+            if key == "base_model" and as_hub_reference(values[key], base_dir) is not None:
+                continue  # a Hub id, not a path
             values[key] = os.path.normpath(os.path.join(base_dir or os.getcwd(), os.path.expanduser(values[key])))
     cfg = cls(**values)
     _check_required(cfg)
@@ -267,8 +280,11 @@ def _check_required(cfg: CommonConfig) -> None:
         )
 
 
-def load_config(path: str, overrides: Mapping[str, Any] | None = None) -> CommonConfig:
-    """Read a YAML config file (relative paths resolve against the working directory, as in lora-scripts)."""
+def load_config(
+    path: str, overrides: Mapping[str, Any] | None = None, *, default_base_model: str | None = None
+) -> CommonConfig:
+    """Read a YAML config file (relative paths resolve against the working directory, as in lora-scripts);
+    ``default_base_model`` as in ``config_from_dict``."""
     if not os.path.isfile(path):
         raise ConfigError(f"Config file not found: {path}")
     with open(path, encoding="utf-8") as fh:
@@ -279,7 +295,7 @@ def load_config(path: str, overrides: Mapping[str, Any] | None = None) -> Common
     if not isinstance(raw, dict):
         raise ConfigError(f"{path} must hold key: value pairs at the top level.")
     raw.update(overrides or {})
-    return config_from_dict(raw)
+    return config_from_dict(raw, default_base_model=default_base_model)
 
 
 def config_to_dict(cfg: CommonConfig) -> Dict[str, Any]:

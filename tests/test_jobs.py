@@ -268,3 +268,22 @@ def test_training_job_alone(tmp_path):
     assert job.status().state == "idle"
     job.start()
     assert job.wait(5) and job.done and job.status().state == "finished"
+
+
+def test_a_first_use_download_shows_as_the_running_jobs_message(tmp_path):
+    from lora_trainer.hub.progress import DownloadProgress
+
+    seen = []
+
+    def downloading_trainer(cfg, callbacks, **_):
+        for cb in callbacks:
+            cb.on_download(DownloadProgress("owner/sd", "unet/x.safetensors", 2, 3, 500_000_000, 2_000_000_000))
+        seen.append(runner.status().message)  # what the page's poll shows while the download runs
+        return TrainingResult("finished", 0, [], "", [])
+
+    runner = JobRunner(trainer=downloading_trainer)
+    runner.start(make_cfg(tmp_path))
+    assert runner.wait(10)
+    assert seen == [
+        "Downloading owner/sd (first use; cached afterwards): unet/x.safetensors, file 2 of 3, 500.0 MB of 2.00 GB"
+    ]

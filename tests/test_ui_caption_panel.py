@@ -253,3 +253,23 @@ def test_training_and_saving_are_refused_while_captioning_runs(tmp_path):
     progress = finish(tab)[0]
     assert progress.startswith("Stopped (stub): 1/3 images") and "saved" in progress
     assert list(read_metadata_csv(str(data / "metadata.csv"))) == ["000.png"]  # the image in progress is kept
+
+
+def test_a_captioners_first_use_download_shows_in_the_panels_progress(tmp_path):
+    from lora_trainer.hub.progress import DownloadProgress
+
+    data = tmp_path / "data"
+    write_test_images(data, 1)
+    shown = []
+
+    class DownloadingBackend(StubBackend):
+        def load_captioner(self, choice, options):
+            options.on_download(DownloadProgress("owner/blip", "model.safetensors", 1, 1, 100_000_000, 990_000_000))
+            shown.append(tab.caption_panel.poll({})[0])  # the page's progress line during the download
+            return super().load_captioner(STUB, options)
+
+    tab = make_tab(tmp_path, DownloadingBackend(str(tmp_path / "loras")))
+    tab.caption_panel.start_captioning(*run_args(data))
+    finish(tab)
+    assert "Downloading owner/blip (first use; cached afterwards): model.safetensors" in shown[0]
+    assert "100.0 MB of 990.0 MB" in shown[0]

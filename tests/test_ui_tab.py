@@ -94,6 +94,17 @@ def test_train_poll_shows_progress_plot_previews_files_and_try_it(tab, tmp_path)
     assert all(isinstance(v, dict) for v in again[:-1])
 
 
+def test_a_blank_base_model_trains_the_default_hub_model_in_the_standalone_app(tab, tmp_path):
+    from lora_trainer.models.hub_models import DEFAULT_BASE_MODEL
+
+    args = form(tab, tmp_path)
+    args[1] = ""  # the Base model box left empty
+    assert "started" in tab.start_training(*args)
+    assert tab.runner.wait(5)
+    assert tab.runner.trainer.configs[-1].base_model == DEFAULT_BASE_MODEL
+    assert DEFAULT_BASE_MODEL in tab.base_model.placeholder
+
+
 def test_existing_lora_is_not_overwritten_unless_asked(tab, tmp_path):
     tab.start_training(*form(tab, tmp_path))
     tab.runner.wait(5)

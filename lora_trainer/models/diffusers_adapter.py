@@ -1,16 +1,18 @@
-"""The standalone backend: diffusers UNet and VAE, transformers CLIP text encoders, loaded from disk."""
+"""The standalone backend: diffusers UNet and VAE, transformers CLIP text encoders, loaded from disk (a Hub
+``base_model`` is fetched into the Hugging Face cache first)."""
 
 from __future__ import annotations
 
 import gc
 import hashlib
 import os
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from lora_trainer.export.kohya_names import text_lora_name, unet_lora_name
+from lora_trainer.hub.progress import DownloadCallback
 from lora_trainer.lora.targets import TEXT_CONTAINERS, UNET_CONTAINERS, find_targets
 from lora_trainer.models.adapter import Conditioning, DiffusionAdapter, SizeCondition
 from lora_trainer.models.architecture import SDXL
@@ -40,7 +42,13 @@ class DiffusersAdapter(DiffusionAdapter):
         device: torch.device,
         dtype: torch.dtype = torch.float32,
         prediction_type: Optional[str] = None,
+        on_download: Optional[DownloadCallback] = None,
+        log: Optional[Callable[[str], None]] = None,
     ):
+        from lora_trainer.models.hub_models import resolve_base_model
+
+        # A Hub reference becomes its cached files here, once; every later load reads them.
+        path, hub_name = resolve_base_model(path, on_download=on_download, log=log)
         self.path = path
         self.device = device
         self.dtype = dtype  # the frozen base's storage dtype; LoRA weights stay fp32
@@ -53,7 +61,7 @@ class DiffusersAdapter(DiffusionAdapter):
         self.alphas_cumprod = probe.alphas_cumprod.to(device)
         self.vae_scaling_factor = probe.vae_scaling_factor
         self.tokenizers = probe.tokenizers
-        self.model_name = probe.name
+        self.model_name = hub_name or probe.name  # a snapshot folder's own name is a commit id
         self.names = UNetNameMap(probe.unet_layout)
         self.identity = file_identity(path)
         self.unet: Optional[nn.Module] = None

@@ -26,6 +26,7 @@ from lora_trainer.text.model import (
     declared_dtype,
     load_base_model,
     load_tokenizer,
+    resolve_causal_lm,
     resolve_lora_settings,
 )
 from lora_trainer.text.tokenize import IGNORE_INDEX, tokenize_dataset
@@ -85,13 +86,16 @@ def train_text(
 
 
 def _train(cfg: TextConfig, dataset, callbacks: List[TrainingCallback], runtime) -> TrainingResult:
-    tokenizer = load_tokenizer(cfg.base_model)
+    # A Hub id becomes its cached folder (downloaded on first use); the id stays the adapter's recorded base.
+    base_path = resolve_causal_lm(cfg.base_model, on_download=CallbackList(callbacks).on_download)
+    hub_name = cfg.base_model if base_path != cfg.base_model else None
+    tokenizer = load_tokenizer(base_path)
     if any(s.is_chat for s in dataset.samples):
         require_chat_template(tokenizer, cfg.base_model)
     tokens = tokenize_dataset(dataset, tokenizer, cfg.max_seq_length, cfg.packing)
 
     settings = resolve_lora_settings(cfg)
-    base = load_base_model(cfg.base_model, runtime.dtype, cfg.gradient_checkpointing)
+    base = load_base_model(base_path, runtime.dtype, cfg.gradient_checkpointing)
     torch.manual_seed(cfg.seed)  # the adapter's initial weights
     model = attach_adapter(base, cfg, settings).to(runtime.device)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -136,7 +140,7 @@ def _train(cfg: TextConfig, dataset, callbacks: List[TrainingCallback], runtime)
     def save(step: int, final: bool) -> str:
         folder = adapter_folder(cfg, None if final else step)
         if main:
-            save_adapter(model, tokenizer, folder, cfg.save_precision)
+            save_adapter(model, tokenizer, folder, cfg.save_precision, base_model_name=hub_name)
             if cfg.save_state:
                 save_training_state(
                     os.path.join(cfg.output_dir, f"state-{step}"),
@@ -207,7 +211,7 @@ def _train(cfg: TextConfig, dataset, callbacks: List[TrainingCallback], runtime)
             if cfg.merge_adapter:
                 merged = adapter_folder(cfg) + "-merged"
                 if main:
-                    save_merged_model(model, tokenizer, merged, declared_dtype(cfg.base_model))
+                    save_merged_model(model, tokenizer, merged, declared_dtype(base_path))
                 runtime.wait_for_everyone()
                 outputs.append(merged)
             return TrainingResult("finished", done, outputs, _finished_message(outputs[0], tokens), losses)

@@ -99,7 +99,12 @@ class ImageTrainingSession:
             from lora_trainer.models.diffusers_adapter import DiffusersAdapter
 
             adapter = DiffusersAdapter(
-                cfg.base_model, device=runtime.device, dtype=runtime.dtype, prediction_type=cfg.prediction_type
+                cfg.base_model,
+                device=runtime.device,
+                dtype=runtime.dtype,
+                prediction_type=cfg.prediction_type,
+                on_download=self.callbacks.on_download,
+                log=self.log,
             )
         elif cfg.prediction_type:
             adapter.prediction_type = cfg.prediction_type

@@ -85,8 +85,8 @@ class CaptionPanel:
                     label="Model path",
                     max_lines=1,
                     elem_id=f"{ELEM}model_path",
-                    placeholder="blank: the local Hugging Face cache",
-                    info='A local folder or file; required for "local model path".',
+                    placeholder="blank: the captioner's usual weights (downloaded once, then cached)",
+                    info='A local folder or file, or a Hub repo owner/name; required for "local model path".',
                 )
                 self.threshold = gr.Slider(
                     0.05,
@@ -226,6 +226,7 @@ class CaptionPanel:
         options = CaptionerOptions(
             model_path=(model_path or "").strip() or None,
             threshold=float(threshold if threshold is not None else DEFAULT_THRESHOLD),
+            on_download=self.runner.download_progress,
         )
         run_options = CaptionRunOptions(
             prefix=prefix or "", suffix=suffix or "", sidecar=bool(sidecar), overwrite=bool(overwrite)

@@ -184,8 +184,10 @@ def build_config(
     *,
     default_output_dir: str,
     cls: Type[CommonConfig] = ImageConfig,
+    default_base_model: Optional[str] = None,
 ) -> CommonConfig:
-    """Validate the form into a config (raises ConfigError naming the option at fault)."""
+    """Validate the form into a config (raises ConfigError naming the option at fault); an empty base model
+    of an image run becomes ``default_base_model`` when given."""
     name = check_output_name(request.output_name)
     if not (request.train_data_dir or "").strip():
         raise ConfigError("Dataset folder is required: the folder with your training images.")
@@ -198,7 +200,7 @@ def build_config(
     }
     for spec, value in zip(specs, values, strict=True):
         raw[spec.key] = from_widget(spec, value)
-    return config_from_dict(raw)
+    return config_from_dict(raw, default_base_model=default_base_model)
 
 
 def widget_values_from_mapping(

@@ -117,7 +117,8 @@ class TrainerTab:
                 elem_id=f"{ELEM}base_model",
                 max_lines=1,
                 visible=model_text is None,
-                placeholder="diffusers folder or single-file .safetensors checkpoint",
+                placeholder="diffusers folder, .safetensors checkpoint, or Hub id owner/name"
+                + (f" (blank: {self.backend.default_base_model()})" if self.backend.default_base_model() else ""),
             )
             self.model_info = gr.Markdown(model_text or "", elem_id=f"{ELEM}model_info", visible=model_text is not None)
             basic = [s for s in self.specs if not s.advanced]
@@ -241,7 +242,12 @@ class TrainerTab:
             output_dir=output_dir,
         )
         return build_config(
-            request, self.specs, values, default_output_dir=self.backend.default_output_dir(name), cls=self.config_cls
+            request,
+            self.specs,
+            values,
+            default_output_dir=self.backend.default_output_dir(name),
+            cls=self.config_cls,
+            default_base_model=self.backend.default_base_model(),
         )
 
     def _start(
