@@ -48,7 +48,6 @@ BYTES_PER_TRAINED_PARAM = 16
 # Activations of one 512x512 SD1 sample in fp16 with the frozen base (measured orders of magnitude, not
 # promises); scaled by pixel count, batch size and architecture, divided when checkpointing recomputes them.
 ACTIVATION_GIB_PER_SD1_512_SAMPLE = 2.5
-ARCH_ACTIVATION_FACTOR = {"SD1": 1.0, "SD2": 1.2, "SDXL": 1.6}
 CHECKPOINTING_DIVISOR = 4.0
 
 
@@ -94,15 +93,23 @@ def host_model() -> Any:
     return model
 
 
+def model_family(model: Any):
+    """The engine's model family of the loaded checkpoint, from the flags the WebUI sets; None for SD3."""
+    from lora_trainer.models.families import SD1, SD2, SDXL
+
+    if getattr(model, "is_sd3", False):
+        return None
+    if getattr(model, "is_sdxl", False):
+        return SDXL
+    if getattr(model, "is_sd2", False):
+        return SD2
+    return SD1
+
+
 def architecture(model: Any) -> str:
     """ "SD1", "SD2", "SDXL" or "SD3", from the flags the WebUI sets on its models."""
-    if getattr(model, "is_sd3", False):
-        return "SD3"
-    if getattr(model, "is_sdxl", False):
-        return "SDXL"
-    if getattr(model, "is_sd2", False):
-        return "SD2"
-    return "SD1"
+    family = model_family(model)
+    return family.name.upper() if family is not None else "SD3"
 
 
 def prediction_label(model: Any) -> str:
@@ -737,11 +744,11 @@ def estimate_extra_memory(model: Any, cfg: CommonConfig) -> str:
                 params += rank * (sub.in_features + sub.out_features)
             elif isinstance(sub, torch.nn.Conv2d) and sub.kernel_size == (1, 1):
                 params += rank * (sub.in_channels + sub.out_channels)
-    arch = architecture(model)
+    family = model_family(model)
     resolution = getattr(cfg, "resolution", 512)
     activations = (
         ACTIVATION_GIB_PER_SD1_512_SAMPLE
-        * ARCH_ACTIVATION_FACTOR.get(arch, 2.0)
+        * (family.activation_factor if family is not None else 2.0)
         * cfg.batch_size
         * (resolution / 512) ** 2
     )

@@ -8,10 +8,13 @@ Loading is staged: the trainer asks for the encoders first (to fill its caches),
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:  # pragma: no cover
+    from lora_trainer.models.families.base import ModelFamily
 
 Conditioning = Dict[str, torch.Tensor]  # "crossattn" (B, 77, C) and, for SDXL, "pooled" (B, P)
 
@@ -39,12 +42,15 @@ class SizeCondition:
 class DiffusionAdapter:
     """Base class and documentation of the interface; see ``DiffusersAdapter`` and the WebUI host adapter."""
 
-    arch: str
+    family: "ModelFamily"  # what the model is; see models/families
+    arch: str  # the family's name, for logs
     prediction_type: str
     alphas_cumprod: torch.Tensor
     model_name: str
     identity: str  # changes when the weights on disk change; keys the disk caches
     device: torch.device
+    model_file: Optional[str] = None  # the single-file checkpoint the weights came from (hashed into metadata)
+    zero_terminal_snr: bool = False  # the noise schedule was rescaled to end at zero SNR
 
     def load(self, *, unet: bool, vae: bool, text_encoders: bool) -> None:
         """Make the named parts available (no-op where the host already holds them)."""

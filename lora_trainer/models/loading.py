@@ -18,15 +18,13 @@ import torch
 from lora_trainer.errors import ModelLoadError
 from lora_trainer.io.safetensors_stream import SafetensorsStream
 from lora_trainer.models.architecture import (
-    SD1,
-    SD2,
-    SDXL,
     UNET_PREFIX,
     VAE_PREFIX,
     CheckpointSpec,
     TextEncoderSpec,
     infer_spec,
 )
+from lora_trainer.models.families.unet_family import UNetFamily
 from lora_trainer.models.ldm_names import UNetLayout, UNetNameMap, VaeNameMap, open_clip_to_hf
 
 
@@ -34,7 +32,7 @@ from lora_trainer.models.ldm_names import UNetLayout, UNetNameMap, VaeNameMap, o
 class StableDiffusionModel:
     """The parts the trainer needs; ``vae``/``text_encoders`` are None when not loaded (their outputs cached)."""
 
-    arch: str
+    family: UNetFamily
     unet: Optional[torch.nn.Module]
     vae: Optional[torch.nn.Module]
     text_encoders: Optional[List[torch.nn.Module]]
@@ -45,6 +43,11 @@ class StableDiffusionModel:
     name: str
     unet_layout: UNetLayout
     info: Dict[str, str] = field(default_factory=dict)
+    zero_terminal_snr: bool = False
+
+    @property
+    def arch(self) -> str:
+        return self.family.name
 
 
 def scaled_linear_alphas_cumprod(
@@ -58,6 +61,15 @@ def scaled_linear_alphas_cumprod(
     else:
         raise ModelLoadError(f"unsupported beta_schedule {schedule!r} in the scheduler config.")
     return torch.cumprod(1.0 - betas, dim=0).float()
+
+
+def rescale_zero_terminal_snr(alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """The schedule shifted and scaled so its last step has zero SNR and its first is unchanged
+    (Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps are Flawed", Algorithm 1)."""
+    root = alphas_cumprod.double().sqrt()
+    first, last = root[0].clone(), root[-1].clone()
+    root = (root - last) * first / (first - last)
+    return (root**2).to(alphas_cumprod.dtype)
 
 
 def is_diffusers_folder(path: str) -> bool:
@@ -108,12 +120,10 @@ def _load_diffusers_folder(
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    with open(os.path.join(path, "model_index.json"), encoding="utf-8") as fh:
-        index = json.load(fh)
-    arch = SDXL if "text_encoder_2" in index else SD1
+    from lora_trainer.models.families import family_of_folder
+
+    family = family_of_folder(path)
     unet_config = UNet2DConditionModel.load_config(path, subfolder="unet")
-    if arch == SD1 and unet_config["cross_attention_dim"] == 1024:
-        arch = SD2
     unet = (
         UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype, low_cpu_mem_usage=True)
         if load_unet
@@ -130,9 +140,12 @@ def _load_diffusers_folder(
         scheduler.get("num_train_timesteps", 1000),
         scheduler.get("beta_schedule", "scaled_linear"),
     )
+    zero_snr = bool(scheduler.get("rescale_betas_zero_snr", False))
+    if zero_snr:
+        alphas = rescale_zero_terminal_snr(alphas)
     vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype) if load_vae else None
     text_encoders = None
-    names = ["text_encoder"] + (["text_encoder_2"] if arch == SDXL else [])
+    names = ["text_encoder", "text_encoder_2"][: len(family.checkpoint_text_encoders)]
     if load_text_encoders:
         classes = [CLIPTextModel, CLIPTextModelWithProjection]
         text_encoders = [
@@ -141,10 +154,10 @@ def _load_diffusers_folder(
     tokenizers = []
     for i, name in enumerate(["tokenizer", "tokenizer_2"][: len(names)]):
         folder = os.path.join(path, name)
-        tokenizers.append(_tokenizer(folder if os.path.isdir(folder) else None, arch, i))
+        tokenizers.append(_tokenizer(folder if os.path.isdir(folder) else None, family, i))
     scaling = vae.config.scaling_factor if vae is not None else _vae_scaling_from_config(path)
     return StableDiffusionModel(
-        arch=arch,
+        family=family,
         unet=unet,
         vae=vae,
         text_encoders=text_encoders,
@@ -154,6 +167,7 @@ def _load_diffusers_folder(
         vae_scaling_factor=scaling,
         name=os.path.basename(os.path.normpath(path)),
         unet_layout=UNetLayout.from_config(unet_config),
+        zero_terminal_snr=zero_snr,
     )
 
 
@@ -162,18 +176,18 @@ def _vae_scaling_from_config(path: str) -> float:
         return float(json.load(fh).get("scaling_factor", 0.18215))
 
 
-def _tokenizer(folder: Optional[str], arch: str, index: int):
+def _tokenizer(folder: Optional[str], family: UNetFamily, index: int):
     from lora_trainer.models.tokenizer import load_clip_tokenizer
 
     # open_clip-trained encoders (SD2, SDXL's second) pad with "!" rather than the end token.
-    pad = "!" if (arch == SD2 or (arch == SDXL and index == 1)) and folder is None else None
+    pad = "!" if not family.tokenizer_pads_with_end_token(index) and folder is None else None
     return load_clip_tokenizer(folder, pad)
 
 
 # ---------------------------------------------------------------- single files
 
 
-class _CheckpointReader:
+class CheckpointReader:
     """Uniform tensor access for .safetensors (lazy) and weights-only .ckpt files."""
 
     def __init__(self, path: str):
@@ -231,7 +245,7 @@ def _prediction_type_from_yaml(path: str) -> Optional[str]:
     return "v_prediction" if params.get("parameterization") == "v" else "epsilon"
 
 
-def _materialise(
+def materialise(
     module: torch.nn.Module, state: Dict[str, torch.Tensor], what: str, path: str, optional: Tuple[str, ...] = ()
 ) -> None:
     missing, _unexpected = module.load_state_dict(state, strict=False, assign=True)
@@ -243,7 +257,7 @@ def _materialise(
         )
 
 
-def _convert_unet(reader: _CheckpointReader, spec: CheckpointSpec, dtype) -> torch.nn.Module:
+def _convert_unet(reader: CheckpointReader, spec: CheckpointSpec, dtype) -> torch.nn.Module:
     from diffusers import UNet2DConditionModel
 
     names = UNetNameMap(UNetLayout.from_config(spec.unet_config))
@@ -254,27 +268,32 @@ def _convert_unet(reader: _CheckpointReader, spec: CheckpointSpec, dtype) -> tor
         name = names.to_diffusers(key)
         if name is not None:
             state[name] = tensor.to(dtype)
-    _materialise(unet, state, "UNet", reader.path)
+    materialise(unet, state, "UNet", reader.path)
     return unet
 
 
-def _convert_vae(reader: _CheckpointReader, spec: CheckpointSpec, dtype) -> torch.nn.Module:
+def _convert_vae(reader: CheckpointReader, spec: CheckpointSpec, dtype) -> torch.nn.Module:
+    return convert_ldm_vae(reader, VAE_PREFIX, spec.vae_config, dtype)
+
+
+def convert_ldm_vae(reader: CheckpointReader, prefix: str, vae_config: dict, dtype) -> torch.nn.Module:
+    """A diffusers ``AutoencoderKL`` from the ldm-layout VAE weights under ``prefix``, one copy in memory."""
     from diffusers import AutoencoderKL
 
-    names = VaeNameMap(len(spec.vae_config["block_out_channels"]), spec.vae_config["layers_per_block"])
+    names = VaeNameMap(len(vae_config["block_out_channels"]), vae_config["layers_per_block"])
     with torch.device("meta"):
-        vae = AutoencoderKL(**spec.vae_config)
+        vae = AutoencoderKL(**vae_config)
     state = {}
-    for key, tensor in reader.items(VAE_PREFIX):
+    for key, tensor in reader.items(prefix):
         name = names.to_diffusers(key)
         if name is not None:
             # ldm's VAE attention uses 1x1 convolutions where diffusers uses linears: drop the 1x1.
             state[name] = tensor.to(dtype).reshape(vae.get_parameter(name).shape)
-    _materialise(vae, state, "VAE", reader.path)
+    materialise(vae, state, "VAE", reader.path)
     return vae
 
 
-def _convert_text_encoder(reader: _CheckpointReader, te: TextEncoderSpec, dtype) -> torch.nn.Module:
+def convert_text_encoder(reader: CheckpointReader, te: TextEncoderSpec, dtype) -> torch.nn.Module:
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     config = CLIPTextConfig(**te.config)
@@ -309,7 +328,7 @@ def _convert_text_encoder(reader: _CheckpointReader, te: TextEncoderSpec, dtype)
     if not te.with_projection:
         state.pop("text_projection.weight", None)
     state = {hf_text_state_name(model, k): v for k, v in state.items()}
-    _materialise(model, state, "text encoder", reader.path, optional=("position_ids",))
+    materialise(model, state, "text encoder", reader.path, optional=("position_ids",))
     for module in model.modules():
         buffer = getattr(module, "position_ids", None)
         if isinstance(buffer, torch.Tensor) and buffer.is_meta:
@@ -328,23 +347,27 @@ def hf_text_state_name(model: torch.nn.Module, name: str) -> str:
 
 
 def _load_single_file(path, load_unet, load_vae, load_text_encoders, dtype, prediction_type) -> StableDiffusionModel:
-    reader = _CheckpointReader(path)
+    reader = CheckpointReader(path)
     spec = infer_spec(reader.shapes(), prediction_type or _prediction_type_from_yaml(path))
     unet = _convert_unet(reader, spec, dtype) if load_unet else None
     vae = _convert_vae(reader, spec, dtype) if load_vae else None
     text_encoders = (
-        [_convert_text_encoder(reader, te, dtype) for te in spec.text_encoders] if load_text_encoders else None
+        [convert_text_encoder(reader, te, dtype) for te in spec.text_encoders] if load_text_encoders else None
     )
-    tokenizers = [_tokenizer(None, spec.arch, i) for i in range(len(spec.text_encoders))]
+    tokenizers = [_tokenizer(None, spec.family, i) for i in range(len(spec.text_encoders))]
+    alphas = scaled_linear_alphas_cumprod()
+    if spec.zero_terminal_snr:
+        alphas = rescale_zero_terminal_snr(alphas)
     return StableDiffusionModel(
-        arch=spec.arch,
+        family=spec.family,
         unet=unet,
         vae=vae,
         text_encoders=text_encoders,
         tokenizers=tokenizers,
         prediction_type=spec.prediction_type,
-        alphas_cumprod=scaled_linear_alphas_cumprod(),
+        alphas_cumprod=alphas,
         vae_scaling_factor=spec.vae_config["scaling_factor"],
         name=os.path.basename(path),
         unet_layout=UNetLayout.from_config(spec.unet_config),
+        zero_terminal_snr=spec.zero_terminal_snr,
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import random
 import time
 from typing import List, Optional, Sequence, Tuple
 
@@ -20,11 +21,10 @@ from lora_trainer.data.dataset import ImageCaptionDataset
 from lora_trainer.data.encoding_cache import EncodingCache
 from lora_trainer.errors import ConfigError, LoraTrainerError, TrainingStopped
 from lora_trainer.export.lora_file import SAVE_DTYPES, load_lora_file, save_lora_file
-from lora_trainer.export.metadata import lora_metadata
+from lora_trainer.export.metadata import base_model_hashes, lora_metadata
 from lora_trainer.lora.network import LoRANetwork, ranks_and_alphas
 from lora_trainer.models.adapter import DiffusionAdapter, SizeCondition
 from lora_trainer.train.callbacks import CallbackList, StepInfo, TensorBoardLogger, TrainingCallback
-from lora_trainer.train.diffusion_loss import denoising_loss
 from lora_trainer.train.optim import build_optimizer, build_scheduler
 from lora_trainer.train.run import TrainingResult
 from lora_trainer.train.state import load_training_state, restore_rng_state, save_training_state
@@ -80,6 +80,9 @@ class ImageTrainingSession:
         self.started_at = time.time()
         self.saved_files: List[str] = []
         self.last_good_save: Optional[str] = None
+        # sd-scripts' ss_session_id: a random number telling which run a file came from (not from the seed).
+        self.session_id = random.SystemRandom().randint(0, 2**32 - 1)
+        self.model_hashes: Optional[dict] = None
 
     # ------------------------------------------------------------ set-up
 
@@ -109,6 +112,7 @@ class ImageTrainingSession:
         elif cfg.prediction_type:
             adapter.prediction_type = cfg.prediction_type
         self.adapter = adapter
+        self.objective = adapter.family.objective(adapter.prediction_type, adapter.alphas_cumprod, cfg)
         self.log(
             f"model: {adapter.model_name} ({adapter.arch}, {adapter.prediction_type}); training on "
             f"{runtime.device} in {runtime.num_processes} process(es)"
@@ -205,15 +209,7 @@ class ImageTrainingSession:
         generator = torch.Generator(device=runtime.device).manual_seed(seed)
         latents, cond, sizes = self._batch_inputs(indices, epoch, generator)
         with runtime.autocast():
-            return denoising_loss(
-                latents,
-                lambda noisy, t: adapter.predict(noisy, t, cond, sizes),
-                adapter.alphas_cumprod,
-                adapter.prediction_type,
-                generator,
-                cfg.noise_offset,
-                cfg.min_snr_gamma,
-            )
+            return self.objective.loss(latents, lambda noisy, t: adapter.predict(noisy, t, cond, sizes), generator)
 
     # ------------------------------------------------------------ the loop
 
@@ -225,6 +221,7 @@ class ImageTrainingSession:
         steps_per_epoch = max(1, math.ceil(batches_per_epoch / cfg.gradient_accumulation_steps))
         self.total_steps = cfg.max_train_steps or cfg.epochs * steps_per_epoch
         self.epochs = math.ceil(self.total_steps / steps_per_epoch)
+        self.batches_per_epoch = batches_per_epoch
 
     def _set_up_optimizer(self) -> Tuple[int, int, int]:
         """Optimizer and schedule (resumed when asked); returns the (step, epoch, batch) to start from."""
@@ -348,9 +345,11 @@ class ImageTrainingSession:
     def _lora_tensors_and_metadata(self, step: int, epoch: int):
         cfg, adapter = self.cfg, self.adapter
         tensors = self.network.kohya_state_dict(SAVE_DTYPES[cfg.save_precision])
+        if self.model_hashes is None:  # hashed once per run, at the first save (a multi-GB file takes seconds)
+            self.model_hashes = getattr(adapter, "model_hashes", None) or base_model_hashes(adapter.model_file)
         metadata = lora_metadata(
             cfg,
-            arch=adapter.arch,
+            family=adapter.family,
             model_name=adapter.model_name,
             prediction_type=adapter.prediction_type,
             rank=self.rank,
@@ -361,6 +360,11 @@ class ImageTrainingSession:
             epoch=epoch,
             num_epochs=self.epochs,
             max_steps=self.total_steps,
+            zero_terminal_snr=getattr(adapter, "zero_terminal_snr", False),
+            batches_per_epoch=self.batches_per_epoch,
+            num_processes=self.runtime.num_processes,
+            session_id=self.session_id,
+            model_hashes=self.model_hashes,
         )
         return tensors, metadata
 

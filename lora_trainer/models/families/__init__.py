@@ -1,0 +1,49 @@
+"""The model families the engine knows, and how a model on disk or in a host is matched to one.
+
+Registering a family is adding its object to ``FAMILIES``; the first that claims a checkpoint's keys or a
+diffusers folder's ``model_index.json`` is its family (see ``base.ModelFamily``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Collection, List, Optional
+
+from lora_trainer.errors import ModelLoadError
+from lora_trainer.models.families.base import ModelFamily
+from lora_trainer.models.families.sd1 import SD1
+from lora_trainer.models.families.sd2 import SD2
+from lora_trainer.models.families.sdxl import SDXL
+
+FAMILIES: List[ModelFamily] = [SD1, SD2, SDXL]
+
+
+def family_named(name: str) -> ModelFamily:
+    """The family called ``name`` (``sd1``, ``sdxl``, ``flux``...); raises ValueError for an unknown one."""
+    for family in FAMILIES:
+        if family.name == name:
+            return family
+    raise ValueError(f"unknown model family {name!r}; known: {', '.join(f.name for f in FAMILIES)}")
+
+
+def family_of_checkpoint(keys: Collection[str]) -> Optional[ModelFamily]:
+    """The family whose single-file checkpoints have these tensor names, or None."""
+    keys = keys if isinstance(keys, (set, frozenset, dict)) else set(keys)
+    return next((f for f in FAMILIES if f.claims_checkpoint(keys)), None)
+
+
+def family_of_folder(path: str) -> ModelFamily:
+    """The family of a diffusers folder (by its ``model_index.json``); raises ModelLoadError if none claims it."""
+    with open(os.path.join(path, "model_index.json"), encoding="utf-8") as fh:
+        index = json.load(fh)
+    for family in FAMILIES:
+        if family.claims_diffusers_folder(index, path):
+            return family
+    raise ModelLoadError(
+        f"{path}: a diffusers folder of a pipeline the trainer does not know ({index.get('_class_name', '?')}); "
+        f"supported: {', '.join(f.label for f in FAMILIES)}."
+    )
+
+
+__all__ = ["FAMILIES", "ModelFamily", "family_named", "family_of_checkpoint", "family_of_folder"]

@@ -1,0 +1,101 @@
+"""What a model family is: everything that differs between SD1, SD2, SDXL, Flux, Z-Image... in one object.
+
+The rest of the engine asks the family and never tests a family's name: how to recognise its checkpoints
+and diffusers folders, how the standalone engine loads it, what its training objective is (DDPM eps/v, flow
+matching), how its LoRA modules are named in the file, which base-model version and ModelSpec architecture
+the file's metadata records, and what a host's loaded model of this family looks like. Adding a family is one
+module beside this one plus its registration in ``families/__init__.py`` (see the README).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Collection, Dict, Optional
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+    from lora_trainer.models.adapter import DiffusionAdapter
+    from lora_trainer.train.objectives import TrainingObjective
+
+
+# ModelSpec (https://github.com/Stability-AI/ModelSpec) implementation URLs, as sd-scripts writes them.
+IMPL_STABILITY_AI = "https://github.com/Stability-AI/generative-models"
+IMPL_DIFFUSERS = "diffusers"
+IMPL_FLUX = "https://github.com/black-forest-labs/flux"
+
+
+class ModelFamily:
+    """One model family. Subclasses set the class attributes and override what differs.
+
+    ``name`` is the engine's short name (``sd1``, ``sdxl``, ``flux``...) used in logs, the config snapshot and
+    the disk caches' keys; ``label`` is what the UI shows.
+    """
+
+    name: str = ""
+    label: str = ""
+    # Default training resolution (one side, pixels): what the family was trained at.
+    native_resolution: int = 512
+    # Memory of one native-resolution sample's activations relative to SD1 at 512 px (host estimates).
+    activation_factor: float = 1.0
+    # The kohya prefix of each text encoder's LoRA modules, in encoder order.
+    text_lora_prefixes: tuple = ("lora_te_",)
+    # Flow-matching families have no prediction type in ModelSpec (sd-scripts leaves it out for Flux).
+    prediction_types: tuple = ("epsilon", "v_prediction")
+
+    # ------------------------------------------------------------ recognising the model
+
+    def claims_checkpoint(self, keys: Collection[str]) -> bool:
+        """Whether a single-file checkpoint with these tensor names is of this family."""
+        return False
+
+    def claims_diffusers_folder(self, index: Dict[str, Any], path: str) -> bool:
+        """Whether a diffusers folder with this ``model_index.json`` is of this family."""
+        return False
+
+    # ------------------------------------------------------------ standalone engine
+
+    def open_standalone(self, path: str, **options) -> "DiffusionAdapter":
+        """The standalone adapter over the model at ``path`` (a local file or folder); see ``DiffusersAdapter``."""
+        raise NotImplementedError(f"{self.label} cannot be trained by the standalone engine yet.")
+
+    def objective(
+        self, prediction_type: str, alphas_cumprod: Optional["torch.Tensor"], cfg=None
+    ) -> "TrainingObjective":
+        """The training objective: how to noise a sample, what the model must predict, the loss weights."""
+        raise NotImplementedError
+
+    def default_prediction_type(self, keys: Collection[str] = ()) -> str:
+        return "epsilon"
+
+    # ------------------------------------------------------------ the LoRA file
+
+    def text_lora_prefix(self, index: int) -> str:
+        """``lora_te_`` / ``lora_te1_``... for the ``index``-th text encoder."""
+        return self.text_lora_prefixes[index]
+
+    def base_model_version(self, prediction_type: str) -> str:
+        """``ss_base_model_version`` as sd-scripts writes it (A1111 and SD.Next filter on it)."""
+        raise NotImplementedError
+
+    def is_v2(self) -> bool:
+        """``ss_v2``: A1111 and Forge classify a LoRA as SD2 by it."""
+        return False
+
+    def modelspec_architecture(self, prediction_type: str) -> str:
+        """``modelspec.architecture`` without the ``/lora`` suffix (sd-scripts' ``determine_architecture``)."""
+        raise NotImplementedError
+
+    def modelspec_implementation(self) -> str:
+        """``modelspec.implementation`` of a LoRA (sd-scripts' ``determine_implementation``)."""
+        return IMPL_DIFFUSERS
+
+    def modelspec_prediction_type(self, prediction_type: str) -> Optional[str]:
+        """``modelspec.prediction_type``: ``epsilon`` or ``v``; None where the family has none (flow matching)."""
+        return "v" if prediction_type == "v_prediction" else "epsilon"
+
+    def extra_metadata(self, cfg, prediction_type: str) -> Dict[str, Any]:
+        """Family-specific ``ss_*`` keys (e.g. Flux's guidance and timestep sampling)."""
+        return {}
+
+    def __repr__(self) -> str:
+        return f"<model family {self.name}>"
