@@ -155,7 +155,7 @@ def ldm_vae_config(
     return config
 
 
-def _text_config(shapes: Shapes, prefix: str, open_clip: bool, drop_last_layer: bool) -> Tuple[dict, bool]:
+def text_encoder_config(shapes: Shapes, prefix: str, open_clip: bool, drop_last_layer: bool) -> Tuple[dict, bool]:
     t = {k[len(prefix) :]: s for k, s in shapes.items() if k.startswith(prefix)}
     if open_clip:
         vocab, hidden = t["token_embedding.weight"]
@@ -195,7 +195,7 @@ def infer_spec(shapes: Shapes, prediction_type: Optional[str] = None) -> Checkpo
     encoders = []
     last = len(family.checkpoint_text_encoders) - 1
     for index, (prefix, open_clip) in enumerate(family.checkpoint_text_encoders):
-        config, has_projection = _text_config(
+        config, has_projection = text_encoder_config(
             shapes, prefix, open_clip, drop_last_layer=family.text_uses_penultimate_layer
         )
         # The pooled, projected embedding SDXL conditions on comes from its last (OpenCLIP-G) encoder.

@@ -99,15 +99,10 @@ class ImageTrainingSession:
             os.makedirs(cfg.output_dir, exist_ok=True)
             save_config_snapshot(cfg, os.path.join(cfg.output_dir, "config.yaml"))
         if adapter is None:
-            from lora_trainer.models.diffusers_adapter import DiffusersAdapter
+            from lora_trainer.models.standalone import open_base_model
 
-            adapter = DiffusersAdapter(
-                cfg.base_model,
-                device=runtime.device,
-                dtype=runtime.dtype,
-                prediction_type=cfg.prediction_type,
-                on_download=self.callbacks.on_download,
-                log=self.log,
+            adapter = open_base_model(
+                cfg, device=runtime.device, dtype=runtime.dtype, on_download=self.callbacks.on_download, log=self.log
             )
         elif cfg.prediction_type:
             adapter.prediction_type = cfg.prediction_type

@@ -12,11 +12,12 @@ from typing import Collection, List, Optional
 
 from lora_trainer.errors import ModelLoadError
 from lora_trainer.models.families.base import ModelFamily
+from lora_trainer.models.families.flux import FLUX_DEV, FLUX_SCHNELL
 from lora_trainer.models.families.sd1 import SD1
 from lora_trainer.models.families.sd2 import SD2
 from lora_trainer.models.families.sdxl import SDXL
 
-FAMILIES: List[ModelFamily] = [SD1, SD2, SDXL]
+FAMILIES: List[ModelFamily] = [SD1, SD2, SDXL, FLUX_DEV, FLUX_SCHNELL]
 
 
 def family_named(name: str) -> ModelFamily:
@@ -46,4 +47,33 @@ def family_of_folder(path: str) -> ModelFamily:
     )
 
 
-__all__ = ["FAMILIES", "ModelFamily", "family_named", "family_of_checkpoint", "family_of_folder"]
+def family_at(path: str) -> Optional[ModelFamily]:
+    """The family of the model at a local ``path``: a diffusers folder's, or a ``.safetensors`` file's by its
+    tensor names (read from the header only). None when it cannot tell (other file types, unknown keys): the
+    SD loader then reads the file and says what is wrong with it."""
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "model_index.json")):
+        return family_of_folder(path)
+    if os.path.isfile(path) and path.lower().endswith(".safetensors"):
+        from lora_trainer.io.safetensors_stream import SafetensorsStream
+
+        try:
+            keys = SafetensorsStream(path).keys()
+        except (OSError, ValueError):
+            return None
+        return family_of_checkpoint(keys)
+    return None
+
+
+__all__ = [
+    "FAMILIES",
+    "ModelFamily",
+    "family_at",
+    "family_named",
+    "family_of_checkpoint",
+    "family_of_folder",
+    "SD1",
+    "SD2",
+    "SDXL",
+    "FLUX_DEV",
+    "FLUX_SCHNELL",
+]

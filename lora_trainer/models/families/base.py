@@ -55,7 +55,9 @@ class ModelFamily:
     # ------------------------------------------------------------ standalone engine
 
     def open_standalone(self, path: str, **options) -> "DiffusionAdapter":
-        """The standalone adapter over the model at ``path`` (a local file or folder); see ``DiffusersAdapter``."""
+        """The standalone adapter over the model at ``path`` (a local file or folder). ``options``: ``reference``
+        (``base_model`` as given), ``cfg``, ``device``, ``dtype``, ``prediction_type``, ``model_name`` (a Hub
+        name), ``on_download``, ``log``; see ``models/standalone.py``."""
         raise NotImplementedError(f"{self.label} cannot be trained by the standalone engine yet.")
 
     def objective(

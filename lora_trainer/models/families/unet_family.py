@@ -62,10 +62,11 @@ class UNetFamily(ModelFamily):
 
     # ------------------------------------------------------------ standalone engine
 
-    def open_standalone(self, path: str, **options):
+    def open_standalone(self, path: str, *, reference: str = "", cfg=None, model_name=None, **options):
         from lora_trainer.models.diffusers_adapter import DiffusersAdapter
 
-        return DiffusersAdapter(path, **options)
+        # The reference as given (a Hub id stays one: the adapter names the model by it; the cache answers).
+        return DiffusersAdapter(reference or path, **options)
 
     def objective(self, prediction_type: str, alphas_cumprod, cfg=None):
         from lora_trainer.train.objectives import DdpmObjective
