@@ -41,6 +41,8 @@ class ModelFamily:
     text_lora_prefixes: tuple = ("lora_te_",)
     # Flow-matching families have no prediction type in ModelSpec (sd-scripts leaves it out for Flux).
     prediction_types: tuple = ("epsilon", "v_prediction")
+    # The standalone adapter can store the frozen denoiser's Linears in fp8 (``fp8_base``).
+    supports_fp8_base: bool = False
 
     # ------------------------------------------------------------ recognising the model
 
