@@ -86,20 +86,20 @@ def main():
     modules_in_file = {k[: -len(".lora_down.weight")] for k in lora if k.endswith(".lora_down.weight")}
     applied = {lora_name for lora_name, target in key_map.items() if target in patches and lora_name in modules_in_file}
     outputs = {}
-    with torch.inference_mode():
-        unet = comfy.model_patcher.ModelPatcher(model, torch.device("cpu"), torch.device("cpu"))
-        unet.add_patches({k: v for k, v in patches.items() if k.startswith("diffusion_model.")}, 1.0)
-        unet.patch_model()
-        kwargs = {"y": inputs["y"]} if "y" in inputs else {}
-        outputs["unet"] = model.diffusion_model(inputs["x"], inputs["t"], context=inputs["context"], **kwargs)
-        if texts:
-            te = comfy.model_patcher.ModelPatcher(clip, torch.device("cpu"), torch.device("cpu"))
-            te.add_patches({k: v for k, v in patches.items() if not k.startswith("diffusion_model.")}, 1.0)
-            te.patch_model()
-            for name in texts:
-                outputs[f"te_{name}"] = getattr(clip, name).transformer(inputs["ids"])[0]
+    unet = comfy.model_patcher.ModelPatcher(model, torch.device("cpu"), torch.device("cpu"))
+    unet.add_patches({k: v for k, v in patches.items() if k.startswith("diffusion_model.")}, 1.0)
+    unet.patch_model()
+    kwargs = {"y": inputs["y"]} if "y" in inputs else {}
+    outputs["unet"] = model.diffusion_model(inputs["x"], inputs["t"], context=inputs["context"], **kwargs)
+    if texts:
+        te = comfy.model_patcher.ModelPatcher(clip, torch.device("cpu"), torch.device("cpu"))
+        te.add_patches({k: v for k, v in patches.items() if not k.startswith("diffusion_model.")}, 1.0)
+        te.patch_model()
+        for name in texts:
+            outputs[f"te_{name}"] = getattr(clip, name).transformer(inputs["ids"])[0]
     outputs = {k: v.float().contiguous().clone() for k, v in outputs.items()}
     save_file(outputs, OUTPUTS, metadata={"applied": json.dumps(sorted(applied)), "in_file": str(len(modules_in_file))})
 
 
-main()
+with torch.inference_mode():  # as ComfyUI runs everything (models are built and patched inside it)
+    main()

@@ -12,6 +12,7 @@ import yaml
 from image_fixtures import REPO, StopAfter, train
 from safetensors import safe_open
 from safetensors.torch import load_file
+from test_lora_metadata import forge_version, sdnext_version
 from tiny_flux import build_tiny_flux, save_webui_layout, seed_t5_tokenizer_cache
 from tiny_models import make_image_folder
 
@@ -133,6 +134,7 @@ def test_train_py_trains_from_the_webui_folders(webui, tmp_path):
     assert meta["modelspec.architecture"] == "flux-1-dev/lora"
     assert meta["modelspec.implementation"] == "https://github.com/black-forest-labs/flux"
     assert "modelspec.prediction_type" not in meta and meta["ss_guidance_scale"] == "1.0"
+    assert (forge_version(meta), sdnext_version(meta)) == ("Flux", "f1")  # the hosts' own rules
     assert "Flux.1 [dev]" in proc.stdout or "flux-dev" in proc.stdout
 
 
@@ -157,9 +159,48 @@ def test_resume_equals_an_uninterrupted_run(webui, tmp_path):
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
 
 
-def test_diffusers_flux_lora_loader_reproduces_our_trained_outputs(webui, tmp_path):
+def _diffusers_flux(parts, tokenizers):
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 
+    return FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=parts.vae,
+        text_encoder=parts.clip,
+        tokenizer=tokenizers[0],
+        text_encoder_2=parts.t5,
+        tokenizer_2=tokenizers[1],
+        transformer=parts.transformer,
+    )
+
+
+def _transformer_inputs(seed=3, side=8, txt_dim=32, pooled_dim=32):
+    g = torch.Generator().manual_seed(seed)
+    latents = torch.randn(2, 16, side, side, generator=g)
+    cond = {"t5": torch.randn(2, 6, txt_dim, generator=g), "pooled": torch.randn(2, pooled_dim, generator=g)}
+    return latents, cond, torch.tensor([0.3, 0.7])
+
+
+def _their_prediction(transformer, latents, cond, t, guidance):
+    from lora_trainer.models.flux.transformer import unpack_latents
+
+    side = latents.shape[-1]
+    with torch.no_grad():
+        tokens = transformer(
+            hidden_states=pack_latents(latents),
+            encoder_hidden_states=cond["t5"],
+            pooled_projections=cond["pooled"],
+            timestep=t,
+            img_ids=image_ids(1, side, side)[0],
+            txt_ids=torch.zeros(cond["t5"].shape[1], 3),
+            guidance=guidance,
+            return_dict=False,
+        )[0]
+    return unpack_latents(tokens, side, side)
+
+
+def test_diffusers_flux_lora_loader_reproduces_our_trained_outputs(webui, tmp_path):
+    """The trained file's double-block and CLIP-L keys through diffusers' kohya Flux converter. (Its single-block
+    split is written for the full-size model's widths only; the next test covers those keys at full width.)"""
     from lora_trainer.export.lora_file import load_lora_file
     from lora_trainer.lora.network import LoRANetwork
     from lora_trainer.models.families import FLUX_DEV
@@ -167,18 +208,16 @@ def test_diffusers_flux_lora_loader_reproduces_our_trained_outputs(webui, tmp_pa
 
     models, path, parts = webui
     result = train(flux_config(tmp_path, path, train_text_encoder=True, max_train_steps=3, learning_rate=1e-2))
-    lora_path = result.output_files[0]
+    tensors, _ = load_lora_file(result.output_files[0])
+    tensors = {k: v for k, v in tensors.items() if not k.startswith("lora_unet_single_blocks_")}
 
     adapter = FluxAdapter(path, FLUX_DEV, device=torch.device("cpu"))
     adapter.load(unet=True, vae=False, text_encoders=True)
-    tensors, _ = load_lora_file(lora_path)
-    network = LoRANetwork(adapter.lora_targets(True), rank=4, alpha=4)
-    network.load_kohya_state_dict(tensors, lora_path)
-    g = torch.Generator().manual_seed(3)
-    latents = torch.randn(2, 16, 8, 8, generator=g)
-    cond = {"t5": torch.randn(2, 6, 32, generator=g), "pooled": torch.randn(2, 32, generator=g)}
-    t = torch.tensor([0.3, 0.7])
-    clip_tok, _ = adapter.tokenizers()
+    targets = [(n, m) for n, m in adapter.lora_targets(True) if not n.startswith("lora_unet_single_blocks_")]
+    network = LoRANetwork(targets, rank=4, alpha=4)
+    network.load_kohya_state_dict(tensors, "trained file")
+    latents, cond, t = _transformer_inputs()
+    clip_tok, t5_tok = adapter.tokenizers()
     ids = clip_tok(["a picture number 1"], padding="max_length", max_length=77, return_tensors="pt").input_ids
     with torch.no_grad():
         base_out = adapter.predict(latents, t, cond)
@@ -186,35 +225,64 @@ def test_diffusers_flux_lora_loader_reproduces_our_trained_outputs(webui, tmp_pa
             ours = adapter.predict(latents, t, cond)
             our_pooled = adapter.text_encoders[0](ids).pooler_output
 
-    fresh = build_tiny_flux(guidance=True)  # the same seed: the untouched base
-    pipe = FluxPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(),
-        vae=fresh.vae,
-        text_encoder=fresh.clip,
-        tokenizer=clip_tok,
-        text_encoder_2=fresh.t5,
-        tokenizer_2=adapter.tokenizers()[1],
-        transformer=fresh.transformer,
-    )
-    pipe.load_lora_weights(lora_path)
+    pipe = _diffusers_flux(build_tiny_flux(guidance=True), (clip_tok, t5_tok))  # the same seed: the untouched base
+    pipe.load_lora_weights(tensors)
+    theirs = _their_prediction(pipe.transformer, latents, cond, t, torch.full((2,), 1.0))
     with torch.no_grad():
-        theirs_tokens = pipe.transformer(
-            hidden_states=pack_latents(latents),
-            encoder_hidden_states=cond["t5"],
-            pooled_projections=cond["pooled"],
-            timestep=t,
-            img_ids=image_ids(1, 8, 8)[0],
-            txt_ids=torch.zeros(6, 3),
-            guidance=torch.full((2,), 1.0),
-            return_dict=False,
-        )[0]
         their_pooled = pipe.text_encoder(ids).pooler_output
-    from lora_trainer.models.flux.transformer import unpack_latents
-
-    theirs = unpack_latents(theirs_tokens, 8, 8)
     assert (ours - base_out).abs().max() > 1e-4, "the LoRA has no effect"
     torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(their_pooled, our_pooled, rtol=1e-4, atol=1e-5)
+
+
+def test_diffusers_loads_our_single_block_keys_at_flux_width(tmp_path):
+    """One single block at Flux.1's real width (3072 channels, as diffusers' converter expects), a LoRA on every
+    Linear written by our exporter, applied by diffusers: the same outputs as ours."""
+    from diffusers import FluxTransformer2DModel
+    from tiny_flux import _perturb
+
+    from lora_trainer.export.lora_file import save_lora_file
+    from lora_trainer.lora.network import LoRANetwork
+    from lora_trainer.lora.targets import find_targets
+    from lora_trainer.models.families.flux import LORA_CONTAINERS
+
+    torch.manual_seed(0)
+    theirs_model = FluxTransformer2DModel(
+        in_channels=64,
+        num_layers=0,
+        num_single_layers=1,
+        attention_head_dim=128,
+        num_attention_heads=24,
+        joint_attention_dim=32,
+        pooled_projection_dim=32,
+        guidance_embeds=False,
+    ).eval()
+    _perturb(theirs_model, 1, scale=0.01)
+    state = diffusers_to_bfl({k: v.clone() for k, v in theirs_model.state_dict().items()})
+    ours_model = FluxTransformer(FluxParams.from_shapes({k: tuple(v.shape) for k, v in state.items()})).eval()
+    ours_model.load_state_dict(state)
+    del state
+    targets = [("lora_unet_" + p.replace(".", "_"), m) for p, m in find_targets(ours_model, LORA_CONTAINERS)]
+    network = LoRANetwork(targets, rank=4, alpha=2)
+    with torch.no_grad():
+        for p in network.parameters():
+            p.normal_(0, 0.02)
+    lora_path = str(tmp_path / "single.safetensors")
+    save_lora_file(lora_path, network.kohya_state_dict(), {"ss_network_dim": "4"})
+    latents, cond, t = _transformer_inputs(side=4)
+    with torch.no_grad(), network.attached():
+        tokens = ours_model(
+            pack_latents(latents), image_ids(2, 4, 4), cond["t5"], torch.zeros(2, 6, 3), t, cond["pooled"]
+        )
+    from lora_trainer.models.flux.transformer import unpack_latents
+
+    ours = unpack_latents(tokens, 4, 4)
+    from diffusers import FluxPipeline
+
+    state_dict, network_alphas = FluxPipeline.lora_state_dict(lora_path, return_alphas=True)
+    FluxPipeline.load_lora_into_transformer(state_dict, network_alphas=network_alphas, transformer=theirs_model)
+    theirs = _their_prediction(theirs_model, latents, cond, t, None)
+    torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-5)
 
 
 def test_bfl_names_cover_every_diffusers_weight():

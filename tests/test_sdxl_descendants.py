@@ -35,7 +35,9 @@ def test_marker_tensors_choose_the_target_and_schedule(tmp_path):
     )
     assert zsnr.prediction_type == "v_prediction" and zsnr.zero_terminal_snr
     # The schedule diffusers builds for zero-terminal-SNR training (an independent implementation).
-    reference = DDPMScheduler(beta_schedule="scaled_linear", rescale_betas_zero_snr=True).alphas_cumprod
+    reference = DDPMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", rescale_betas_zero_snr=True
+    ).alphas_cumprod
     assert zsnr.alphas_cumprod[-1] == 0
     torch.testing.assert_close(zsnr.alphas_cumprod, reference.float(), rtol=1e-5, atol=1e-7)
 
@@ -43,7 +45,9 @@ def test_marker_tensors_choose_the_target_and_schedule(tmp_path):
 def test_v_target_at_the_last_step_of_a_zero_snr_schedule_is_minus_the_image():
     from diffusers import DDPMScheduler
 
-    ac = DDPMScheduler(beta_schedule="scaled_linear", rescale_betas_zero_snr=True).alphas_cumprod.float()
+    ac = DDPMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", rescale_betas_zero_snr=True
+    ).alphas_cumprod.float()
     objective = DdpmObjective(ac, "v_prediction")
     latents = torch.randn(2, 4, 8, 8)
     seen = {}

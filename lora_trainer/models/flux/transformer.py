@@ -53,8 +53,12 @@ class FluxParams:
         """
         try:
             hidden, in_channels = shapes["img_in.weight"]
-            head_dim = shapes["double_blocks.0.img_attn.norm.query_norm.scale"][0]
-            mlp_hidden = shapes["double_blocks.0.img_mlp.0.weight"][0]
+            if "double_blocks.0.img_attn.norm.query_norm.scale" in shapes:
+                head_dim = shapes["double_blocks.0.img_attn.norm.query_norm.scale"][0]
+                mlp_hidden = shapes["double_blocks.0.img_mlp.0.weight"][0]
+            else:  # a model of single blocks only
+                head_dim = shapes["single_blocks.0.norm.query_norm.scale"][0]
+                mlp_hidden = shapes["single_blocks.0.linear1.weight"][0] - 3 * hidden
             params = cls(
                 in_channels=in_channels,
                 out_channels=shapes["final_layer.linear.weight"][0],
