@@ -17,6 +17,7 @@ import yaml
 from PIL import Image
 
 from lora_trainer.config import CommonConfig, ImageConfig, save_config_snapshot
+from lora_trainer.data.images import open_image
 from lora_trainer.errors import ConfigError, LoraTrainerError
 from lora_trainer.jobs import FINISHED, JobRunner, JobStatus
 from lora_trainer.ui import gradio_compat as compat
@@ -66,9 +67,8 @@ def _load_previews(paths: Sequence[str]) -> List[Tuple[Image.Image, str]]:
     images = []
     for path in list(paths)[-PREVIEWS_SHOWN:]:
         try:
-            with Image.open(path) as img:
-                images.append((img.convert("RGB"), os.path.basename(path)))
-        except OSError:  # written while we read it, or deleted: the next poll shows it
+            images.append((open_image(path), os.path.basename(path)))
+        except ValueError:  # written while we read it, or deleted: the next poll shows it
             continue
     return images
 
