@@ -18,6 +18,7 @@ from typing import Any, Dict, List, Mapping, Optional, Type
 import yaml
 
 from lora_trainer.errors import ConfigError
+from lora_trainer.io.text_files import read_text
 
 TASK_TYPES = ("image-generation", "text-generation")
 
@@ -271,11 +272,10 @@ def load_config(path: str, overrides: Mapping[str, Any] | None = None) -> Common
     """Read a YAML config file (relative paths resolve against the working directory, as in lora-scripts)."""
     if not os.path.isfile(path):
         raise ConfigError(f"Config file not found: {path}")
-    with open(path, encoding="utf-8") as fh:
-        try:
-            raw = yaml.safe_load(fh) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+    try:
+        raw = yaml.safe_load(read_text(path, ConfigError)) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
     if not isinstance(raw, dict):
         raise ConfigError(f"{path} must hold key: value pairs at the top level.")
     raw.update(overrides or {})

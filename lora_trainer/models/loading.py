@@ -17,6 +17,7 @@ import torch
 
 from lora_trainer.errors import ModelLoadError
 from lora_trainer.io.safetensors_stream import SafetensorsStream
+from lora_trainer.io.text_files import read_text
 from lora_trainer.models.architecture import (
     SD1,
     SD2,
@@ -58,6 +59,16 @@ def scaled_linear_alphas_cumprod(
     else:
         raise ModelLoadError(f"unsupported beta_schedule {schedule!r} in the scheduler config.")
     return torch.cumprod(1.0 - betas, dim=0).float()
+
+
+def _read_json(path: str) -> dict:
+    try:
+        value = json.loads(read_text(path, ModelLoadError))
+    except json.JSONDecodeError as exc:
+        raise ModelLoadError(f"{path} is not valid JSON ({exc}); the model folder is damaged.") from None
+    if not isinstance(value, dict):
+        raise ModelLoadError(f"{path} must hold a JSON object; the model folder is damaged.")
+    return value
 
 
 def is_diffusers_folder(path: str) -> bool:
@@ -108,8 +119,7 @@ def _load_diffusers_folder(
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    with open(os.path.join(path, "model_index.json"), encoding="utf-8") as fh:
-        index = json.load(fh)
+    index = _read_json(os.path.join(path, "model_index.json"))
     arch = SDXL if "text_encoder_2" in index else SD1
     unet_config = UNet2DConditionModel.load_config(path, subfolder="unet")
     if arch == SD1 and unet_config["cross_attention_dim"] == 1024:
@@ -122,8 +132,7 @@ def _load_diffusers_folder(
     scheduler = {}
     scheduler_path = os.path.join(path, "scheduler", "scheduler_config.json")
     if os.path.isfile(scheduler_path):
-        with open(scheduler_path, encoding="utf-8") as fh:
-            scheduler = json.load(fh)
+        scheduler = _read_json(scheduler_path)
     alphas = scaled_linear_alphas_cumprod(
         scheduler.get("beta_start", 0.00085),
         scheduler.get("beta_end", 0.012),
@@ -158,8 +167,7 @@ def _load_diffusers_folder(
 
 
 def _vae_scaling_from_config(path: str) -> float:
-    with open(os.path.join(path, "vae", "config.json"), encoding="utf-8") as fh:
-        return float(json.load(fh).get("scaling_factor", 0.18215))
+    return float(_read_json(os.path.join(path, "vae", "config.json")).get("scaling_factor", 0.18215))
 
 
 def _tokenizer(folder: Optional[str], arch: str, index: int):
@@ -225,8 +233,10 @@ def _prediction_type_from_yaml(path: str) -> Optional[str]:
         return None
     import yaml
 
-    with open(yaml_path, encoding="utf-8") as fh:
-        config = yaml.safe_load(fh) or {}
+    try:
+        config = yaml.safe_load(read_text(yaml_path, ModelLoadError)) or {}
+    except yaml.YAMLError as exc:
+        raise ModelLoadError(f"{yaml_path} (the config beside the checkpoint) is not valid YAML: {exc}") from None
     params = (config.get("model") or {}).get("params") or {}
     return "v_prediction" if params.get("parameterization") == "v" else "epsilon"
 
