@@ -122,6 +122,12 @@ class ImageConfig(CommonConfig):
     clip_skip: int = option(
         1, "Use the output of the n-th last text-encoder layer (2 for anime models).", minimum=1, maximum=12
     )
+    max_token_length: int = option(
+        75,
+        "Caption tokens the text encoder sees: 75 is one CLIP window; 150 or 225 encode longer captions in "
+        "75-token windows, as sd-scripts' max_token_length does. Longer captions are cut at the end.",
+        choices=(75, 150, 225),
+    )
     shuffle_caption: bool = option(False, "Shuffle comma-separated tags of each caption every epoch.")
     keep_tokens: int = option(0, "Tags kept in place at the front when shuffling.", minimum=0)
     caption_dropout_rate: float = option(
@@ -211,6 +217,9 @@ def _coerce(key: str, value: Any, annotation: Any, f: dataclasses.Field) -> Any:
         if (lo is not None and number < lo) or (hi is not None and number > hi):
             bounds = f"at least {lo}" if hi is None else f"between {lo} and {hi}"
             raise ConfigError(f"{key}: {value!r} is out of range; it must be {bounds}.")
+        choices = f.metadata.get("choices") or ()
+        if choices and number not in choices:
+            raise ConfigError(f"{key}: {value!r} is not allowed; choose one of {', '.join(map(str, choices))}.")
         return number
     if annotation is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):

@@ -23,6 +23,7 @@ from lora_trainer.export.lora_file import SAVE_DTYPES, load_lora_file, save_lora
 from lora_trainer.export.metadata import lora_metadata
 from lora_trainer.lora.network import LoRANetwork, ranks_and_alphas
 from lora_trainer.models.adapter import DiffusionAdapter, SizeCondition
+from lora_trainer.models.long_captions import cut_caption_lines
 from lora_trainer.train.callbacks import CallbackList, StepInfo, TensorBoardLogger, TrainingCallback
 from lora_trainer.train.diffusion_loss import denoising_loss
 from lora_trainer.train.optim import build_optimizer, build_scheduler
@@ -104,10 +105,15 @@ class ImageTrainingSession:
         elif cfg.prediction_type:
             adapter.prediction_type = cfg.prediction_type
         self.adapter = adapter
+        adapter.set_max_token_length(cfg.max_token_length)
         self.log(
             f"model: {adapter.model_name} ({adapter.arch}, {adapter.prediction_type}); training on "
             f"{runtime.device} in {runtime.num_processes} process(es)"
         )
+        samples = self.dataset.samples
+        counts = adapter.caption_token_counts([s.caption for s in samples])
+        for line in cut_caption_lines([s.image.name for s in samples], counts, cfg.max_token_length):
+            self.log(line)
         try:  # whatever fails from here on, the model (the host's, in the WebUI) is handed back as it was
             self._prepare_encodings()
             self.network = self._build_network()
@@ -121,7 +127,10 @@ class ImageTrainingSession:
         cfg, adapter, dataset = self.cfg, self.adapter, self.dataset
         cache_dir = cfg.cache_dir or os.path.join(cfg.train_data_dir, ".lora_trainer_cache")
         self.cache = EncodingCache(
-            cache_dir if cfg.cache_to_disk else None, adapter.identity, writer=self.runtime.is_main_process
+            cache_dir if cfg.cache_to_disk else None,
+            adapter.identity,
+            writer=self.runtime.is_main_process,
+            max_token_length=cfg.max_token_length,
         )
         self.cache_latents = cfg.cache_latents and not cfg.random_flip
         self.cache_text = not cfg.train_text_encoder and dataset.captions_are_fixed()
