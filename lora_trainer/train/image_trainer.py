@@ -28,7 +28,14 @@ from lora_trainer.train.callbacks import CallbackList, StepInfo, TensorBoardLogg
 from lora_trainer.train.diffusion_loss import denoising_loss
 from lora_trainer.train.optim import build_optimizer, build_scheduler
 from lora_trainer.train.run import TrainingResult
-from lora_trainer.train.state import load_training_state, restore_rng_state, save_training_state
+from lora_trainer.train.state import (
+    apply_config_rates,
+    check_resumable,
+    describe_rate_changes,
+    load_training_state,
+    restore_rng_state,
+    save_training_state,
+)
 
 FINAL_DIFFUSERS_NAME = "pytorch_lora_weights.safetensors"
 
@@ -244,13 +251,22 @@ class ImageTrainingSession:
         if not cfg.resume:
             return 0, 0, 0
         state = load_training_state(cfg.resume)
+        shapes = {k: tuple(v.shape) for k, v in self.network.kohya_state_dict().items()}
+        check_resumable(cfg.resume, state, self._resume_settings(), shapes)
+        rates = list(self.scheduler.base_lrs)  # the config's, before the state's replace them
         self.network.load_kohya_state_dict(state.weights, cfg.resume)
         self.optimizer.load_state_dict(state.optimizer)
         self.scheduler.load_state_dict(state.scheduler)
+        for line in describe_rate_changes(apply_config_rates(self.optimizer, self.scheduler, rates), state.step):
+            self.log(line)
         restore_rng_state(state.rng)
         self.started_at = float(state.info.get("started_at", self.started_at))
         self.log(f"resumed from {cfg.resume} at step {state.step}")
         return state.step, state.epoch, int(state.info.get("batch_in_epoch", 0))
+
+    def _resume_settings(self) -> dict:
+        """What a training state records and a resumed run must match (see ``state.check_resumable``)."""
+        return {"lora_rank": self.rank, "lora_alpha": self.alpha, "base_model": self.adapter.model_name}
 
     def _optimizer_step(self, group: List[List[int]], epoch: int, step: int) -> float:
         """One optimizer step over ``group`` (the gradient-accumulation micro-batches); returns the mean loss."""
@@ -402,5 +418,10 @@ class ImageTrainingSession:
                 weights=self.network.kohya_state_dict(torch.float32),
                 optimizer=self.optimizer,
                 scheduler=self.scheduler,
-                info={"batch_in_epoch": batch_offset, "started_at": self.started_at, "seed": cfg.seed},
+                info={
+                    "batch_in_epoch": batch_offset,
+                    "started_at": self.started_at,
+                    "seed": cfg.seed,
+                    **self._resume_settings(),
+                },
             )
