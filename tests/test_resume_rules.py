@@ -37,7 +37,7 @@ def test_image_resume_trains_at_the_configs_new_rate_and_refuses_another_rank(tm
     assert resumed.status == "finished"
     # resumed at step 1 of "1 warm-up step, then linear decay over 2": factors 1 and 1/2 of the new base rate
     assert [rates[0] for rates in used_rates] == pytest.approx([1e-6, 1e-6 / 2])
-    assert "resume: lora_unet learning rate 0.0001 -> 1e-06 from the config, at step 1" in "\n".join(lines)
+    assert "learning rate of lora_unet: 1e-06 from the config from step 1 on (the state had 0.0001)" in "\n".join(lines)
     with safe_open(resumed.output_files[-1], framework="pt") as fh:
         meta = fh.metadata()
     assert meta["ss_learning_rate"] == meta["ss_unet_lr"] == "1e-06"
@@ -82,6 +82,6 @@ def test_text_resume_applies_the_new_rate_and_refuses_another_rank(tmp_path, use
         text_config(base, data, out, max_train_steps=2, learning_rate=1e-5, resume=state), runtime=cpu_runtime()
     )
     assert resumed.status == "finished" and used_rates == [[1e-5]]
-    assert "learning rate 0.001 -> 1e-05 from the config" in capsys.readouterr().out
+    assert "1e-05 from the config from step 1 on (the state had 0.001)" in capsys.readouterr().out
     with pytest.raises(ConfigError, match="lora_rank is 8 in the state but 4 in this config"):
         train_text(text_config(base, data, out, max_train_steps=2, lora_rank=4, resume=state), runtime=cpu_runtime())

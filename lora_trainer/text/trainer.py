@@ -38,7 +38,9 @@ from lora_trainer.train.state import (
     describe_rate_changes,
     load_training_state,
     restore_rng_state,
+    resume_hint,
     save_training_state,
+    state_folder,
 )
 
 
@@ -152,7 +154,7 @@ def _train(cfg: TextConfig, dataset, callbacks: List[TrainingCallback], runtime)
             save_adapter(model, tokenizer, folder, cfg.save_precision)
             if cfg.save_state:
                 save_training_state(
-                    os.path.join(cfg.output_dir, f"state-{step}"),
+                    state_folder(cfg.output_dir, step),
                     step=step,
                     epoch=schedule.epoch_of(max(step - 1, 0)),
                     weights={n: p for n, p in named},
@@ -225,10 +227,15 @@ def _train(cfg: TextConfig, dataset, callbacks: List[TrainingCallback], runtime)
                 outputs.append(merged)
             return TrainingResult("finished", done, outputs, _finished_message(outputs[0], tokens), losses)
         done = info.step if info else start
-        if status == "cancelled":
+        if status == "cancelled":  # saved as the image route saves on Cancel, so that nothing is lost
+            if done > start and last_save != adapter_folder(cfg, done):
+                last_save = save(done, final=False)
             message = f"Cancelled after step {done}."
+            if last_save and cfg.save_state:
+                message += f" Saved {last_save}.\n" + resume_hint(state_folder(cfg.output_dir, done))
+                return TrainingResult(status, done, [last_save], message, losses)
         kept = f" The last good save is {last_save}." if last_save else " Nothing was saved in this run."
-        return TrainingResult(status, done, [], message + kept, losses)
+        return TrainingResult(status, done, [last_save] if last_save else [], message + kept, losses)
     except KeyboardInterrupt:
         status = "cancelled"
         raise

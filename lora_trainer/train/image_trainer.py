@@ -34,7 +34,9 @@ from lora_trainer.train.state import (
     describe_rate_changes,
     load_training_state,
     restore_rng_state,
+    resume_hint,
     save_training_state,
+    state_folder,
 )
 
 FINAL_DIFFUSERS_NAME = "pytorch_lora_weights.safetensors"
@@ -319,8 +321,9 @@ class ImageTrainingSession:
                     if step < total_steps and self._save_due(step, finished_epoch):
                         self._save(step, epoch, batch_offset)
                     if runtime.broadcast_flag(self.callbacks.should_stop()):
-                        status, message = "cancelled", f"cancelled at step {step}"
-                        self._save(step, epoch, batch_offset)
+                        if self.last_good_save != self._step_file(step):  # not saved at this step already
+                            self._save(step, epoch, batch_offset)
+                        status, message = "cancelled", self._cancel_message(step)
                         break
                 if batch_offset >= len(batches):
                     epoch, batch_offset = epoch + 1, 0
@@ -333,6 +336,9 @@ class ImageTrainingSession:
             status, message = "stopped", self._oom_message(step)
         except LoraTrainerError:
             status = "failed"
+            raise
+        except KeyboardInterrupt:  # a second Ctrl+C on the command line: quit at once
+            status = "cancelled"
             raise
         finally:
             self.callbacks.on_train_end(info, status)
@@ -349,6 +355,10 @@ class ImageTrainingSession:
             and finished_epoch % cfg.save_every_n_epochs == 0
         )
         return by_steps or by_epochs
+
+    def _cancel_message(self, step: int) -> str:
+        message = f"cancelled at step {step}; saved {self._step_file(step)}"
+        return message + ("\n" + resume_hint(state_folder(self.cfg.output_dir, step)) if self.cfg.save_state else "")
 
     def _nan_message(self, step: int) -> str:
         kept = f"the last good save ({self.last_good_save}) is kept" if self.last_good_save else "nothing was saved"
@@ -387,12 +397,14 @@ class ImageTrainingSession:
     def _save(self, step: int, epoch: int, batch_offset: int) -> None:
         if not self.runtime.is_main_process:
             return
-        cfg = self.cfg
-        path = os.path.join(cfg.output_dir, f"{self.output_name}-step{step:08d}.safetensors")
+        path = self._step_file(step)
         save_lora_file(path, *self._lora_tensors_and_metadata(step, epoch))
         self._save_state(step, epoch, batch_offset)
         self.last_good_save = path
         self.callbacks.on_save(path, step)
+
+    def _step_file(self, step: int) -> str:
+        return os.path.join(self.cfg.output_dir, f"{self.output_name}-step{step:08d}.safetensors")
 
     def _save_final(self, step: int, epoch: int, batch_offset: int) -> None:
         if not self.runtime.is_main_process:
@@ -412,7 +424,7 @@ class ImageTrainingSession:
         cfg = self.cfg
         if cfg.save_state:
             save_training_state(
-                os.path.join(cfg.output_dir, f"state-{step}"),
+                state_folder(cfg.output_dir, step),
                 step=step,
                 epoch=epoch,
                 weights=self.network.kohya_state_dict(torch.float32),

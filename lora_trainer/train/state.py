@@ -158,9 +158,20 @@ def apply_config_rates(optimizer, scheduler, rates: Sequence[float]) -> List[Tup
 def describe_rate_changes(changes: Sequence[Tuple[str, float, float]], step: int) -> List[str]:
     """Log lines for ``apply_config_rates``' changes."""
     return [
-        f"resume: {name} learning rate {saved:g} -> {rate:g} from the config, at step {step} of the schedule"
+        f"learning rate of {name}: {rate:g} from the config from step {step} on (the state had {saved:g}); "
+        "the schedule keeps its position"
         for name, saved, rate in changes
     ]
+
+
+def state_folder(output_dir: str, step: int) -> str:
+    """Where the state after ``step`` optimizer steps is saved: ``output_dir/state-<step>``."""
+    return os.path.join(output_dir, f"state-{step}")
+
+
+def resume_hint(folder: str) -> str:
+    """How to continue from a saved state: the config line to add (the command line prints it on Ctrl+C)."""
+    return f"To continue, add this line to the config:\nresume: {folder}"
 
 
 def latest_state_dir(output_dir: str) -> Optional[str]:
