@@ -235,7 +235,7 @@ def _train(cfg: TextConfig, dataset, callbacks: List[TrainingCallback], runtime)
                 message += f" Saved {last_save}.\n" + resume_hint(state_folder(cfg.output_dir, done))
                 return TrainingResult(status, done, [last_save], message, losses)
         kept = f" The last good save is {last_save}." if last_save else " Nothing was saved in this run."
-        return TrainingResult(status, done, [last_save] if last_save else [], message + kept, losses)
+        return TrainingResult(status, done, [], message + kept, losses)
     except KeyboardInterrupt:
         status = "cancelled"
         raise
