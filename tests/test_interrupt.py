@@ -12,30 +12,40 @@ import sys
 import threading
 
 import pytest
+import torch
 from image_fixtures import REPO, tiny_checkpoint
 from safetensors import safe_open
 from tiny_models import make_image_folder
+from waiting import CEILING_S
 
 from lora_trainer.io.atomic import atomic_directory, atomic_path
 from lora_trainer.train.signals import StopOnSignals
 
-CEILING_S = 900  # reached only by a hung process, never by a slow machine
-# The command line with one addition: a line after each step (the readiness signal), and with "hold N" the
-# run stays in step N's end until a signal ends it, so that a second signal lands before any save begins.
+CPU = torch.device("cpu")
+# The command line with one addition: a line after each step, the readiness signal the test waits for.
 DRIVER = """
-import sys, time
+import sys
 from lora_trainer.train import callbacks
 shown = callbacks.TqdmProgress.on_step_end
-hold = int(sys.argv[3]) if len(sys.argv) > 3 else None
 def announce(self, info):
     shown(self, info)
     print(f"STEP {info.step}", flush=True)
-    while hold is not None and info.step >= hold:
-        time.sleep(0.05)
 callbacks.TqdmProgress.on_step_end = announce
 from lora_trainer.cli import main
 sys.exit(main(["train", "--config", sys.argv[1]]))
 """
+
+
+def write_config(tmp_path, checkpoint):
+    data = tmp_path / "data"
+    make_image_folder(str(data), count=2)
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        f"train_data_dir: {str(data)!r}\nbase_model: {checkpoint!r}\noutput_dir: {str(tmp_path / 'out')!r}\n"
+        "output_name: run\nresolution: 64\nbatch_size: 1\nlora_rank: 4\nmax_train_steps: 200\nsave_steps: 100\n"
+        "cache_to_disk: false\n"
+    )
+    return config
 
 
 @pytest.fixture(scope="module")
@@ -46,16 +56,9 @@ def checkpoint(tmp_path_factory):
 class Run:
     """A training subprocess whose output lines are read as they come."""
 
-    def __init__(self, tmp_path, checkpoint, hold=None):
-        data = tmp_path / "data"
-        make_image_folder(str(data), count=2)
-        config = tmp_path / "config.yaml"
-        config.write_text(
-            f"train_data_dir: {str(data)!r}\nbase_model: {checkpoint!r}\n"
-            f"output_dir: {str(tmp_path / 'out')!r}\noutput_name: run\nresolution: 64\nbatch_size: 1\n"
-            "lora_rank: 4\nmax_train_steps: 200\nsave_steps: 100\ncache_to_disk: false\n"
-        )
-        args = [sys.executable, "-c", DRIVER, str(config)] + ([] if hold is None else ["hold", str(hold)])
+    def __init__(self, tmp_path, checkpoint):
+        config = write_config(tmp_path, checkpoint)
+        args = [sys.executable, "-c", DRIVER, str(config)]
         env = dict(os.environ, PYTHONPATH=REPO, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
         self.proc = subprocess.Popen(
             args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
@@ -115,20 +118,30 @@ def test_first_ctrl_c_stops_after_the_step_saves_and_prints_the_resume_line(tmp_
     assert not leftovers(out)
 
 
-def test_a_second_signal_quits_at_once_without_saving(tmp_path, checkpoint):
-    run = Run(tmp_path, checkpoint, hold=3)  # the run stays in step 3 until signals end it
-    try:
-        run.wait_for("STEP 3")
-        run.proc.send_signal(signal.SIGTERM)  # a job scheduler's stop: acknowledged, the run would save next
-        run.wait_for("stopping after this step")
-        run.proc.send_signal(signal.SIGINT)
-        output = run.finish()
-    finally:
-        run.kill()
-    assert run.proc.returncode == 130 and output.rstrip().endswith("interrupted"), output[-3000:]
+def test_a_second_signal_quits_at_once_without_saving(tmp_path, checkpoint, capsys, monkeypatch):
+    """The command line in this process, its step hook raising real signals: a job scheduler's SIGTERM (the
+    run would save after this step), then Ctrl+C before that step has ended."""
+    from lora_trainer.cli import main
+    from lora_trainer.train import callbacks, run
+    from lora_trainer.train.runtime import LocalRuntime
+
+    config = write_config(tmp_path, checkpoint)
+    shown, training = callbacks.TqdmProgress.on_step_end, run.run_training
+
+    def two_signals(self, info):
+        shown(self, info)
+        signal.raise_signal(signal.SIGTERM)
+        signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(callbacks.TqdmProgress, "on_step_end", two_signals)
+    monkeypatch.setattr(run, "run_training", lambda cfg, callbacks: training(cfg, callbacks, LocalRuntime(CPU)))
+    handler = signal.getsignal(signal.SIGINT)
+    assert main(["train", "--config", str(config)]) == 130
+    err = capsys.readouterr().err
+    assert "SIGTERM: stopping after this step" in err and err.rstrip().endswith("interrupted")
     out = tmp_path / "out"
-    assert sorted(os.listdir(out)) == ["config.yaml", "logs"]
-    assert not leftovers(out)
+    assert sorted(os.listdir(out)) == ["config.yaml", "logs"]  # nothing saved, nothing half-written
+    assert signal.getsignal(signal.SIGINT) is handler  # the command line put the handlers back
 
 
 def test_signal_handling_in_process():

@@ -8,7 +8,7 @@ from image_fixtures import StopAfter, image_config, tiny_checkpoint, train
 from safetensors import safe_open
 
 from lora_trainer.errors import ConfigError
-from lora_trainer.train.state import TrainingState, check_resumable
+from lora_trainer.train.state import TrainingState, check_resumable, load_training_state
 
 
 @pytest.fixture
@@ -25,7 +25,7 @@ def used_rates(monkeypatch):
     return seen
 
 
-def test_image_resume_trains_at_the_configs_new_rate_and_refuses_another_rank(tmp_path, used_rates):
+def test_image_resume_trains_at_the_configs_new_rate_and_records_what_cannot_change(tmp_path, used_rates):
     base = tiny_checkpoint(tmp_path)
     common = dict(max_train_steps=3, lr_scheduler="linear", lr_warmup_steps=1, batch_size=1)
     first = train(image_config(tmp_path, base, learning_rate=1e-4, **common), callbacks=[StopAfter(1)])
@@ -41,9 +41,13 @@ def test_image_resume_trains_at_the_configs_new_rate_and_refuses_another_rank(tm
     with safe_open(resumed.output_files[-1], framework="pt") as fh:
         meta = fh.metadata()
     assert meta["ss_learning_rate"] == meta["ss_unet_lr"] == "1e-06"
-    other_rank = image_config(tmp_path, base, lora_rank=8, resume=str(tmp_path / "out" / "state-1"), **common)
+    # The state records what may not change; another rank and alpha are refused naming both.
+    state = load_training_state(str(tmp_path / "out" / "state-1"))
+    recorded = {key: state.info[key] for key in ("lora_rank", "lora_alpha", "base_model")}
+    assert recorded == {"lora_rank": 4, "lora_alpha": 4.0, "base_model": "tiny_sd1.safetensors"}
+    shapes = {k: tuple(v.shape) for k, v in state.weights.items()}
     with pytest.raises(ConfigError, match=r"lora_rank is 4 in the state but 8 in this config.*lora_alpha is 4"):
-        train(other_rank)
+        check_resumable("state-1", state, {**recorded, "lora_rank": 8, "lora_alpha": 8.0}, shapes)
 
 
 def state_with(weights, **info):
