@@ -17,6 +17,7 @@ def _train(args: argparse.Namespace) -> int:
     from lora_trainer.train.callbacks import TqdmProgress
     from lora_trainer.train.cpu_launch import missing_cpu_ranks, start_missing_ranks
     from lora_trainer.train.run import run_training
+    from lora_trainer.train.signals import StopOnSignals
 
     cfg = load_config(args.config, default_base_model=DEFAULT_BASE_MODEL)
     if cfg.task_type == "image-generation" and cfg.base_model == DEFAULT_BASE_MODEL:
@@ -26,7 +27,13 @@ def _train(args: argparse.Namespace) -> int:
         )
     workers = start_missing_ranks(missing_cpu_ranks())
     try:
-        result = run_training(cfg, callbacks=[TqdmProgress()])
+        # Ctrl+C / SIGTERM: stop after the step, save, print the resume line; a second one quits at once.
+        with StopOnSignals() as stop:
+            result = run_training(cfg, callbacks=[TqdmProgress(), stop])
+    except BaseException:
+        for worker in workers:  # they would wait for this process at the next step for ever
+            worker.terminate()
+        raise
     finally:
         failed_workers = sum(1 for w in workers if w.wait() != 0)
     if result.message:
@@ -34,7 +41,9 @@ def _train(args: argparse.Namespace) -> int:
     if failed_workers:
         print(f"error: {failed_workers} of the other training processes failed", file=sys.stderr)
         return 1
-    return 0 if result.status == "finished" else 1
+    if result.status == "finished":
+        return 0
+    return stop.exit_status or 1
 
 
 def build_parser() -> argparse.ArgumentParser:

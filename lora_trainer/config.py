@@ -19,6 +19,7 @@ import yaml
 
 from lora_trainer.errors import ConfigError
 from lora_trainer.hub.reference import as_hub_reference
+from lora_trainer.io.text_files import read_text
 
 TASK_TYPES = ("image-generation", "text-generation")
 
@@ -125,6 +126,12 @@ class ImageConfig(CommonConfig):
     )
     clip_skip: int = option(
         1, "Use the output of the n-th last text-encoder layer (2 for anime models).", minimum=1, maximum=12
+    )
+    max_token_length: int = option(
+        75,
+        "Caption tokens the text encoder sees: 75 is one CLIP window; 150 or 225 encode longer captions in "
+        "75-token windows, as sd-scripts' max_token_length does. Longer captions are cut at the end.",
+        choices=(75, 150, 225),
     )
     shuffle_caption: bool = option(False, "Shuffle comma-separated tags of each caption every epoch.")
     keep_tokens: int = option(0, "Tags kept in place at the front when shuffling.", minimum=0)
@@ -252,6 +259,9 @@ def _coerce(key: str, value: Any, annotation: Any, f: dataclasses.Field) -> Any:
         if (lo is not None and number < lo) or (hi is not None and number > hi):
             bounds = f"at least {lo}" if hi is None else f"between {lo} and {hi}"
             raise ConfigError(f"{key}: {value!r} is out of range; it must be {bounds}.")
+        choices = f.metadata.get("choices") or ()
+        if choices and number not in choices:
+            raise ConfigError(f"{key}: {value!r} is not allowed; choose one of {', '.join(map(str, choices))}.")
         return number
     if annotation is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
@@ -324,11 +334,10 @@ def load_config(
     ``default_base_model`` as in ``config_from_dict``."""
     if not os.path.isfile(path):
         raise ConfigError(f"Config file not found: {path}")
-    with open(path, encoding="utf-8") as fh:
-        try:
-            raw = yaml.safe_load(fh) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+    try:
+        raw = yaml.safe_load(read_text(path, ConfigError)) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
     if not isinstance(raw, dict):
         raise ConfigError(f"{path} must hold key: value pairs at the top level.")
     raw.update(overrides or {})

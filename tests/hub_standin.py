@@ -30,11 +30,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Dict, List, Optional, Tuple
 from urllib.parse import parse_qs, unquote, urlsplit
 
+from waiting import CEILING_S  # only a hung test waits this long for release
+
 TESTS = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(TESTS)
 CHILD_GUARD = os.path.join(TESTS, "child_guard")
 LFS_THRESHOLD = 10_000  # bytes; larger files are served through the CDN stand-in, as the Hub does with LFS files
-HOLD_CEILING_S = 300  # only a hung test waits this long for release
 
 
 def child_env(tmp_path, endpoint: str, pythonpath: Optional[List[str]] = None, **extra: str) -> Dict[str, str]:
@@ -363,7 +364,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(data[:hold])
             self.wfile.flush()
             self.hub.held.set()
-            self.hub.release.wait(HOLD_CEILING_S)
+            self.hub.release.wait(CEILING_S)
             self.close_connection = True
             return
         self.wfile.write(data)

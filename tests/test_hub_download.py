@@ -23,11 +23,11 @@ import threading
 
 import pytest
 from hub_standin import StandinHub, child_env
+from waiting import CEILING_S
 
 from lora_trainer.hub.progress import format_bytes
 
 CLIENT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hub_client.py")
-CEILING_S = 240  # only a hung child process reaches this
 
 REPO_ID = "acme/tiny-captioner"
 FILES = {

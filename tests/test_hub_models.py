@@ -17,12 +17,12 @@ import sys
 
 import pytest
 from hub_standin import REPO, StandinHub, child_env, folder_files
+from waiting import CEILING_S
 
 from lora_trainer.caption.testing import build_tiny_blip, write_test_images
 from lora_trainer.data.captions import read_metadata_csv
 from lora_trainer.models.hub_models import DEFAULT_BASE_MODEL
 
-CEILING_S = 300  # only a hung child process reaches this
 SEED_COMMAND = "python tools/auto_label.py --input data/cyberpunk_train --output data/cyberpunk_train/metadata.csv"
 
 

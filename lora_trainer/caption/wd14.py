@@ -8,6 +8,7 @@ per row of ``selected_tags.csv``. Rating tags (category 9) are never written int
 from __future__ import annotations
 
 import csv
+import io
 import os
 import re
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from PIL import Image
 from lora_trainer.caption.base import Captioner, CaptionerUnavailable, resolve_device
 from lora_trainer.caption.locate import WeightsSpec, resolve_weights_folder
 from lora_trainer.hub.progress import DownloadCallback
+from lora_trainer.io.text_files import read_text
 
 WD14_WEIGHTS = WeightsSpec(
     label="WD14 tagger",
@@ -41,13 +43,12 @@ class Tag:
 
 def read_selected_tags(path: str) -> List[Tag]:
     """Tags in model output order from a ``selected_tags.csv`` (columns include ``name`` and ``category``)."""
-    with open(path, encoding="utf-8-sig", newline="") as fh:
-        reader = csv.DictReader(fh)
-        if not reader.fieldnames or "name" not in reader.fieldnames:
-            raise CaptionerUnavailable(
-                f"{path} has no 'name' column; expected the tagger's selected_tags.csv (tag_id,name,category,count)."
-            )
-        return [Tag(row["name"], int(row.get("category") or 0)) for row in reader]
+    reader = csv.DictReader(io.StringIO(read_text(path, CaptionerUnavailable)))
+    if not reader.fieldnames or "name" not in reader.fieldnames:
+        raise CaptionerUnavailable(
+            f"{path} has no 'name' column; expected the tagger's selected_tags.csv (tag_id,name,category,count)."
+        )
+    return [Tag(row["name"], int(row.get("category") or 0)) for row in reader]
 
 
 def tag_to_text(tag: str) -> str:

@@ -31,6 +31,7 @@ from lora_trainer.text.tokenize import IGNORE_INDEX, tokenize_dataset
 from lora_trainer.train.callbacks import TrainingCallback
 from lora_trainer.train.loop import LoopEnd, StepBatches, TrainingLoop, TrainingTask
 from lora_trainer.train.run import TrainingResult
+from lora_trainer.train.state import resume_hint, state_folder
 
 
 def summed_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -79,7 +80,7 @@ def train_text(
 
 def _train(cfg: TextConfig, dataset, callbacks: List[TrainingCallback], runtime) -> TrainingResult:
     task = TextTask(cfg, dataset, runtime)
-    loop = TrainingLoop(cfg, task, runtime, callbacks)
+    loop = TrainingLoop(cfg, task, runtime, callbacks, lambda line: print(line, flush=True))
     task.prepare(loop.callbacks)
     loop.write_snapshot()
     task.model.train()
@@ -89,8 +90,6 @@ def _train(cfg: TextConfig, dataset, callbacks: List[TrainingCallback], runtime)
 class TextTask(TrainingTask):
     """The text route's part of the shared loop (``train/loop.py``): a PEFT LoRA on a causal LM, each loss unit
     one trained token."""
-
-    saves_on_cancel = False
 
     def __init__(self, cfg: TextConfig, dataset, runtime):
         self.cfg, self.dataset, self.runtime = cfg, dataset, runtime
@@ -181,6 +180,15 @@ class TextTask(TrainingTask):
     def trainable_state(self):
         return {n: p for n, p in self.named}
 
+    def resume_settings(self) -> dict:
+        settings = self.settings
+        return {
+            "lora_rank": settings.rank,
+            "lora_alpha": settings.alpha,
+            "target_modules": list(settings.target_modules),
+            "base_model": os.path.basename(os.path.normpath(self.cfg.base_model)),
+        }
+
     def state_info(self) -> dict:
         return {
             "epoch": self.schedule.epoch_of(max(self.step - 1, 0)),
@@ -189,13 +197,8 @@ class TextTask(TrainingTask):
         }
 
     def load_trainable_state(self, state, source: str) -> None:
-        """Load a ``state-<step>`` folder's adapter weights; refuse one of another adapter shape."""
+        """Load a ``state-<step>`` folder's adapter weights (the loop has checked they fit)."""
         own = dict(self.named)
-        if set(state.weights) != set(own) or any(state.weights[k].shape != own[k].shape for k in own):
-            raise ConfigError(
-                f"resume: {source} holds a different adapter (other lora_rank, target_modules or "
-                "base model) than this config builds."
-            )
         with torch.no_grad():
             for name, param in own.items():
                 param.copy_(state.weights[name].to(param.dtype))
@@ -205,8 +208,11 @@ class TextTask(TrainingTask):
             return TrainingResult(
                 "finished", end.step, end.outputs, _finished_message(end.outputs[0], self.tokens), end.losses
             )
-        if end.status == "cancelled":
+        if end.status == "cancelled":  # saved as the image route saves on Cancel, so that nothing is lost
             message = f"Cancelled after step {end.step}."
+            if end.last_save and self.cfg.save_state:
+                message += f" Saved {end.last_save}.\n" + resume_hint(state_folder(self.cfg.output_dir, end.step))
+                return TrainingResult(end.status, end.step, [end.last_save], message, end.losses)
         elif end.reason.startswith("out of memory"):
             message = (
                 f"Out of memory at step {end.step + 1}. Lower batch_size or max_seq_length, or turn on "

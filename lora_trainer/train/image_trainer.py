@@ -24,10 +24,11 @@ from lora_trainer.export.lora_file import SAVE_DTYPES, load_lora_file, save_lora
 from lora_trainer.export.metadata import base_model_hashes, lora_metadata
 from lora_trainer.lora.network import LoRANetwork, ranks_and_alphas
 from lora_trainer.models.adapter import DiffusionAdapter, SizeCondition
+from lora_trainer.models.long_captions import cut_caption_lines
 from lora_trainer.train.callbacks import TrainingCallback
 from lora_trainer.train.loop import LoopEnd, StepBatches, TrainingLoop, TrainingTask
 from lora_trainer.train.run import TrainingResult
-from lora_trainer.train.state import TrainingState
+from lora_trainer.train.state import TrainingState, resume_hint, state_folder
 
 FINAL_DIFFUSERS_NAME = "pytorch_lora_weights.safetensors"
 
@@ -67,7 +68,7 @@ class ImageTrainingSession(TrainingTask):
         self.runtime = runtime
         self.log = log
         self.output_name = resolved_output_name(cfg)
-        self.loop = TrainingLoop(cfg, self, runtime, callbacks)
+        self.loop = TrainingLoop(cfg, self, runtime, callbacks, log)
         self.callbacks = self.loop.callbacks
         # sd-scripts' ss_session_id: a random number telling which run a file came from (not from the seed).
         self.session_id = random.SystemRandom().randint(0, 2**32 - 1)
@@ -96,11 +97,16 @@ class ImageTrainingSession(TrainingTask):
         if cfg.fp8_base and not adapter.family.supports_fp8_base:
             raise ConfigError(f"fp8_base: {adapter.family.label} models cannot be stored in fp8 here; set it to false.")
         self.adapter = adapter
+        adapter.set_max_token_length(cfg.max_token_length)
         self.objective = adapter.family.objective(adapter.prediction_type, adapter.alphas_cumprod, cfg)
         self.log(
             f"model: {adapter.model_name} ({adapter.arch}, {adapter.prediction_type}); training on "
             f"{runtime.device} in {runtime.num_processes} process(es)"
         )
+        samples = self.dataset.samples
+        counts = adapter.caption_token_counts([s.caption for s in samples])
+        for line in cut_caption_lines([s.image.name for s in samples], counts, cfg.max_token_length):
+            self.log(line)
         try:  # whatever fails from here on, the model (the host's, in the WebUI) is handed back as it was
             self._prepare_encodings()
             self.network = self._build_network()
@@ -126,7 +132,10 @@ class ImageTrainingSession(TrainingTask):
         cfg, adapter, dataset = self.cfg, self.adapter, self.dataset
         cache_dir = cfg.cache_dir or os.path.join(cfg.train_data_dir, ".lora_trainer_cache")
         self.cache = EncodingCache(
-            cache_dir if cfg.cache_to_disk else None, adapter.identity, writer=self.runtime.is_main_process
+            cache_dir if cfg.cache_to_disk else None,
+            adapter.identity,
+            writer=self.runtime.is_main_process,
+            max_token_length=cfg.max_token_length,
         )
         self.cache_latents = cfg.cache_latents and not cfg.random_flip
         self.cache_text = not cfg.train_text_encoder and dataset.captions_are_fixed()
@@ -253,6 +262,10 @@ class ImageTrainingSession(TrainingTask):
     def trainable_state(self):
         return self.network.kohya_state_dict(torch.float32)
 
+    def resume_settings(self) -> dict:
+        """What a training state records and a resumed run must match (see ``state.check_resumable``)."""
+        return {"lora_rank": self.rank, "lora_alpha": self.alpha, "base_model": self.adapter.model_name}
+
     def load_trainable_state(self, state: TrainingState, source: str) -> None:
         self.network.load_kohya_state_dict(state.weights, source)
         self.loop.started_at = float(state.info.get("started_at", self.loop.started_at))
@@ -272,7 +285,9 @@ class ImageTrainingSession(TrainingTask):
             )
         kept = [end.last_save] if end.last_save else []
         if end.status == "cancelled":
-            message = f"cancelled at step {end.step}"
+            message = f"cancelled at step {end.step}" + (f"; saved {end.last_save}" if end.last_save else "")
+            if end.last_save and self.cfg.save_state:
+                message += "\n" + resume_hint(state_folder(self.cfg.output_dir, end.step))
         elif end.reason.startswith("out of memory"):
             message = (
                 f"{end.reason}; the last good save is kept. Lower batch_size, resolution or lora_rank, or turn on "

@@ -15,7 +15,7 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
@@ -24,7 +24,16 @@ from lora_trainer.errors import LoraTrainerError
 from lora_trainer.train.callbacks import CallbackList, StepInfo, TensorBoardLogger, TrainingCallback
 from lora_trainer.train.optim import build_optimizer, build_scheduler
 from lora_trainer.train.run import TrainingResult
-from lora_trainer.train.state import TrainingState, load_training_state, restore_rng_state, save_training_state
+from lora_trainer.train.state import (
+    TrainingState,
+    apply_config_rates,
+    check_resumable,
+    describe_rate_changes,
+    load_training_state,
+    restore_rng_state,
+    save_training_state,
+    state_folder,
+)
 
 
 def step_seed(seed: int, micro_step: int, process: int) -> int:
@@ -91,6 +100,10 @@ class TrainingTask:
     def trainable_state(self) -> Dict[str, torch.Tensor]:
         raise NotImplementedError
 
+    def resume_settings(self) -> Dict[str, Any]:
+        """What a state records and a resumed run must match (rank, alpha, base model...; ``check_resumable``)."""
+        return {}
+
     def load_trainable_state(self, state: TrainingState, source: str) -> None:
         raise NotImplementedError
 
@@ -103,8 +116,15 @@ class TrainingTask:
 
 
 class TrainingLoop:
-    def __init__(self, cfg: CommonConfig, task: TrainingTask, runtime, callbacks: List[TrainingCallback]):
-        self.cfg, self.task, self.runtime = cfg, task, runtime
+    def __init__(
+        self,
+        cfg: CommonConfig,
+        task: TrainingTask,
+        runtime,
+        callbacks: List[TrainingCallback],
+        log: Callable[[str], None] = print,
+    ):
+        self.cfg, self.task, self.runtime, self.log = cfg, task, runtime, log
         main = runtime.is_main_process
         logger = TensorBoardLogger(cfg.logging_dir or os.path.join(cfg.output_dir, "logs")) if main else None
         self.callbacks = CallbackList([*callbacks, logger])
@@ -130,9 +150,15 @@ class TrainingLoop:
         if not cfg.resume:
             return task.start_at(None)
         state = load_training_state(cfg.resume)
+        shapes = {k: tuple(v.shape) for k, v in task.trainable_state().items()}
+        check_resumable(cfg.resume, state, task.resume_settings(), shapes)
+        rates = list(self.scheduler.base_lrs)  # the config's, before the state's replace them
         task.load_trainable_state(state, cfg.resume)
         self.optimizer.load_state_dict(state.optimizer)
         self.scheduler.load_state_dict(state.scheduler)
+        # The config's learning rates apply from the schedule's saved position on.
+        for line in describe_rate_changes(apply_config_rates(self.optimizer, self.scheduler, rates), state.step):
+            self.log(line)
         restore_rng_state(state.rng)
         self.started_at = float(state.info.get("started_at", self.started_at))
         return task.start_at(state)
@@ -191,11 +217,12 @@ class TrainingLoop:
                 end.losses.append(loss)
                 info = StepInfo(step, self.total, batches.epoch + 1, loss, lr, time.time() - t0, start_step=start)
                 self.callbacks.on_step_end(info)
-                if step < self.total and self._save_due(step, batches):
+                saved_now = step < self.total and self._save_due(step, batches)
+                if saved_now:
                     end.last_save = self._save(step, final=False)
                 if runtime.broadcast_flag(self.callbacks.should_stop()):
                     end.status = "cancelled"
-                    if task.saves_on_cancel:
+                    if task.saves_on_cancel and not saved_now:  # nothing of the run is lost
                         end.last_save = self._save(step, final=False)
                     break
             if end.status == "finished":
@@ -231,7 +258,7 @@ class TrainingLoop:
             paths = self.task.save(step, final)
             if self.cfg.save_state:
                 save_training_state(
-                    os.path.join(self.cfg.output_dir, f"state-{step}"),
+                    state_folder(self.cfg.output_dir, step),
                     step=step,
                     epoch=self.task.state_info().get("epoch", 0),
                     weights=self.task.trainable_state(),
@@ -241,6 +268,7 @@ class TrainingLoop:
                         **{k: v for k, v in self.task.state_info().items() if k != "epoch"},
                         "started_at": self.started_at,
                         "seed": self.cfg.seed,
+                        **self.task.resume_settings(),
                     },
                 )
             self.callbacks.on_save(paths[0], step)

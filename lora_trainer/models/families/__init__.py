@@ -10,7 +10,6 @@ import json
 import os
 from typing import Collection, List, Optional
 
-from lora_trainer.errors import ModelLoadError
 from lora_trainer.models.families.base import ModelFamily
 from lora_trainer.models.families.flux import FLUX_DEV, FLUX_SCHNELL
 from lora_trainer.models.families.sd1 import SD1
@@ -34,17 +33,15 @@ def family_of_checkpoint(keys: Collection[str]) -> Optional[ModelFamily]:
     return next((f for f in FAMILIES if f.claims_checkpoint(keys)), None)
 
 
-def family_of_folder(path: str) -> ModelFamily:
-    """The family of a diffusers folder (by its ``model_index.json``); raises ModelLoadError if none claims it."""
-    with open(os.path.join(path, "model_index.json"), encoding="utf-8") as fh:
-        index = json.load(fh)
-    for family in FAMILIES:
-        if family.claims_diffusers_folder(index, path):
-            return family
-    raise ModelLoadError(
-        f"{path}: a diffusers folder of a pipeline the trainer does not know ({index.get('_class_name', '?')}); "
-        f"supported: {', '.join(f.label for f in FAMILIES)}."
-    )
+def family_of_folder(path: str) -> Optional[ModelFamily]:
+    """The family of a diffusers folder (by its ``model_index.json``), or None if none claims it (the SD folder
+    reader then says what the folder is and why it cannot be trained)."""
+    try:
+        with open(os.path.join(path, "model_index.json"), encoding="utf-8") as fh:
+            index = json.load(fh)
+    except (OSError, ValueError):
+        return None
+    return next((f for f in FAMILIES if f.claims_diffusers_folder(index, path)), None)
 
 
 def family_at(path: str) -> Optional[ModelFamily]:
