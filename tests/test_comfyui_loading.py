@@ -106,4 +106,5 @@ def test_comfyui_applies_every_key_and_reproduces_our_outputs(tmp_path, arch, tr
     assert theirs.keys() == ours.keys()
     for key in ours:
         diff = (theirs[key] - ours[key]).abs().max().item()
+        print(f"ComfyUI vs ours, {arch} {key}: max abs difference {diff:.2e}")
         assert diff <= TOLERANCE, (key, diff)

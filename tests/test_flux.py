@@ -291,3 +291,19 @@ def test_bfl_names_cover_every_diffusers_weight():
     bfl = diffusers_to_bfl(dict(state))
     assert sum(v.numel() for v in bfl.values()) == sum(v.numel() for v in state.values())
     assert "guidance_in.in_layer.weight" not in bfl and "double_blocks.0.txt_attn.qkv.weight" in bfl
+
+
+def test_text_encoders_are_freed_before_the_transformer_loads(webui, tmp_path, monkeypatch):
+    from lora_trainer.models.flux import adapter as flux_adapter
+
+    seen = []
+    original = flux_adapter.FluxAdapter._load_transformer
+
+    def spy(self):
+        seen.append((self.text_encoders, self.vae))
+        return original(self)
+
+    monkeypatch.setattr(flux_adapter.FluxAdapter, "_load_transformer", spy)
+    _models, path, _parts = webui
+    result = train(flux_config(tmp_path, path, max_train_steps=1))
+    assert result.status == "finished" and seen == [(None, None)]

@@ -130,7 +130,7 @@ def host_facts(model: Any) -> HostFacts:
 
     opts = shared.cmd_opts
     medvram = bool(
-        getattr(opts, "medvram", False) or (getattr(opts, "medvram_sdxl", False) and architecture(model) == "SDXL")
+        getattr(opts, "medvram", False) or (getattr(opts, "medvram_sdxl", False) and getattr(model, "is_sdxl", False))
     )
     dtype = getattr(devices, "dtype_unet", None) or devices.dtype
     return HostFacts(

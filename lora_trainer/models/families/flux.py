@@ -10,6 +10,8 @@ URL, which is how Forge classifies a Flux LoRA). The standalone engine's loading
 
 from __future__ import annotations
 
+import json
+import os
 from typing import Any, Collection, Dict, Optional
 
 from lora_trainer.models.families.base import IMPL_FLUX, ModelFamily
@@ -47,9 +49,6 @@ class FluxFamily(ModelFamily):
     def claims_diffusers_folder(self, index: Dict[str, Any], path: str) -> bool:
         if index.get("_class_name") != "FluxPipeline" or "transformer" not in index:
             return False
-        import json
-        import os
-
         with open(os.path.join(path, "transformer", "config.json"), encoding="utf-8") as fh:
             return bool(json.load(fh).get("guidance_embeds", False)) == self.guidance
 

@@ -98,9 +98,6 @@ class UNetFamily(ModelFamily):
             raise ValueError(f"no diffusers name for UNet module {ldm_path}")
         return "lora_unet_" + diffusers.replace(".", "_")
 
-    def extra_metadata(self, cfg, prediction_type: str) -> Dict[str, Any]:
-        return {}
-
     def default_prediction_type(self, keys: Collection[str] = ()) -> str:
         """v when the file carries the ``v_pred`` marker tensor (NoobAI-style SDXL descendants), else eps."""
         return "v_prediction" if V_PRED_KEY in keys else "epsilon"
