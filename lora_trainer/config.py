@@ -150,8 +150,13 @@ class ImageConfig(CommonConfig):
     # for beside it and in a WebUI's/ComfyUI's models/VAE, vae, text_encoder(s), clip folders.
     ae: Optional[str] = option(
         None,
-        "Flux: the autoencoder file (ae.safetensors). Empty: looked for beside base_model, then in the models "
-        "folder's VAE (WebUI) or vae (ComfyUI) folder.",
+        "Flux and Z-Image: the autoencoder file (ae.safetensors). Empty: looked for beside base_model, then in "
+        "the models folder's VAE (WebUI) or vae (ComfyUI) folder.",
+    )
+    qwen3: Optional[str] = option(
+        None,
+        "Z-Image: the Qwen3-4B text encoder file (qwen_3_4b.safetensors). Empty: looked for beside base_model, "
+        "then in the models folder's text_encoder (WebUI), text_encoders or clip (ComfyUI) folder.",
     )
     clip_l: Optional[str] = option(
         None,

@@ -72,6 +72,6 @@ def load_lora_file(path: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
             metadata: Optional[Dict[str, str]] = fh.metadata()
     except Exception as exc:
         raise ModelLoadError(f"{path} is not a readable .safetensors LoRA ({exc}).") from None
-    if not any(k.startswith(KOHYA_PREFIXES) for k in tensors):
+    if not any(k.startswith(KOHYA_PREFIXES + ("diffusion_model.",)) for k in tensors):
         raise ModelLoadError(f"{path} has no kohya LoRA keys (lora_unet_*/lora_te_*); convert it to kohya format.")
     return tensors, metadata or {}

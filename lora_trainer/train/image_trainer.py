@@ -172,6 +172,7 @@ class ImageTrainingSession(TrainingTask):
         if cfg.network_weights:
             # Incremental training keeps the file's own rank and alpha for every module.
             initial, _meta = load_lora_file(cfg.network_weights)
+            initial = self.adapter.family.from_lora_file(initial)
             ranks, alphas = ranks_and_alphas(initial)
             rank = max(ranks.values())
             alpha = next(iter(alphas.values()))
@@ -305,7 +306,7 @@ class ImageTrainingSession(TrainingTask):
 
     def _lora_tensors_and_metadata(self, step: int, epoch: int):
         cfg, adapter = self.cfg, self.adapter
-        tensors = self.network.kohya_state_dict(SAVE_DTYPES[cfg.save_precision])
+        tensors = adapter.family.to_lora_file(self.network.kohya_state_dict(SAVE_DTYPES[cfg.save_precision]))
         if self.model_hashes is None:  # hashed once per run, at the first save (a multi-GB file takes seconds)
             self.model_hashes = getattr(adapter, "model_hashes", None) or base_model_hashes(adapter.model_file)
         metadata = lora_metadata(
@@ -336,10 +337,10 @@ class ImageTrainingSession(TrainingTask):
         tensors, metadata = self._lora_tensors_and_metadata(step, self.epoch)
         if not final:
             path = os.path.join(cfg.output_dir, f"{self.output_name}-step{step:08d}.safetensors")
-            save_lora_file(path, tensors, metadata)
+            save_lora_file(path, tensors, metadata, self.adapter.family.lora_file_prefixes)
             return [path]
         named = os.path.join(cfg.output_dir, f"{self.output_name}.safetensors")
         diffusers_name = os.path.join(cfg.output_dir, FINAL_DIFFUSERS_NAME)
         for path in (diffusers_name, named):
-            save_lora_file(path, tensors, metadata)
+            save_lora_file(path, tensors, metadata, self.adapter.family.lora_file_prefixes)
         return [named, diffusers_name]

@@ -15,8 +15,9 @@ from lora_trainer.models.families.flux import FLUX_DEV, FLUX_SCHNELL
 from lora_trainer.models.families.sd1 import SD1
 from lora_trainer.models.families.sd2 import SD2
 from lora_trainer.models.families.sdxl import SDXL
+from lora_trainer.models.families.zimage import ZIMAGE
 
-FAMILIES: List[ModelFamily] = [SD1, SD2, SDXL, FLUX_DEV, FLUX_SCHNELL]
+FAMILIES: List[ModelFamily] = [SD1, SD2, SDXL, FLUX_DEV, FLUX_SCHNELL, ZIMAGE]
 
 
 def family_named(name: str) -> ModelFamily:
@@ -73,4 +74,5 @@ __all__ = [
     "SDXL",
     "FLUX_DEV",
     "FLUX_SCHNELL",
+    "ZIMAGE",
 ]

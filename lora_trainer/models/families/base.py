@@ -43,6 +43,8 @@ class ModelFamily:
     prediction_types: tuple = ("epsilon", "v_prediction")
     # The standalone adapter can store the frozen denoiser's Linears in fp8 (``fp8_base``).
     supports_fp8_base: bool = False
+    # Every tensor name in the family's LoRA file starts with one of these (checked before writing).
+    lora_file_prefixes: tuple = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
 
     # ------------------------------------------------------------ recognising the model
 
@@ -76,6 +78,15 @@ class ModelFamily:
     def text_lora_prefix(self, index: int) -> str:
         """``lora_te_`` / ``lora_te1_``... for the ``index``-th text encoder."""
         return self.text_lora_prefixes[index]
+
+    def to_lora_file(self, tensors: Dict[str, Any]) -> Dict[str, Any]:
+        """The network's kohya-named tensors (``<lora_unet_...>.lora_down.weight``...) under the names the
+        family's file uses; kohya families keep them as they are."""
+        return tensors
+
+    def from_lora_file(self, tensors: Dict[str, Any]) -> Dict[str, Any]:
+        """The inverse of ``to_lora_file``: a file's tensors under the network's kohya names."""
+        return tensors
 
     def base_model_version(self, prediction_type: str) -> str:
         """``ss_base_model_version`` as sd-scripts writes it (A1111 and SD.Next filter on it)."""

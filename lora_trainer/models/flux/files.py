@@ -53,10 +53,11 @@ def search_folders(base_file: str) -> List[str]:
     return [here] + [os.path.join(models, name) for name in SIBLING_FOLDERS]
 
 
-def find_part(part: str, folders: Sequence[str]) -> Optional[str]:
-    """The first file matching ``part``'s patterns (best pattern first) in ``folders`` (in order), or None."""
+def find_part(part: str, folders: Sequence[str], patterns: Optional[dict] = None) -> Optional[str]:
+    """The first file matching ``part``'s patterns (best pattern first; ``patterns`` defaults to Flux's) in
+    ``folders`` (in order), or None."""
     listings = {f: sorted(os.listdir(f)) for f in folders if os.path.isdir(f)}
-    for pattern in PATTERNS[part]:
+    for pattern in (patterns or PATTERNS)[part]:
         for folder in folders:
             for name in listings.get(folder, ()):
                 if fnmatch.fnmatch(name.lower(), pattern) and os.path.isfile(os.path.join(folder, name)):
