@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from test_flux import flux_config
 from test_lora_metadata import sdnext_version
 from tiny_models import make_image_folder
-from tiny_zimage import build_tiny_zimage, save_forge_neo_layout, seed_qwen_tokenizer_cache
+from tiny_zimage import build_tiny_zimage, save_diffusers_folder, save_forge_neo_layout, seed_qwen_tokenizer_cache
 
 from lora_trainer.models.families import ZIMAGE, family_at
 
@@ -142,6 +142,34 @@ def test_diffusers_zimage_lora_loader_reproduces_our_trained_outputs(forge_neo, 
     theirs = -torch.stack(theirs[0]).squeeze(2)
     assert (ours - base_out).abs().max() > 1e-4, "the LoRA has no effect"
     torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-5)
+
+
+def test_a_diffusers_folder_and_a_diffusers_layout_file_give_the_same_model(forge_neo, tmp_path):
+    """The three ways users have Z-Image (original-layout file, diffusers-layout file, diffusers folder) are
+    recognised and load to the same text conditioning, latents and predictions."""
+    from safetensors.torch import save_file
+
+    from lora_trainer.models.zimage import ZImageAdapter
+
+    path, parts = forge_neo
+    folder = save_diffusers_folder(parts, str(tmp_path / "Z-Image-Turbo"))
+    flat = str(tmp_path / "models" / "Stable-diffusion" / "z_image_diffusers.safetensors")
+    save_file({k: v.contiguous() for k, v in parts.transformer.state_dict().items()}, flat)
+    g = torch.Generator().manual_seed(5)
+    pixels, latents = torch.rand(2, 3, 64, 64, generator=g) * 2 - 1, torch.randn(2, 16, 8, 8, generator=g)
+    outputs = []
+    for where in (path, flat, folder):
+        assert family_at(where) is ZIMAGE, where
+        adapter = ZImageAdapter(where, ZIMAGE, device=torch.device("cpu"))
+        adapter.load(unet=True, vae=True, text_encoders=True)
+        cond = adapter.encode_text(["a picture of a cat", "red dog"], 0)
+        with torch.no_grad():
+            outputs.append(
+                (cond["text"], adapter.encode_pixels(pixels), adapter.predict(latents, torch.tensor([0.2, 0.6]), cond))
+            )
+    for other in outputs[1:]:
+        for mine, theirs in zip(outputs[0], other):
+            torch.testing.assert_close(theirs, mine, rtol=1e-6, atol=1e-6)
 
 
 def test_file_names_round_trip_and_unknown_modules_are_refused():

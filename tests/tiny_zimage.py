@@ -150,3 +150,22 @@ def save_forge_neo_layout(parts: TinyZImage, models_dir: str) -> str:
     text = {f"model.{k}": v.contiguous() for k, v in parts.text_encoder.state_dict().items()}
     save_file(text, paths["qwen3"])
     return paths["transformer"]
+
+
+def save_diffusers_folder(parts: TinyZImage, folder: str) -> str:
+    """The same model as a diffusers ``ZImagePipeline`` folder (its own tokenizer/ included)."""
+    parts.transformer.save_pretrained(os.path.join(folder, "transformer"))
+    parts.text_encoder.save_pretrained(os.path.join(folder, "text_encoder"))
+    parts.vae.save_pretrained(os.path.join(folder, "vae"))
+    write_qwen_tokenizer(os.path.join(folder, "tokenizer"))
+    index = {
+        "_class_name": "ZImagePipeline",
+        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+        "text_encoder": ["transformers", "Qwen3Model"],
+        "tokenizer": ["transformers", "Qwen2Tokenizer"],
+        "transformer": ["diffusers", "ZImageTransformer2DModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+    with open(os.path.join(folder, "model_index.json"), "w") as fh:
+        json.dump(index, fh)
+    return folder
