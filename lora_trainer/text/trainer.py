@@ -204,6 +204,8 @@ class TextTask(TrainingTask):
                 param.copy_(state.weights[name].to(param.dtype))
 
     def result(self, end: LoopEnd) -> TrainingResult:
+        if end.status == "finished" and not end.outputs:  # a data-parallel process other than the writer
+            return TrainingResult("finished", end.step, [], "Finished; the main process saved the adapter.", end.losses)
         if end.status == "finished":
             return TrainingResult(
                 "finished", end.step, end.outputs, _finished_message(end.outputs[0], self.tokens), end.losses

@@ -279,6 +279,8 @@ class ImageTrainingSession(TrainingTask):
         return {"epoch": epoch, "batch_in_epoch": offset}
 
     def result(self, end: LoopEnd) -> TrainingResult:
+        if end.status == "finished" and not end.outputs:  # a data-parallel process other than the writer
+            return TrainingResult("finished", end.step, [], "finished; the main process saved the files", end.losses)
         if end.status == "finished":
             named, diffusers_name = end.outputs
             return TrainingResult(
