@@ -137,19 +137,20 @@ def main() -> None:
     python = sys.executable
     results = []
 
+    load_averages = [f"floor start {os.getloadavg()[0]:.2f}"]
     proc, rss, start = timed(
         [
             python,
             os.path.join(REPO, "bench", "floor_loop.py"),
             checkpoint,
-            str(args.steps),
-            str(args.resolution),
-            str(args.rank),
+            f"--steps={args.steps}",
+            f"--resolution={args.resolution}",
+            f"--rank={args.rank}",
         ],
         env,
     )
     lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    floor = summarise("floor", start, [line["time"] for line in lines], rss, args.warmup)
+    floor = summarise("floor", start, [line["time"] for line in lines if "step" in line], rss, args.warmup)
     results.append(floor)
 
     out = os.path.join(args.workdir, "out")
@@ -174,8 +175,10 @@ def main() -> None:
     shutil.rmtree(cache, ignore_errors=True)
     for name in ("ours (cold cache)", "ours (warm cache)"):
         shutil.rmtree(out, ignore_errors=True)
+        load_averages.append(f"{name} start {os.getloadavg()[0]:.2f}")
         proc, rss, start = timed([python, os.path.join(REPO, "train.py"), "--config", config_path], env)
         results.append(summarise(name, start, tensorboard_step_times(os.path.join(out, "logs")), rss, args.warmup))
+    load_averages.append(f"end {os.getloadavg()[0]:.2f}")
 
     print(
         f"\nSD1.5 architecture, random weights, {args.resolution} px, batch 1, 8 images, rank {args.rank}, "
@@ -191,6 +194,7 @@ def main() -> None:
             f"{r['first_step_s'] - floor['first_step_s']:12.1f} {r['peak_rss_mb']:12d} "
             f"{r['peak_rss_mb'] / floor['peak_rss_mb']:8.3f}"
         )
+    print(f"load average (1 min, {os.cpu_count()} CPUs): " + ", ".join(load_averages))
 
 
 if __name__ == "__main__":

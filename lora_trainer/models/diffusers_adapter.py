@@ -16,6 +16,7 @@ from lora_trainer.models.adapter import Conditioning, DiffusionAdapter, SizeCond
 from lora_trainer.models.architecture import SDXL
 from lora_trainer.models.ldm_names import UNetNameMap
 from lora_trainer.models.loading import load_stable_diffusion
+from lora_trainer.models.precision import encoding_autocast_dtype
 
 
 def file_identity(path: str) -> str:
@@ -44,6 +45,7 @@ class DiffusersAdapter(DiffusionAdapter):
         self.path = path
         self.device = device
         self.dtype = dtype  # the frozen base's storage dtype; LoRA weights stay fp32
+        self.encoding_autocast = encoding_autocast_dtype(device, dtype)
         self._prediction_override = prediction_type
         probe = load_stable_diffusion(
             path, load_unet=False, load_vae=False, load_text_encoders=False, prediction_type=prediction_type
@@ -69,7 +71,8 @@ class DiffusersAdapter(DiffusionAdapter):
         if not (want_unet or want_vae or want_text):
             return
         if want_vae:
-            # The VAE encodes in fp32: fp16 SD VAEs overflow to NaN at training resolutions.
+            # fp32 weights: fp16 SD VAEs overflow to NaN at training resolutions. The encoding pass autocasts
+            # the compute to bf16/fp16 where faster and re-encodes in fp32 where that overflows.
             self.vae = load_stable_diffusion(
                 self.path, load_unet=False, load_vae=True, load_text_encoders=False, dtype=torch.float32
             ).vae.to(self.device)

@@ -30,7 +30,7 @@ from lora_trainer.text.model import (
 )
 from lora_trainer.text.tokenize import IGNORE_INDEX, tokenize_dataset
 from lora_trainer.train.callbacks import CallbackList, StepInfo, TensorBoardLogger, TrainingCallback
-from lora_trainer.train.optim import build_optimizer, build_scheduler
+from lora_trainer.train.optim import build_optimizer, build_scheduler, load_optimizer_state
 from lora_trainer.train.run import TrainingResult
 from lora_trainer.train.state import load_training_state, restore_rng_state, save_training_state
 
@@ -278,7 +278,7 @@ def _resume(cfg: TextConfig, named, optimizer, scheduler) -> int:
     with torch.no_grad():
         for name, param in own.items():
             param.copy_(state.weights[name].to(param.dtype))
-    optimizer.load_state_dict(state.optimizer)
+    load_optimizer_state(optimizer, state.optimizer)
     scheduler.load_state_dict(state.scheduler)
     restore_rng_state(state.rng)
     return state.step
