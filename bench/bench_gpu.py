@@ -11,6 +11,7 @@ For each model, three subprocesses, each under its own timeout:
          gradient checkpointing, fused AdamW), random latents; no data, no encoders
   ours   our trainer as ``train.py`` runs it (run_training with accelerate's runtime) on a cold start: dataset
          scan, VAE and text encoders loaded, images and captions encoded, encoders freed, UNet loaded, trained
+(and bench/bench_encoding.py on the same checkpoint: encoding speed, and the error of bf16/fp16 against fp32),
 and prints one table: median s/step after the warm-up steps, x floor, seconds from process start to the first
 finished step, peak VRAM (torch.cuda.max_memory_allocated over the whole process) against the goals (SD1.5
 under 5 GB, SDXL under 12 GB). Rows are printed as soon as each run ends, and the table at the end shows
@@ -405,6 +406,17 @@ def driver(args) -> int:
         with open(config_path, "w") as fh:
             yaml.safe_dump(train_config(args, case, checkpoint, data, output, precision), fh)
         ours_cmd = [*me, "--worker", "ours", "--model", name, "--config", config_path] + common
+        if args.encoding and phase_timeout() > 1:
+            encoding_cmd = [
+                sys.executable,
+                os.path.join(REPO, "bench", "bench_encoding.py"),
+                f"--checkpoint={checkpoint}",
+                f"--device={device}",
+                "--images=4",
+                f"--resolution={TINY_RESOLUTION if args.tiny else case.resolution}",
+            ]
+            encoding = run_phase(encoding_cmd, phase_timeout(), env, lambda line: line.rstrip("\n"))
+            print("\n".join(encoding.lines) + (f"\n  encoding: {encoding.note}" if encoding.note else ""), flush=True)
         for run, command, parse in (("floor", floor_cmd, floor_line), ("ours", ours_cmd, result_line)):
             if phase_timeout() <= 1:
                 rows.append(Row(name, run, precision, note="no time left"))
@@ -428,6 +440,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--phase-timeout-s", type=float, default=240, help="each build/floor/ours run")
     parser.add_argument("--workdir", default="/tmp/lora_gpu_bench")
     parser.add_argument("--tiny", action="store_true", help="reduced mode: tiny models on the CPU (the test suite)")
+    parser.add_argument(
+        "--no-encoding",
+        dest="encoding",
+        action="store_false",
+        help="skip the encoding phase (bench_encoding.py: batched vs one-at-a-time, bf16/fp16 error vs fp32)",
+    )
     parser.add_argument("--worker", choices=("build", "ours"), help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", help=argparse.SUPPRESS)

@@ -64,7 +64,7 @@ VIT_L_TEXT = dict(
 
 
 def build_checkpoint(path: str) -> None:
-    """A random full-size SD1.5 single file (fp16, like the usual downloads)."""
+    """A random full-size SD1.5 single file (fp16, like the usual downloads), written atomically."""
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from safetensors.torch import save_file
@@ -79,7 +79,8 @@ def build_checkpoint(path: str) -> None:
     )
     state = {k: v.half() for k, v in to_single_file_state(parts).items()}
     del parts, unet
-    save_file(state, path)
+    save_file(state, path + ".tmp")
+    os.replace(path + ".tmp", path)
 
 
 def make_images(folder: str, count: int) -> None:
@@ -124,12 +125,17 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--resolution", type=int, default=256)
     parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--build-checkpoint", metavar="PATH", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.build_checkpoint:
+        build_checkpoint(args.build_checkpoint)
+        return
     os.makedirs(args.workdir, exist_ok=True)
     checkpoint = os.path.join(args.workdir, "sd15_random.safetensors")
     if not os.path.exists(checkpoint):
         print("building a random full-size SD1.5 checkpoint ...", flush=True)
-        build_checkpoint(checkpoint)
+        # In a child process: the build's few GB would otherwise stay resident in this one for the whole run.
+        subprocess.run([sys.executable, os.path.abspath(__file__), "--build-checkpoint", checkpoint], check=True)
     data = os.path.join(args.workdir, "data")
     if not os.path.isdir(data):
         make_images(data, 8)
