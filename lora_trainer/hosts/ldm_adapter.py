@@ -25,6 +25,7 @@ from torch.utils.checkpoint import checkpoint
 from lora_trainer.errors import ConfigError, ModelLoadError
 from lora_trainer.export.kohya_names import text_lora_name, unet_lora_name_from_ldm
 from lora_trainer.hosts.fused_attention import QKV, projection_views, split_projection_forward
+from lora_trainer.hosts.host_attention import sdpa_forward, slow_attention_layers
 from lora_trainer.hosts.module_changes import ModuleChanges
 from lora_trainer.lora.layer import is_lora_target
 from lora_trainer.lora.targets import NEVER_TRAINED, TEXT_CONTAINERS, UNET_CONTAINERS, find_targets
@@ -160,9 +161,13 @@ class LdmHostAdapter(DiffusionAdapter):
         clip_skip_scope: Optional[ClipSkipScope] = None,
         model_name: Optional[str] = None,
         identity: Optional[str] = None,
+        fast_attention: bool = True,
     ):
         """``autocast``: the host's compute context (the WebUI's ``devices.autocast``). ``clip_skip_scope(n)``:
-        a context in which the host's prompt encoding stops n layers from the end (the WebUI's "Clip skip")."""
+        a context in which the host's prompt encoding stops n layers from the end (the WebUI's "Clip skip").
+        ``fast_attention``: run UNet attention layers whose host implementation is not fused through torch's
+        SDPA during training (``hosts/host_attention.py``); off where the host's own forward must run (the
+        WebUI's hypernetworks hook into it)."""
         if lowvram:
             raise ConfigError(
                 "The host runs with --lowvram, which moves model blocks between devices during every "
@@ -194,6 +199,7 @@ class LdmHostAdapter(DiffusionAdapter):
         )
         self._autocast = autocast or contextlib.nullcontext
         self._clip_skip_scope = clip_skip_scope
+        self.fast_attention = fast_attention
         self._changes = ModuleChanges()
         self._windows = 1  # prompt chunks of 77 per caption: max_token_length / 75
 
@@ -315,7 +321,8 @@ class LdmHostAdapter(DiffusionAdapter):
     # ------------------------------------------------------------ LoRA wiring
 
     def _begin_training(self) -> None:
-        """Freeze the host model and switch its own checkpointing off; recorded for ``restore``."""
+        """Freeze the host model, switch its own checkpointing off and its slow attention to SDPA; recorded for
+        ``restore``."""
         if not self._changes.empty:
             return
         self._changes.remember_modes(self.model)
@@ -324,6 +331,9 @@ class LdmHostAdapter(DiffusionAdapter):
             for flag in HOST_CHECKPOINT_FLAGS:
                 if module.__dict__.get(flag) is True:
                     self._changes.set_attribute(module, flag, False)
+        if self.fast_attention:
+            for _path, module in slow_attention_layers(self.unet):
+                self._changes.wrap_forward(module, lambda host, m=module: sdpa_forward(m, host))
 
     def lora_targets(self, train_text_encoder: bool, extra: Sequence[str] = ()) -> List[Tuple[str, nn.Module]]:
         if train_text_encoder and self.medvram:

@@ -25,6 +25,7 @@ from lora_trainer.models.long_captions import (
     split_into_windows,
     window_count,
 )
+from lora_trainer.models.precision import encoding_autocast_dtype
 
 
 def file_identity(path: str) -> str:
@@ -59,6 +60,7 @@ class DiffusersAdapter(DiffusionAdapter):
         self.path = path
         self.device = device
         self.dtype = dtype  # the frozen base's storage dtype; LoRA weights stay fp32
+        self.encoding_autocast = encoding_autocast_dtype(device, dtype)
         self._prediction_override = prediction_type
         probe = load_stable_diffusion(
             path, load_unet=False, load_vae=False, load_text_encoders=False, prediction_type=prediction_type
@@ -85,7 +87,8 @@ class DiffusersAdapter(DiffusionAdapter):
         if not (want_unet or want_vae or want_text):
             return
         if want_vae:
-            # The VAE encodes in fp32: fp16 SD VAEs overflow to NaN at training resolutions.
+            # fp32 weights: fp16 SD VAEs overflow to NaN at training resolutions. The encoding pass autocasts
+            # the compute to bf16/fp16 where faster and re-encodes in fp32 where that overflows.
             self.vae = load_stable_diffusion(
                 self.path, load_unet=False, load_vae=True, load_text_encoders=False, dtype=torch.float32
             ).vae.to(self.device)

@@ -26,7 +26,8 @@ from lora_trainer.models.adapter import DiffusionAdapter, SizeCondition
 from lora_trainer.models.long_captions import cut_caption_lines
 from lora_trainer.train.callbacks import CallbackList, StepInfo, TensorBoardLogger, TrainingCallback
 from lora_trainer.train.diffusion_loss import denoising_loss
-from lora_trainer.train.optim import build_optimizer, build_scheduler
+from lora_trainer.train.encoding_pass import EncodingPass
+from lora_trainer.train.optim import build_optimizer, build_scheduler, load_optimizer_state
 from lora_trainer.train.run import TrainingResult
 from lora_trainer.train.state import (
     apply_config_rates,
@@ -158,15 +159,18 @@ class ImageTrainingSession:
         ]
         if missing_latents or missing_text:
             adapter.load(unet=False, vae=bool(missing_latents), text_encoders=bool(missing_text))
-            if missing_latents:
-                self.log(f"caching latents of {len(missing_latents)} images")
-            for sample in missing_latents:
-                latents = adapter.encode_pixels(dataset.pixels(sample.index).unsqueeze(0))[0]
-                self.cache.put(self.cache.latent_key(sample), {"latents": latents})
-            with torch.no_grad():
-                for caption in missing_text:
-                    cond = adapter.encode_text([caption], cfg.clip_skip)
-                    self.cache.put(self.cache.text_key(caption, cfg.clip_skip), {k: v[0] for k, v in cond.items()})
+            self.log(f"encoding {len(missing_latents)} images and {len(missing_text)} captions for the caches")
+            encoder = EncodingPass(adapter, self.callbacks.on_encode_progress, self.callbacks.should_stop, self.log)
+            encoder.latents(
+                missing_latents,
+                dataset.pixels,
+                lambda sample, latents: self.cache.put(self.cache.latent_key(sample), {"latents": latents}),
+            )
+            encoder.captions(
+                missing_text,
+                cfg.clip_skip,
+                lambda c, entry: self.cache.put(self.cache.text_key(c, cfg.clip_skip), entry),
+            )
         # What the steps still need: the VAE only without latent caching, the encoders only when not cached.
         adapter.release(vae=self.cache_latents, text_encoders=self.cache_text)
         adapter.load(unet=True, vae=not self.cache_latents, text_encoders=not self.cache_text)
@@ -262,7 +266,7 @@ class ImageTrainingSession:
         check_resumable(cfg.resume, state, self._resume_settings(), shapes)
         rates = list(self.scheduler.base_lrs)  # the config's, before the state's replace them
         self.network.load_kohya_state_dict(state.weights, cfg.resume)
-        self.optimizer.load_state_dict(state.optimizer)
+        load_optimizer_state(self.optimizer, state.optimizer)
         self.scheduler.load_state_dict(state.scheduler)
         for line in describe_rate_changes(apply_config_rates(self.optimizer, self.scheduler, rates), state.step):
             self.log(line)
