@@ -87,7 +87,8 @@ class CommonConfig:
     save_state: bool = option(True, "Write a resumable training state with each save.")
     resume: Optional[str] = option(None, "A training-state folder (output_dir/state-<step>) to continue from.")
     network_weights: Optional[str] = option(
-        None, "An existing LoRA to continue training from; its rank and alpha are kept."
+        None,
+        "An existing LoRA to continue training from; its network type, rank, alpha (and LoKr factors, DoRA) are kept.",
     )
     logging_dir: Optional[str] = option(None, "TensorBoard folder; defaults to output_dir/logs.")
     num_threads: Optional[int] = option(

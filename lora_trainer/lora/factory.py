@@ -7,11 +7,12 @@ types (which layers, ranks, factors, DoRA, the metadata the file records) is dec
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Callable, Dict, List, Tuple
 
 from lora_trainer.export.lora_file import load_lora_file
-from lora_trainer.lora.base import NetworkLayer
+from lora_trainer.lora.base import NetworkLayer, is_spatial_conv
 from lora_trainer.lora.network import LoRANetwork, Target, group_by_module
 from lora_trainer.lora.registry import NetworkSpec
 
@@ -46,15 +47,16 @@ def _continue_from_file(cfg, adapter, log) -> Tuple[LoRANetwork, NetworkSpec]:
         targets = _targets(cfg, adapter, conv=True)  # a LoCon-style file: the convolution blocks too
     network = LoRANetwork.from_kohya(targets, tensors, path, dropout=float(cfg.lora_dropout or 0.0))
     spec = spec_of_layers(list(network.layers.values()), metadata, default_rank=cfg.lora_rank or 8)
-    spec = NetworkSpec(**{**spec.__dict__, "dropout": float(cfg.lora_dropout or 0.0)})
+    spec = dataclasses.replace(spec, dropout=float(cfg.lora_dropout or 0.0))
     log(f"continuing from {path}: {spec.describe()}")
     return network, spec
 
 
 def spec_of_layers(layers: List[NetworkLayer], metadata: Dict[str, str], default_rank: int = 8) -> NetworkSpec:
-    """The spec that describes loaded layers (for the metadata of the files a continued run writes)."""
-    from lora_trainer.lora.base import is_spatial_conv
-
+    """The spec that describes loaded layers (for the metadata of the files a continued run writes): the type
+    (loha/lokr if any module is one, locon if a 3x3 convolution is adapted, dora for decomposed LoRA), the
+    largest rank and the first alpha of the other layers, the convolutions' rank and alpha, LoKr's factor
+    from the file's ``ss_network_args``."""
     kinds = {layer.kind for layer in layers}
     spatial = [layer for layer in layers if is_spatial_conv(layer.base)]
     plain = [layer for layer in layers if not is_spatial_conv(layer.base)] or layers
