@@ -537,7 +537,8 @@ LEARNING_RATES = {"locon": 5e-3, "loha": 5e-3, "lokr": 1.5e-2, "dora": 5e-3}
 @pytest.mark.parametrize("kind", list(LEARNING_RATES))
 def test_loss_falls_and_resume_is_exact(tmp_path_factory, kind):
     """The SD2-v model (its v target carries the images, which a network can memorise): the loss at fixed noise
-    falls; and a run resumed from its mid-run training state ends bit-identical to the uninterrupted one."""
+    falls; a run resumed from its mid-run training state ends bit-identical to the uninterrupted one; resuming
+    it as another type is refused."""
     root = tmp_path_factory.getbasetemp() / "memorisation"
     root.mkdir(exist_ok=True)
     base = tiny_checkpoint(root, "sd2")
@@ -563,3 +564,7 @@ def test_loss_falls_and_resume_is_exact(tmp_path_factory, kind):
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=0, atol=0, msg=key)
+    # The state records the type: resuming it as another is refused naming both.
+    other = {**options, "network_type": "lokr" if kind == "loha" else "loha"}
+    with pytest.raises(ConfigError, match=f"network_type is '{kind}' in the state but '{other['network_type']}'"):
+        train(image_config(root / kind, base, resume=state, output_dir=str(root / kind / "other"), **other))

@@ -260,7 +260,14 @@ class ImageTrainingSession:
 
     def _resume_settings(self) -> dict:
         """What a training state records and a resumed run must match (see ``state.check_resumable``)."""
-        return {"lora_rank": self.rank, "lora_alpha": self.alpha, "base_model": self.adapter.model_name}
+        return {
+            "lora_rank": self.rank,
+            "lora_alpha": self.alpha,
+            "base_model": self.adapter.model_name,
+            # The type and its options (as ss_network_args records them: conv rank/alpha, factor, DoRA).
+            "network_type": self.network_spec.network_type,
+            "network_args": self.network_spec.network_args(),
+        }
 
     def _optimizer_step(self, group: List[List[int]], epoch: int, step: int) -> float:
         """One optimizer step over ``group`` (the gradient-accumulation micro-batches); returns the mean loss."""
