@@ -28,7 +28,13 @@ from lora_trainer.hosts.fused_attention import QKV, projection_views, split_proj
 from lora_trainer.hosts.host_attention import sdpa_forward, slow_attention_layers
 from lora_trainer.hosts.module_changes import ModuleChanges
 from lora_trainer.lora.layer import is_lora_target
-from lora_trainer.lora.targets import NEVER_TRAINED, TEXT_CONTAINERS, UNET_CONTAINERS, find_targets
+from lora_trainer.lora.targets import (
+    NEVER_TRAINED,
+    TEXT_CONTAINERS,
+    UNET_CONTAINERS,
+    UNET_CONV_CONTAINERS,
+    find_targets,
+)
 from lora_trainer.models.adapter import Conditioning, DiffusionAdapter, SizeCondition
 from lora_trainer.models.architecture import SD1, SD2, SDXL
 from lora_trainer.models.ldm_names import UNetLayout, UNetNameMap, open_clip_to_hf
@@ -335,7 +341,9 @@ class LdmHostAdapter(DiffusionAdapter):
             for _path, module in slow_attention_layers(self.unet):
                 self._changes.wrap_forward(module, lambda host, m=module: sdpa_forward(m, host))
 
-    def lora_targets(self, train_text_encoder: bool, extra: Sequence[str] = ()) -> List[Tuple[str, nn.Module]]:
+    def lora_targets(
+        self, train_text_encoder: bool, extra: Sequence[str] = (), conv: bool = False
+    ) -> List[Tuple[str, nn.Module]]:
         if train_text_encoder and self.medvram:
             raise ConfigError(
                 "Text-encoder training does not work under --medvram (the host moves the text "
@@ -344,7 +352,8 @@ class LdmHostAdapter(DiffusionAdapter):
             )
         self._begin_training()
         targets = [
-            (unet_lora_name_from_ldm(path, self.arch, self.names), module) for path, module in self._unet_modules(extra)
+            (unet_lora_name_from_ldm(path, self.arch, self.names), module)
+            for path, module in self._unet_modules(extra, conv)
         ]
         if train_text_encoder:
             for index, embedder in enumerate(text_embedders(self.model)):
@@ -354,15 +363,16 @@ class LdmHostAdapter(DiffusionAdapter):
                     self._changes.set_attribute(embedder, "is_trainable", True)
         return targets
 
-    def _unet_modules(self, extra: Sequence[str]) -> List[Tuple[str, nn.Module]]:
-        """The standard targets, plus modules whose diffusers-style path contains an ``extra`` substring (the
-        standalone engine matches ``target_modules`` against diffusers paths, so the host does too)."""
-        found = dict(find_targets(self.unet, UNET_CONTAINERS))
+    def _unet_modules(self, extra: Sequence[str], conv: bool = False) -> List[Tuple[str, nn.Module]]:
+        """The standard targets (with ``conv``, the convolution blocks' too), plus modules whose diffusers-style
+        path contains an ``extra`` substring (the standalone engine matches ``target_modules`` against diffusers
+        paths, so the host does too)."""
+        found = dict(find_targets(self.unet, UNET_CONTAINERS, conv_containers=UNET_CONV_CONTAINERS if conv else ()))
         if extra:
             find_targets(nn.Module(), (), extra)  # refuses substrings that name never-trained layers
             for path, module in self.unet.named_modules():
                 diffusers = self.names.to_diffusers(path) if path else None
-                if path in found or diffusers is None or not is_lora_target(module):
+                if path in found or diffusers is None or not is_lora_target(module, conv):
                     continue
                 if any(s in diffusers for s in extra) and not any(
                     diffusers.startswith(b) or f".{b}" in diffusers for b in NEVER_TRAINED

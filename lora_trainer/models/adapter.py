@@ -88,7 +88,10 @@ class DiffusionAdapter:
     ) -> torch.Tensor:
         raise NotImplementedError
 
-    def lora_targets(self, train_text_encoder: bool, extra: Sequence[str] = ()) -> List[Tuple[str, nn.Module]]:
+    def lora_targets(
+        self, train_text_encoder: bool, extra: Sequence[str] = (), conv: bool = False
+    ) -> List[Tuple[str, nn.Module]]:
+        """(kohya name, module) of every module to adapt; ``conv`` adds the UNet's convolution blocks (LoCon)."""
         raise NotImplementedError
 
     def text_encoder_modules(self) -> List[nn.Module]:

@@ -13,7 +13,7 @@ from torch import nn
 
 from lora_trainer.export.kohya_names import text_lora_name, unet_lora_name
 from lora_trainer.hub.progress import DownloadCallback
-from lora_trainer.lora.targets import TEXT_CONTAINERS, UNET_CONTAINERS, find_targets
+from lora_trainer.lora.targets import TEXT_CONTAINERS, UNET_CONTAINERS, UNET_CONV_CONTAINERS, find_targets
 from lora_trainer.models.adapter import Conditioning, DiffusionAdapter, SizeCondition
 from lora_trainer.models.architecture import SDXL
 from lora_trainer.models.ldm_names import UNetNameMap
@@ -181,10 +181,13 @@ class DiffusersAdapter(DiffusionAdapter):
 
     # ------------------------------------------------------------ LoRA wiring
 
-    def lora_targets(self, train_text_encoder: bool, extra: Sequence[str] = ()) -> List[Tuple[str, nn.Module]]:
+    def lora_targets(
+        self, train_text_encoder: bool, extra: Sequence[str] = (), conv: bool = False
+    ) -> List[Tuple[str, nn.Module]]:
+        conv_containers = UNET_CONV_CONTAINERS if conv else ()
         targets = [
             (unet_lora_name(path, self.arch, self.names), module)
-            for path, module in find_targets(self.unet, UNET_CONTAINERS, extra)
+            for path, module in find_targets(self.unet, UNET_CONTAINERS, extra, conv_containers)
         ]
         if train_text_encoder:
             for index, te in enumerate(self.text_encoders):

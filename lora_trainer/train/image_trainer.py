@@ -19,9 +19,10 @@ from lora_trainer.data.buckets import Bucket
 from lora_trainer.data.dataset import ImageCaptionDataset
 from lora_trainer.data.encoding_cache import EncodingCache
 from lora_trainer.errors import ConfigError, LoraTrainerError, TrainingStopped
-from lora_trainer.export.lora_file import SAVE_DTYPES, load_lora_file, save_lora_file
+from lora_trainer.export.lora_file import SAVE_DTYPES, save_lora_file
 from lora_trainer.export.metadata import lora_metadata
-from lora_trainer.lora.network import LoRANetwork, ranks_and_alphas
+from lora_trainer.lora.factory import build_network
+from lora_trainer.lora.network import LoRANetwork
 from lora_trainer.models.adapter import DiffusionAdapter, SizeCondition
 from lora_trainer.models.long_captions import cut_caption_lines
 from lora_trainer.train.callbacks import CallbackList, StepInfo, TensorBoardLogger, TrainingCallback
@@ -177,23 +178,9 @@ class ImageTrainingSession:
 
     def _build_network(self) -> LoRANetwork:
         cfg = self.cfg
-        rank = cfg.lora_rank or 8
-        alpha = cfg.lora_alpha if cfg.lora_alpha is not None else float(rank)
-        targets = self.adapter.lora_targets(cfg.train_text_encoder, cfg.target_modules)
-        ranks = alphas = None
-        initial = None
-        if cfg.network_weights:
-            # Incremental training keeps the file's own rank and alpha for every module.
-            initial, _meta = load_lora_file(cfg.network_weights)
-            ranks, alphas = ranks_and_alphas(initial)
-            rank = max(ranks.values())
-            alpha = next(iter(alphas.values()))
         torch.manual_seed(cfg.seed)  # LoRA down-projections start the same on every process
-        network = LoRANetwork(targets, rank, alpha, cfg.lora_dropout or 0.0, ranks=ranks, alphas=alphas)
-        if initial is not None:
-            network.load_kohya_state_dict(initial, cfg.network_weights)
-            self.log(f"continuing from {cfg.network_weights} (rank {rank}, alpha {alpha})")
-        self.rank, self.alpha = rank, alpha
+        network, self.network_spec = build_network(cfg, self.adapter, self.log)
+        self.rank, self.alpha = self.network_spec.rank, self.network_spec.alpha
         network.to(self.runtime.device)
         if cfg.gradient_checkpointing:
             self.adapter.enable_gradient_checkpointing(cfg.train_text_encoder)
@@ -277,7 +264,14 @@ class ImageTrainingSession:
 
     def _resume_settings(self) -> dict:
         """What a training state records and a resumed run must match (see ``state.check_resumable``)."""
-        return {"lora_rank": self.rank, "lora_alpha": self.alpha, "base_model": self.adapter.model_name}
+        return {
+            "lora_rank": self.rank,
+            "lora_alpha": self.alpha,
+            "base_model": self.adapter.model_name,
+            # The type and its options (as ss_network_args records them: conv rank/alpha, factor, DoRA).
+            "network_type": self.network_spec.network_type,
+            "network_args": self.network_spec.network_args(),
+        }
 
     def _optimizer_step(self, group: List[List[int]], epoch: int, step: int) -> float:
         """One optimizer step over ``group`` (the gradient-accumulation micro-batches); returns the mean loss."""
@@ -394,6 +388,7 @@ class ImageTrainingSession:
             prediction_type=adapter.prediction_type,
             rank=self.rank,
             alpha=self.alpha,
+            network=self.network_spec.metadata(),
             dataset=self.dataset.metadata(),
             started_at=self.started_at,
             step=step,
