@@ -204,7 +204,7 @@ class ScriptedTrainer:
 
 
 def runner_for(backend, trainer, monkeypatch):
-    monkeypatch.setattr(webui, "default_trainer", trainer)
+    monkeypatch.setattr(webui.backend, "default_trainer", trainer)
     return JobRunner(trainer=backend.train, hooks=backend.job_hooks())
 
 
