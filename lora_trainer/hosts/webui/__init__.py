@@ -4,7 +4,11 @@ so importing it costs nothing and works outside the WebUI; the tests inject stan
 One concept per module:
 
 - ``facts``: the loaded model, device and precision, folders, settings and API credentials;
-- ``a1111``: AUTOMATIC1111 as a host (its refusals, its model adapter);
+- ``host``: what a host file answers, and a run's plan (in place, from the checkpoint file, or refused);
+- one file per host: ``a1111`` (ldm/sgm, in place), ``forge`` (Forge Neo and lllyasviel's Forge, in place),
+  ``reforge`` (reForge, Forge Classic) and ``unrecognised`` (from the file); ``detect`` picks one by what the
+  loaded model is;
+- ``from_file``: the path for what cannot train in place (free the host's model, train from its file, reload);
 - ``builtin_lora``: the builtin Lora extension's merged weights, publishing into the Lora folder, refreshing;
 - ``progress``: the GPU queue lock and progress bar for a job, Interrupt, previews with the host's txt2img;
 - ``interrogators``: the host's BLIP / CLIP / DeepBooru as caption-panel captioners;

@@ -1,8 +1,9 @@
 """AUTOMATIC1111 as a host: its ldm/sgm model (``shared.sd_model``) trained in place by ``LdmHostAdapter``.
 
-What follows from the host's settings (``--lowvram``, ``--medvram``, fp8 weight storage) and which models this
-host file cannot drive are said here, before any work; the builtin Lora extension's merged deltas are unloaded
-before training (``builtin_lora``).
+What the host's settings mean for training in place (``--lowvram`` moves blocks during every forward, fp8
+weight storage cannot be trained through, ``--medvram`` moves the text encoder away between uses) is said here,
+before any work; such runs train from the checkpoint file instead. The builtin Lora extension's merged deltas
+are unloaded before training (``builtin_lora``).
 """
 
 from __future__ import annotations
@@ -10,44 +11,46 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from lora_trainer.config import CommonConfig, ImageConfig
-from lora_trainer.hosts.webui.facts import HostFacts, architecture, host_clip_skip
+from lora_trainer.hosts.webui.builtin_lora import refresh_host_networks, unload_host_networks
+from lora_trainer.hosts.webui.facts import (
+    HostFacts,
+    architecture,
+    host_clip_skip,
+    host_facts,
+    loaded_model,
+    prediction_label,
+)
+from lora_trainer.hosts.webui.host import IN_PLACE, REFUSED, TrainingPlan, WebUIHost, from_file_or_refusal
+
+TRAINED_FAMILIES = ("SD1", "SD2", "SDXL")
 
 
 def model_refusal(model: Any) -> Optional[str]:
-    """Why the loaded model cannot be trained here at all (said in the tab as soon as it is loaded), or None."""
-    if hasattr(model, "forge_objects"):
-        return (
-            "This looks like Forge: its models are reached through Forge's own objects, which this version "
-            "of the trainer does not drive yet, so training is refused here. Use the standalone app "
-            "(python -m lora_trainer ui) with the same checkpoint file."
-        )
-    if architecture(model) == "SD3":
-        return "SD3 checkpoints are not supported by the trainer (SD1.x, SD2.x and SDXL are)."
-    if not hasattr(getattr(model, "model", None), "diffusion_model"):
-        return (
-            f"The loaded model ({type(model).__name__}) is not an ldm/sgm Stable Diffusion model the trainer "
-            "knows; training is refused."
-        )
+    """Why no path can train the loaded model (said in the tab as soon as it is loaded), or None."""
+    family = architecture(model)
+    if family not in TRAINED_FAMILIES:
+        return f"{family} checkpoints are not supported by the trainer (SD1.x, SD2.x and SDXL are)."
     return None
 
 
-def refusal(cfg: CommonConfig, facts: HostFacts) -> Optional[str]:
-    """Why this run cannot train on this host, or None. Said before starting, never mid-run."""
+def refusal(cfg: Optional[CommonConfig], facts: HostFacts) -> Optional[str]:
+    """Why this run cannot train in place on this host, or None. Said before starting, never mid-run."""
     if facts.lowvram:
         return (
-            "The WebUI runs with --lowvram, which moves model blocks between devices during every forward "
-            "pass; training through that is not supported. Restart the WebUI without --lowvram "
-            "(--medvram works for UNet-only training)."
+            "the WebUI runs with --lowvram, which moves model blocks between devices during every forward "
+            "pass, and training in place cannot go through that (restart the WebUI without --lowvram to train "
+            "in place; --medvram works for UNet-only training)"
         )
     if facts.fp8:
         return (
-            "The WebUI stores the model's weights in fp8 (Settings > Optimizations > FP8 weight), which "
-            "cannot be trained through. Set FP8 weight to Disable, reload the checkpoint, and try again."
+            "the WebUI stores the model's weights in fp8 (Settings > Optimizations > FP8 weight), which cannot "
+            "be trained through (set FP8 weight to Disable and reload the checkpoint to train in place)"
         )
     if facts.medvram and isinstance(cfg, ImageConfig) and cfg.train_text_encoder:
         return (
-            "Text-encoder training does not work under --medvram (the WebUI moves the text encoder off the "
-            'GPU between uses). Untick "Train text encoder" or restart the WebUI without --medvram.'
+            "text-encoder training does not work in place under --medvram (the WebUI moves the text encoder "
+            'off the GPU between uses; untick "Train text encoder" or restart without --medvram to train in '
+            "place)"
         )
     return None
 
@@ -68,3 +71,68 @@ def make_adapter(model: Any, facts: HostFacts) -> Any:
         autocast=devices.autocast,
         clip_skip_scope=host_clip_skip,
     )
+
+
+def unload_through_sd_models() -> None:
+    """The host's own unload (AUTOMATIC1111's API, which reForge and Forge Classic keep)."""
+    import gc
+
+    from modules import sd_models
+
+    sd_models.unload_model_weights()
+    gc.collect()
+
+
+def reload_through_sd_models() -> None:
+    from modules import sd_models
+
+    sd_models.reload_model_weights()
+
+
+class A1111Host(WebUIHost):
+    """AUTOMATIC1111 1.10: an ldm ``LatentDiffusion`` (SD1/SD2) or a patched sgm ``DiffusionEngine`` (SDXL)."""
+
+    name = "the WebUI"
+    adapter_before_lock = True
+
+    def matches(self, model: Any) -> bool:
+        return not hasattr(model, "forge_objects") and hasattr(getattr(model, "model", None), "diffusion_model")
+
+    def architecture(self, model: Any) -> str:
+        return architecture(model)
+
+    def prediction_label(self, model: Any) -> str:
+        return prediction_label(model)
+
+    def plan(self, model: Any, cfg: Optional[CommonConfig] = None) -> TrainingPlan:
+        problem = model_refusal(model)
+        if problem:
+            return TrainingPlan(REFUSED, problem, self)
+        why_not = refusal(cfg, self.facts(model))
+        if why_not:
+            return from_file_or_refusal(self, model, why_not)
+        return TrainingPlan(IN_PLACE, "no second copy is loaded", self)
+
+    def facts(self, model: Any) -> HostFacts:
+        return host_facts(model)
+
+    def prepare(self, model: Any) -> None:
+        import logging
+
+        restored = unload_host_networks(model)
+        if restored:
+            logging.getLogger(__name__).info(
+                "Unloaded LoRA deltas the WebUI had merged into %d modules before training", restored
+            )
+
+    def make_adapter(self, model: Any) -> Any:
+        return make_adapter(model, self.facts(model))
+
+    def free_model(self) -> None:
+        unload_through_sd_models()
+
+    def reload_model(self) -> None:
+        reload_through_sd_models()
+
+    def refresh_loras(self, name: str) -> None:
+        refresh_host_networks(name, loaded_model())

@@ -126,6 +126,16 @@ def host_clip_skip(clip_skip: int) -> ContextManager[None]:
     return scoped_host_options(CLIP_stop_at_last_layers=int(clip_skip))
 
 
+def host_clip_skip_setting(default: int = 1) -> int:
+    """The host's own "Clip skip" setting (AUTOMATIC1111's default is 1, Forge Neo's 2)."""
+    from modules import shared
+
+    value = shared.opts.data.get("CLIP_stop_at_last_layers")
+    if value is None:
+        value = getattr(shared.opts, "CLIP_stop_at_last_layers", default)
+    return int(value or default)
+
+
 def lora_dir() -> str:
     """The builtin Lora extension's folder, ``--lora-dir`` respected."""
     from modules import shared
