@@ -256,7 +256,9 @@ class ForgeHostAdapter(DiffusionAdapter):
         embeddings = getattr(engine, "embeddings", None)
         if embeddings is not None and hasattr(embeddings, "fixes"):
             embeddings.fixes = None  # no textual-inversion splices left over from a generation
-        with torch.inference_mode(False), self._engine_clip_skip(engine, clip_skip):
+        # Before training begins the weights are still Forge's inference tensors and nothing is trained: no graph.
+        record = torch.is_grad_enabled() and not self._changes.empty
+        with torch.inference_mode(False), torch.set_grad_enabled(record), self._engine_clip_skip(engine, clip_skip):
             return engine.encode_with_transformers(self._token_ids(engine, captions))
 
     def encode_text(self, captions: Sequence[str], clip_skip: int) -> Conditioning:

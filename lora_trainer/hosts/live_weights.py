@@ -8,7 +8,8 @@ reachable under several names (a tied embedding) gets one clone that all its nam
 
 Forge's transformer blocks also add residuals in place (``x += attn(norm(x))``): the norm saved ``x`` for its
 backward, the in-place add changes it, and autograd fails once a LoRA upstream makes ``x`` require grad.
-``guard_inplace_residuals`` hands each norm of such a block a copy of its input while gradients are recorded.
+``guard_inplace_residuals`` hands each such block, and each norm in it, a copy of its input while gradients are
+recorded.
 
 ``HostModelNotTrainable`` says why the live model cannot be trained in place; the WebUI glue then trains from
 the checkpoint file instead.
@@ -85,12 +86,16 @@ def _copy_input(forward: Callable) -> Callable:
 def guard_inplace_residuals(
     root: nn.Module, changes: ModuleChanges, blocks: Sequence[str] = INPLACE_RESIDUAL_BLOCKS
 ) -> int:
-    """Give every norm inside ``blocks`` (class names) a copy of its input while autograd records; recorded in
-    ``changes`` so ``undo`` removes it. Returns how many norms were wrapped."""
+    """Give every block of ``blocks`` (class names), and every norm inside one, a copy of its input while autograd
+    records: the block's own input may be kept for backward (gradient checkpointing keeps it to recompute the
+    block), and so is each norm's. Recorded in ``changes`` so ``undo`` removes it. Returns how many modules
+    were wrapped."""
     wrapped = 0
     for module in root.modules():
         if type(module).__name__ not in blocks:
             continue
+        changes.wrap_forward(module, _copy_input)
+        wrapped += 1
         for child in module.children():
             if isinstance(child, nn.LayerNorm) or type(child).__name__.endswith("LayerNorm"):
                 changes.wrap_forward(child, _copy_input)

@@ -41,19 +41,36 @@ class HostFacts:
         return "no"
 
 
+PLACEHOLDER_MODELS = ("FakeInitialModel",)  # what Forge holds before its first load and after an unload
+
+
+def is_placeholder(model: Any) -> bool:
+    return model is None or type(model).__name__ in PLACEHOLDER_MODELS
+
+
 def loaded_model() -> Any:
     """The checkpoint the WebUI holds right now, or None; never triggers a load (the tab polls this)."""
     from modules import sd_models
 
-    return getattr(sd_models.model_data, "sd_model", None)
+    model = getattr(sd_models.model_data, "sd_model", None)
+    return None if is_placeholder(model) else model
 
 
 def host_model() -> Any:
-    """The loaded checkpoint, loading it if the WebUI has not yet (as a generation would)."""
-    from modules import shared
+    """The loaded checkpoint, loading it if the WebUI has not yet (as a generation would: AUTOMATIC1111 on
+    first access to ``shared.sd_model``, Forge through ``sd_models.forge_model_reload``)."""
+    from modules import sd_models, shared
 
     model = shared.sd_model
-    if model is None:
+    reload = getattr(sd_models, "forge_model_reload", None)
+    if is_placeholder(model) and reload is not None:
+        try:
+            model = reload()[0]
+        except Exception as exc:  # Forge says "Failed to find available model..." without a checkpoint chosen
+            raise ConfigError(
+                f"Forge could not load its checkpoint ({exc}): choose one in the checkpoint menu."
+            ) from None
+    if is_placeholder(model):
         raise ConfigError("No checkpoint is loaded in the WebUI: choose one in the checkpoint menu first.")
     return model
 
