@@ -153,6 +153,18 @@ def host_clip_skip_setting(default: int = 1) -> int:
     return int(value or default)
 
 
+def ensure_host_temp_dir() -> None:
+    """Create the folder the host's gradio saves images into (Forge Neo's ``temp_dir`` setting) if missing.
+
+    Neo writes every PIL image a component shows there but creates the folder only when the setting changes, so
+    on a fresh install the tab's loss plot (an image from the start) would fail to build."""
+    from modules import shared
+
+    folder = getattr(getattr(shared, "opts", None), "temp_dir", "") or ""
+    if folder:
+        os.makedirs(folder, exist_ok=True)
+
+
 def lora_dir() -> str:
     """The builtin Lora extension's folder, ``--lora-dir`` respected."""
     from modules import shared
