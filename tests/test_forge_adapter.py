@@ -299,3 +299,15 @@ def test_refuses_training_the_text_encoder_across_devices(checkpoints):
     adapter.device = torch.device("meta")  # Forge kept the text encoder elsewhere than the UNet
     with pytest.raises(HostModelNotTrainable, match="one device"):
         adapter.lora_targets(train_text_encoder=True)
+
+
+def test_weights_patched_on_the_fly_are_not_trained_through(checkpoints):
+    """Forge's online LoRA / low-VRAM mode computes layers through ``weight_function`` patches: refused in place
+    (the glue then trains from the file)."""
+    from lora_trainer.hosts.live_weights import HostModelNotTrainable
+
+    engine = standin.load_forge_engine(checkpoints["sd1"], "sd1")
+    unet = engine.forge_objects_original.unet.model.diffusion_model
+    unet.input_blocks[4][1].transformer_blocks[0].attn1.to_q.weight_function = [lambda weight: weight * 2]
+    with pytest.raises(HostModelNotTrainable, match="on the fly"):
+        adapter_for(engine).load(unet=True, vae=False, text_encoders=False)

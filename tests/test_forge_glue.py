@@ -261,3 +261,14 @@ def test_what_neither_path_can_train_is_refused_before_any_work(forge):
     assert "Cannot train here" in backend.describe_model()
     with pytest.raises(Exception, match="only epsilon and v-prediction"):
         backend.make_backend_kwargs(run_config(forge, backend))
+
+
+def test_the_tab_makes_the_folder_forge_saves_shown_images_into(forge):
+    """Neo saves every PIL image a component shows into its temp_dir setting's folder, which a fresh install
+    lacks; the tab shows its loss plot from the start."""
+    from lora_trainer.hosts.webui.facts import ensure_host_temp_dir
+
+    folder = forge.tmp / "webui" / "tmp"
+    forge.shared.opts.temp_dir = str(folder)
+    ensure_host_temp_dir()
+    assert folder.is_dir()

@@ -191,6 +191,11 @@ class ForgeHostAdapter(DiffusionAdapter):
                 f"Forge keeps {away or 'some'} of the {what}'s weights off {device} (its low-VRAM memory state "
                 "streams them in during each step), which cannot be trained through in place."
             )
+        if any(getattr(m, "weight_function", None) or getattr(m, "bias_function", None) for m in module.modules()):
+            raise HostModelNotTrainable(
+                f"Forge applies weight patches to the {what} on the fly (its online LoRA or low-VRAM mode), so "
+                "its layers do not compute with their own weights; that cannot be trained through in place."
+            )
         bad = untrainable_dtypes(module)
         if bad:
             raise HostModelNotTrainable(
