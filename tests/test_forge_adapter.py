@@ -13,7 +13,7 @@ import os
 import forge_standin as standin
 import pytest
 import torch
-from image_fixtures import image_config, tiny_checkpoint
+from image_fixtures import StopAfter, image_config, tiny_checkpoint
 from safetensors.torch import load_file
 from tiny_models import make_image_folder
 
@@ -22,6 +22,7 @@ from lora_trainer.hosts.forge_adapter import ForgeHostAdapter
 from lora_trainer.lora.network import LoRANetwork
 from lora_trainer.models.adapter import SizeCondition
 from lora_trainer.models.diffusers_adapter import DiffusersAdapter
+from lora_trainer.train.callbacks import TrainingCallback
 from lora_trainer.train.image_trainer import train_image
 from lora_trainer.train.runtime import LocalRuntime
 
@@ -311,3 +312,29 @@ def test_weights_patched_on_the_fly_are_not_trained_through(checkpoints):
     unet.input_blocks[4][1].transformer_blocks[0].attn1.to_q.weight_function = [lambda weight: weight * 2]
     with pytest.raises(HostModelNotTrainable, match="on the fly"):
         adapter_for(engine).load(unet=True, vae=False, text_encoders=False)
+
+
+class FailAt(TrainingCallback):
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, info):
+        if info.step >= self.step:
+            raise RuntimeError("boom")
+
+
+@pytest.mark.parametrize("ending", ["cancel", "error"])
+def test_a_cancelled_or_failed_run_leaves_forge_as_it_was(ending, checkpoints, tmp_path):
+    engine = standin.load_forge_engine(checkpoints["sd1"], "sd1")
+    before = snapshot(engine)
+    cfg = small_config(tmp_path, checkpoints["sd1"], train_text_encoder=True, max_train_steps=4, output_name="stop")
+    torch.set_num_threads(2)
+    with adapter_for(engine) as adapter:
+        if ending == "cancel":
+            result = train_image(cfg, [StopAfter(1)], runtime=LocalRuntime(CPU), adapter=adapter, log=lambda *a: None)
+            assert result.status == "cancelled"
+        else:
+            with pytest.raises(RuntimeError, match="boom"):
+                train_image(cfg, [FailAt(1)], runtime=LocalRuntime(CPU), adapter=adapter, log=lambda *a: None)
+    assert not os.path.exists(os.path.join(cfg.output_dir, "stop.safetensors"))
+    assert_restored(engine, before)

@@ -565,3 +565,17 @@ def test_lowvram_trains_from_the_checkpoint_file_with_the_model_unloaded(host, t
     assert set(trainer.kwargs) == {"runtime"}  # no adapter: the engine loads the file itself
     assert open(os.path.join(host.cmd_opts.lora_dir, "cats.safetensors"), "rb").read() == b"final weights"
     assert host.networks.listed == 1 and not host.lock.locked()
+
+
+def test_reforge_and_forge_classic_train_from_the_checkpoint_file(host, tmp_path):
+    """An AUTOMATIC1111-style model carrying Forge's objects (reForge, Forge Classic) is driven by the engine's own
+    loader from the file, never refused when that loader and the file are there."""
+    pytest.importorskip("diffusers")
+    checkpoint = tmp_path / "model.safetensors"
+    checkpoint.write_bytes(b"stands in for the file the WebUI loaded")
+    host.model.sd_checkpoint_info.filename = str(checkpoint)
+    host.model.forge_objects = object()
+    backend = webui.WebUIBackend()
+    text = backend.describe_model()
+    assert "reForge or Forge Classic" in text and "checkpoint file" in text and "Cannot train" not in text
+    assert not backend.make_backend_kwargs(make_cfg(tmp_path, backend))["plan"].in_place
