@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import logging
 import sys
 from typing import Any, List, Optional
 
@@ -23,8 +22,6 @@ from lora_trainer.config import CommonConfig, ImageConfig
 from lora_trainer.hosts.webui.builtin_lora import builtin_networks
 from lora_trainer.hosts.webui.facts import HostFacts, host_clip_skip_setting
 from lora_trainer.hosts.webui.host import IN_PLACE, REFUSED, TrainingPlan, WebUIHost, from_file_or_refusal
-
-log = logging.getLogger(__name__)
 
 SDXL_MINIMAL_CLIP_SKIP = 2  # Forge's SDXL engines never go above the penultimate layer
 FLOAT8 = ("float8",)  # storage dtypes (by name) that cannot be trained through
@@ -100,6 +97,15 @@ class ForgeHost(WebUIHost):
         if any(marker in storage for marker in FLOAT8) or "nf4" in storage or "gguf" in storage:
             return from_file_or_refusal(
                 self, model, f"Forge stores the UNet as {storage}, which cannot be trained through in place"
+            )
+        unet_device = getattr(parts_of(model).unet, "load_device", None)
+        text_device = getattr(parts_of(model).clip.patcher, "load_device", unet_device)
+        if isinstance(cfg, ImageConfig) and cfg.train_text_encoder and str(text_device) != str(unet_device):
+            return from_file_or_refusal(
+                self,
+                model,
+                f"Forge runs the text encoder on {text_device} and the UNet on {unet_device}; text-encoder "
+                "training in place needs both on one device",
             )
         if getattr(parts_of(model).unet.model, "model_lowvram", False):
             return from_file_or_refusal(
