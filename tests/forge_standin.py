@@ -670,7 +670,7 @@ class ForgeEngine:
         self.current_lora_hash = str(sorted(deltas))
 
     @torch.inference_mode()
-    def sample(self, memory: MemoryManagement, prompt: str, seed: int = 0, steps: int = 4, size: int = 8):
+    def sample(self, memory: MemoryManagement, prompt: str, seed: int = 0, steps: int = 2, size: int = 8):
         """A deterministic Euler txt2img in latent space: what a generation computes, for comparisons."""
         objects = self.forge_objects_after_applying_lora.shallow_copy()
         memory.load_models_gpu([objects.unet, objects.clip.patcher])

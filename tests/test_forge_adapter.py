@@ -154,7 +154,7 @@ def test_sd1_trains_in_place_to_the_standalone_keys_and_leaves_forge_as_it_was(c
         checkpoints["sd1"],
         train_text_encoder=True,
         gradient_checkpointing=True,
-        max_train_steps=2,
+        max_train_steps=1,
         output_name="forge_sd1",
     )
     torch.set_num_threads(2)
@@ -327,7 +327,7 @@ class FailAt(TrainingCallback):
 def test_a_cancelled_or_failed_run_leaves_forge_as_it_was(ending, checkpoints, tmp_path):
     engine = standin.load_forge_engine(checkpoints["sd1"], "sd1")
     before = snapshot(engine)
-    cfg = small_config(tmp_path, checkpoints["sd1"], train_text_encoder=True, max_train_steps=4, output_name="stop")
+    cfg = small_config(tmp_path, checkpoints["sd1"], max_train_steps=3, output_name="stop")
     torch.set_num_threads(2)
     with adapter_for(engine) as adapter:
         if ending == "cancel":
