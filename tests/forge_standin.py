@@ -529,6 +529,10 @@ class TextProcessingEngine:
 
     def encode_with_transformers(self, tokens: torch.Tensor) -> torch.Tensor:
         transformer = self.text_encoder.transformer
+        embeddings = text_model(transformer).embeddings
+        # As Forge: the embeddings are computed in fp32 whatever the encoder's storage dtype (a Module.to).
+        embeddings.token_embedding = embeddings.token_embedding.to(dtype=torch.float32)
+        embeddings.position_embedding = embeddings.position_embedding.to(dtype=torch.float32)
         outputs = transformer(tokens, output_hidden_states=True)
         z = outputs.hidden_states[-max(self.clip_skip, self.minimal_clip_skip)]
         if self.final_layer_norm:
@@ -718,8 +722,11 @@ def _forge_clip(hf_encoder: nn.Module) -> IntegratedCLIP:
     return IntegratedCLIP(model)
 
 
-def load_forge_engine(checkpoint: str, arch: str, prediction_type: str = "epsilon") -> ForgeEngine:
-    """Build and load the stand-in inside inference mode, as ``forge_model_reload`` does."""
+def load_forge_engine(
+    checkpoint: str, arch: str, prediction_type: str = "epsilon", text_dtype: torch.dtype = torch.float32
+) -> ForgeEngine:
+    """Build and load the stand-in inside inference mode, as ``forge_model_reload`` does. ``text_dtype``: the
+    embeddings' storage dtype (Forge stores text encoders in fp16 by default, even on the CPU)."""
     from lora_trainer.models.loading import load_stable_diffusion
 
     parts = load_stable_diffusion(checkpoint, load_unet=False, load_vae=True, load_text_encoders=True)
@@ -731,6 +738,8 @@ def load_forge_engine(checkpoint: str, arch: str, prediction_type: str = "epsilo
         encoders = {"clip_l": _forge_clip(parts.text_encoders[0])}
         if arch == "sdxl":
             encoders["clip_g"] = _forge_clip(parts.text_encoders[1])
+        for encoder in encoders.values():
+            text_model(encoder.transformer).embeddings.to(text_dtype)
         clip = CLIP(encoders)
         vae = VAE(IntegratedAutoencoderKL(copy.deepcopy(parts.vae), parts.vae_scaling_factor).eval())
         engine = ForgeEngine(arch, unet_patcher, clip, vae, parts.tokenizers)

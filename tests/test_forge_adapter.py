@@ -338,3 +338,18 @@ def test_a_cancelled_or_failed_run_leaves_forge_as_it_was(ending, checkpoints, t
                 train_image(cfg, [FailAt(1)], runtime=LocalRuntime(CPU), adapter=adapter, log=lambda *a: None)
     assert not os.path.exists(os.path.join(cfg.output_dir, "stop.safetensors"))
     assert_restored(engine, before)
+
+
+def test_forges_own_embedding_conversion_run_by_the_trainer_keeps_its_generations_working(checkpoints, monkeypatch):
+    """Forge stores text encoders in fp16 and converts the embeddings to fp32 at their first use (Module.to). When
+    the trainer's encoding is that first use (a run started before any generation), the conversion runs outside
+    inference mode on inference tensors: unless they were cloned first, Forge's next generation fails."""
+    with monkeypatch.context() as patch:
+        patch.setattr(forge_adapter, "replace_inference_tensors", lambda roots: 0)
+        engine = standin.load_forge_engine(checkpoints["sd1"], "sd1", text_dtype=torch.float16)
+        adapter_for(engine).encode_text(CAPTIONS, clip_skip=1)
+        with pytest.raises(RuntimeError, match="version counter"):
+            engine.get_learned_conditioning(CAPTIONS)
+    engine = standin.load_forge_engine(checkpoints["sd1"], "sd1", text_dtype=torch.float16)
+    cond = adapter_for(engine).encode_text(CAPTIONS, clip_skip=1)["crossattn"]
+    torch.testing.assert_close(engine.get_learned_conditioning(CAPTIONS), cond)

@@ -148,6 +148,7 @@ class ForgeHostAdapter(DiffusionAdapter):
         self._load_models = load_models
         self._attention_overrides = list(attention_overrides)
         self._changes = ModuleChanges()
+        self._text_cloned = False
 
     # ------------------------------------------------------------ the host's parts
 
@@ -257,7 +258,17 @@ class ForgeHostAdapter(DiffusionAdapter):
         finally:
             engine.clip_skip = before
 
+    def _text_encoders_cloned(self) -> None:
+        """Normal clones of the text encoders' inference tensors, before any of Forge's text code runs here:
+        Forge converts its fp16 embeddings to fp32 at their first use (``Module.to``), and done outside inference
+        mode on an inference tensor that conversion leaves a parameter Forge's later generations cannot use
+        ("Inference tensors do not track version counter")."""
+        if not self._text_cloned:
+            replace_inference_tensors(self.text_encoder_modules())
+            self._text_cloned = True
+
     def _encode(self, engine: Any, captions: Sequence[str], clip_skip: int) -> torch.Tensor:
+        self._text_encoders_cloned()
         embeddings = getattr(engine, "embeddings", None)
         if embeddings is not None and hasattr(embeddings, "fixes"):
             embeddings.fixes = None  # no textual-inversion splices left over from a generation
