@@ -455,9 +455,11 @@ class MemoryManagement(types.ModuleType):
     def __init__(self):
         super().__init__("backend.memory_management")
         self.current_loaded_models: List[ModelPatcher] = []
+        self.outside_inference_mode = 0  # loads not made in inference mode (Forge's callers always are)
 
     def load_models_gpu(self, patchers: List[ModelPatcher], *args, **kwargs) -> None:
-        with torch.inference_mode():  # Forge loads for a generation, inside its inference-mode processing
+        self.outside_inference_mode += not torch.is_inference_mode_enabled()
+        with torch.inference_mode():  # what its merges make either way, since Forge's callers are in it
             for patcher in patchers:
                 for loaded in list(self.current_loaded_models):
                     if loaded.model is patcher.model and loaded is not patcher:

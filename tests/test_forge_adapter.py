@@ -171,6 +171,7 @@ def test_sd1_trains_in_place_to_the_standalone_keys_and_leaves_forge_as_it_was(c
     assert not untrained, untrained[:5]
     assert_restored(engine, before)
     assert torch.equal(engine.sample(memory, "a cat"), image_before)
+    assert memory.outside_inference_mode == 0  # Forge's loader called as Forge calls it
 
 
 def test_sdxl_trains_in_place_under_the_standalone_names(checkpoints, tmp_path):

@@ -195,6 +195,7 @@ def test_a_run_trains_in_place_publishes_and_makes_forge_read_the_new_file(forge
     assert engine.forge_objects_after_applying_lora.unet is engine.forge_objects_original.unet
     assert not forge.lock.locked() and forge.state.calls == [("begin", "lora_trainer"), ("end",)]
     assert standin.attention_function is standin.attention_sage and torch.equal(unet.get_parameter(key), clean)
+    assert forge.memory.outside_inference_mode == 0  # Forge's loader called as Forge calls it
 
 
 def test_refresh_after_a_rewrite_drops_forges_applied_loras(forge):

@@ -148,7 +148,6 @@ class ForgeHostAdapter(DiffusionAdapter):
         self._load_models = load_models
         self._attention_overrides = list(attention_overrides)
         self._changes = ModuleChanges()
-        self._text_cloned = False
 
     # ------------------------------------------------------------ the host's parts
 
@@ -174,7 +173,10 @@ class ForgeHostAdapter(DiffusionAdapter):
         if vae:
             patchers.append(self._vae.patcher)
         if patchers and self._load_models is not None:
-            self._load_models(patchers)
+            # As Forge always loads (its generations run in inference mode): a move to the GPU done outside it
+            # would turn inference tensors into parameters Forge's later generations cannot use.
+            with torch.inference_mode():
+                self._load_models(patchers)
         if unet:
             self._check_resident("UNet", self._unet_patcher, self.unet)
         if text_encoders:
@@ -263,9 +265,7 @@ class ForgeHostAdapter(DiffusionAdapter):
         Forge converts its fp16 embeddings to fp32 at their first use (``Module.to``), and done outside inference
         mode on an inference tensor that conversion leaves a parameter Forge's later generations cannot use
         ("Inference tensors do not track version counter")."""
-        if not self._text_cloned:
-            replace_inference_tensors(self.text_encoder_modules())
-            self._text_cloned = True
+        replace_inference_tensors(self.text_encoder_modules())  # a no-op pass once cloned (Forge may reload)
 
     def _encode(self, engine: Any, captions: Sequence[str], clip_skip: int) -> torch.Tensor:
         self._text_encoders_cloned()

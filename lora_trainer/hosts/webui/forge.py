@@ -150,13 +150,15 @@ class ForgeHost(WebUIHost):
     def prepare(self, model: Any) -> None:
         """Undo the LoRAs Forge merged (its loader restores every merged weight from its backup when the
         originals' patchers load) and load the parts."""
+        import torch
         from backend import memory_management
 
         from lora_trainer.hosts.live_weights import HostModelNotTrainable, weights_off_device
 
         reset_lora_state(model)
         original = parts_of(model)
-        memory_management.load_models_gpu([original.unet, original.clip.patcher, original.vae.patcher])
+        with torch.inference_mode():  # as Forge loads for a generation (see ForgeHostAdapter.load)
+            memory_management.load_models_gpu([original.unet, original.clip.patcher, original.vae.patcher])
         unet = original.unet
         away = weights_off_device(unet.model.diffusion_model, unet.load_device)
         if away or getattr(unet.model, "model_lowvram", False):
