@@ -204,7 +204,7 @@ class ScriptedTrainer:
 
 
 def runner_for(backend, trainer, monkeypatch):
-    monkeypatch.setattr(webui, "default_trainer", trainer)
+    monkeypatch.setattr(webui.backend, "default_trainer", trainer)
     return JobRunner(trainer=backend.train, hooks=backend.job_hooks())
 
 
@@ -427,6 +427,24 @@ def test_make_backend_kwargs_builds_runtime_and_adapter(host, tmp_path, monkeypa
     assert host.shared.opts.data["CLIP_stop_at_last_layers"] == 1
 
 
+def test_host_attention_is_swapped_only_without_loaded_hypernetworks(host, tmp_path, monkeypatch):
+    """The WebUI's hypernetworks run inside its own attention forward: with any loaded, the adapter keeps it."""
+    made = []
+
+    class FakeAdapter:
+        def __init__(self, model, **facts):
+            made.append(facts["fast_attention"])
+
+    fake_module = types.ModuleType("lora_trainer.hosts.ldm_adapter")
+    fake_module.LdmHostAdapter = FakeAdapter
+    monkeypatch.setitem(sys.modules, "lora_trainer.hosts.ldm_adapter", fake_module)
+    backend = webui.WebUIBackend()
+    backend.make_backend_kwargs(make_cfg(tmp_path, backend))
+    sys.modules["modules.shared"].loaded_hypernetworks = [object()]
+    backend.make_backend_kwargs(make_cfg(tmp_path, backend))
+    assert made == [True, False]
+
+
 def test_host_precision_maps_to_engine_precision():
     cuda = torch.device("cuda")
     facts = webui.HostFacts(device=cuda, dtype=torch.float16, lowvram=False, medvram=False, fp8=False)
@@ -528,3 +546,50 @@ def test_adapter_restored_even_when_the_engine_fails_early(host, tmp_path, monke
     job = runner.start(make_cfg(tmp_path, backend), backend_kwargs={"adapter": Adapter()})
     assert job.wait(CEILING_S) and job.status().state == FAILED
     assert restored == [True] and not host.lock.locked()
+
+
+def test_lowvram_trains_from_the_checkpoint_file_with_the_model_unloaded(host, tmp_path, monkeypatch):
+    """In place is refused (--lowvram): the host's model is unloaded through its own API, the engine trains from
+    the checkpoint file the WebUI has loaded, the model is loaded again, and the LoRA is published."""
+    pytest.importorskip("diffusers")  # the engine's own loader (absent from AUTOMATIC1111's environment)
+    checkpoint = tmp_path / "random_sd15.safetensors"
+    checkpoint.write_bytes(b"stands in for the file the WebUI loaded")
+    host.model.sd_checkpoint_info.filename = str(checkpoint)
+    host.cmd_opts.lowvram = True
+    events = []
+    sd_models = sys.modules["modules.sd_models"]
+    monkeypatch.setattr(sd_models, "unload_model_weights", lambda *a, **k: events.append("unload"), raising=False)
+    monkeypatch.setattr(sd_models, "reload_model_weights", lambda *a, **k: events.append("reload"), raising=False)
+    backend = webui.WebUIBackend()
+    assert "--lowvram" in backend.describe_model() and "checkpoint file" in backend.describe_model()
+    cfg = make_cfg(tmp_path, backend, base_model=backend.resolve_base_model(""))
+    kwargs = backend.make_backend_kwargs(cfg)
+    assert not kwargs["plan"].in_place and "adapter" not in kwargs
+    assert "checkpoint file" in backend.estimate_memory(cfg)
+
+    class FromFile(ScriptedTrainer):
+        def __call__(self, cfg, callbacks, **kwargs):
+            self.during = (list(events), cfg.base_model)
+            return super().__call__(cfg, callbacks, **kwargs)
+
+    trainer = FromFile(host)
+    job = runner_for(backend, trainer, monkeypatch).start(cfg, backend_kwargs=kwargs)
+    assert job.wait(10) and job.status().state == FINISHED, job.status().message
+    assert trainer.during == (["unload"], str(checkpoint)) and events == ["unload", "reload"]
+    assert set(trainer.kwargs) == {"runtime"}  # no adapter: the engine loads the file itself
+    assert open(os.path.join(host.cmd_opts.lora_dir, "cats.safetensors"), "rb").read() == b"final weights"
+    assert host.networks.listed == 1 and not host.lock.locked()
+
+
+def test_reforge_and_forge_classic_train_from_the_checkpoint_file(host, tmp_path):
+    """An AUTOMATIC1111-style model carrying Forge's objects (reForge, Forge Classic) is driven by the engine's own
+    loader from the file, never refused when that loader and the file are there."""
+    pytest.importorskip("diffusers")
+    checkpoint = tmp_path / "model.safetensors"
+    checkpoint.write_bytes(b"stands in for the file the WebUI loaded")
+    host.model.sd_checkpoint_info.filename = str(checkpoint)
+    host.model.forge_objects = object()
+    backend = webui.WebUIBackend()
+    text = backend.describe_model()
+    assert "reForge or Forge Classic" in text and "checkpoint file" in text and "Cannot train" not in text
+    assert not backend.make_backend_kwargs(make_cfg(tmp_path, backend))["plan"].in_place

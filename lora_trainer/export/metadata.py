@@ -13,7 +13,7 @@ import hashlib
 import json
 import os
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Mapping, Optional
 
 from lora_trainer.config import ImageConfig, resolved_output_name
 
@@ -84,9 +84,12 @@ def lora_metadata(
     num_processes: int = 1,
     session_id: Optional[int] = None,
     model_hashes: Optional[Dict[str, str]] = None,
+    network: Optional[Mapping[str, str]] = None,
 ) -> Dict[str, str]:
     """``dataset`` carries the JSON-encoded ss_tag_frequency, ss_bucket_info and ss_dataset_dirs and
-    ss_num_train_images from the dataset summary; ``model_hashes`` the base model's (``base_model_hashes``)."""
+    ss_num_train_images from the dataset summary; ``model_hashes`` the base model's (``base_model_hashes``);
+    ``network`` the type's ``ss_network_module`` (and ``ss_network_args``) from ``NetworkSpec.metadata()``,
+    sd-scripts' plain LoRA when None."""
     unet_lr = cfg.unet_lr if cfg.unet_lr is not None else cfg.learning_rate
     te_lr = cfg.text_encoder_lr if cfg.text_encoder_lr is not None else cfg.learning_rate
     meta: Dict[str, Any] = {
@@ -141,6 +144,7 @@ def lora_metadata(
         meta["ss_session_id"] = session_id
     meta.update(family.extra_metadata(cfg, prediction_type))
     meta.update(model_hashes or {})
+    meta.update(network or {})
     meta.update(dataset)
     meta = {k: (json.dumps(v) if isinstance(v, (dict, list)) else str(v)) for k, v in meta.items()}
     meta.update(

@@ -25,9 +25,16 @@ from torch.utils.checkpoint import checkpoint
 from lora_trainer.errors import ConfigError, ModelLoadError
 from lora_trainer.export.kohya_names import text_lora_name, unet_lora_name_from_ldm
 from lora_trainer.hosts.fused_attention import QKV, projection_views, split_projection_forward
+from lora_trainer.hosts.host_attention import sdpa_forward, slow_attention_layers
 from lora_trainer.hosts.module_changes import ModuleChanges
 from lora_trainer.lora.layer import is_lora_target
-from lora_trainer.lora.targets import NEVER_TRAINED, TEXT_CONTAINERS, UNET_CONTAINERS, find_targets
+from lora_trainer.lora.targets import (
+    NEVER_TRAINED,
+    TEXT_CONTAINERS,
+    UNET_CONTAINERS,
+    UNET_CONV_CONTAINERS,
+    find_targets,
+)
 from lora_trainer.models.adapter import Conditioning, DiffusionAdapter, SizeCondition
 from lora_trainer.models.families import SD1, SD2, SDXL
 from lora_trainer.models.families.unet_family import UNetFamily
@@ -135,6 +142,28 @@ def weights_fingerprint(model: nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
+def ldm_unet_targets(
+    unet: nn.Module, names: UNetNameMap, extra: Sequence[str] = (), conv: bool = False
+) -> List[Tuple[str, nn.Module]]:
+    """(ldm path, module) of an ldm-named UNet's standard LoRA targets (with ``conv``, the convolution blocks'
+    too, as LoCon trains them), plus modules whose diffusers-style path contains an ``extra`` substring (the
+    standalone engine matches ``target_modules`` against diffusers paths, so a host model does too), in model
+    order."""
+    found = dict(find_targets(unet, UNET_CONTAINERS, conv_containers=UNET_CONV_CONTAINERS if conv else ()))
+    if extra:
+        find_targets(nn.Module(), (), extra)  # refuses substrings that name never-trained layers
+        for path, module in unet.named_modules():
+            diffusers = names.to_diffusers(path) if path else None
+            if path in found or diffusers is None or not is_lora_target(module, conv):
+                continue
+            if any(s in diffusers for s in extra) and not any(
+                diffusers.startswith(b) or f".{b}" in diffusers for b in NEVER_TRAINED
+            ):
+                found[path] = module
+    order = {path: i for i, (path, _) in enumerate(unet.named_modules())}
+    return sorted(found.items(), key=lambda item: order[item[0]])
+
+
 def _checkpointed(forward: Callable) -> Callable:
     """``forward`` under non-reentrant ``torch.utils.checkpoint`` (it keeps the graph to LoRA weights that are
     not among the block's inputs or parameters, which the host's reentrant helpers drop)."""
@@ -167,9 +196,13 @@ class LdmHostAdapter(DiffusionAdapter):
         clip_skip_scope: Optional[ClipSkipScope] = None,
         model_name: Optional[str] = None,
         identity: Optional[str] = None,
+        fast_attention: bool = True,
     ):
         """``autocast``: the host's compute context (the WebUI's ``devices.autocast``). ``clip_skip_scope(n)``:
-        a context in which the host's prompt encoding stops n layers from the end (the WebUI's "Clip skip")."""
+        a context in which the host's prompt encoding stops n layers from the end (the WebUI's "Clip skip").
+        ``fast_attention``: run UNet attention layers whose host implementation is not fused through torch's
+        SDPA during training (``hosts/host_attention.py``); off where the host's own forward must run (the
+        WebUI's hypernetworks hook into it)."""
         if lowvram:
             raise ConfigError(
                 "The host runs with --lowvram, which moves model blocks between devices during every "
@@ -206,6 +239,7 @@ class LdmHostAdapter(DiffusionAdapter):
         self.model_hashes = {"ss_sd_model_hash": legacy, "ss_new_sd_model_hash": sha256} if legacy and sha256 else None
         self._autocast = autocast or contextlib.nullcontext
         self._clip_skip_scope = clip_skip_scope
+        self.fast_attention = fast_attention
         self._changes = ModuleChanges()
         self._windows = 1  # prompt chunks of 77 per caption: max_token_length / 75
 
@@ -327,7 +361,8 @@ class LdmHostAdapter(DiffusionAdapter):
     # ------------------------------------------------------------ LoRA wiring
 
     def _begin_training(self) -> None:
-        """Freeze the host model and switch its own checkpointing off; recorded for ``restore``."""
+        """Freeze the host model, switch its own checkpointing off and its slow attention to SDPA; recorded for
+        ``restore``."""
         if not self._changes.empty:
             return
         self._changes.remember_modes(self.model)
@@ -336,8 +371,13 @@ class LdmHostAdapter(DiffusionAdapter):
             for flag in HOST_CHECKPOINT_FLAGS:
                 if module.__dict__.get(flag) is True:
                     self._changes.set_attribute(module, flag, False)
+        if self.fast_attention:
+            for _path, module in slow_attention_layers(self.unet):
+                self._changes.wrap_forward(module, lambda host, m=module: sdpa_forward(m, host))
 
-    def lora_targets(self, train_text_encoder: bool, extra: Sequence[str] = ()) -> List[Tuple[str, nn.Module]]:
+    def lora_targets(
+        self, train_text_encoder: bool, extra: Sequence[str] = (), conv: bool = False
+    ) -> List[Tuple[str, nn.Module]]:
         if train_text_encoder and self.medvram:
             raise ConfigError(
                 "Text-encoder training does not work under --medvram (the host moves the text "
@@ -347,7 +387,7 @@ class LdmHostAdapter(DiffusionAdapter):
         self._begin_training()
         targets = [
             (unet_lora_name_from_ldm(path, self.family, self.names), module)
-            for path, module in self._unet_modules(extra)
+            for path, module in self._unet_modules(extra, conv)
         ]
         if train_text_encoder:
             for index, embedder in enumerate(text_embedders(self.model)):
@@ -357,22 +397,8 @@ class LdmHostAdapter(DiffusionAdapter):
                     self._changes.set_attribute(embedder, "is_trainable", True)
         return targets
 
-    def _unet_modules(self, extra: Sequence[str]) -> List[Tuple[str, nn.Module]]:
-        """The standard targets, plus modules whose diffusers-style path contains an ``extra`` substring (the
-        standalone engine matches ``target_modules`` against diffusers paths, so the host does too)."""
-        found = dict(find_targets(self.unet, UNET_CONTAINERS))
-        if extra:
-            find_targets(nn.Module(), (), extra)  # refuses substrings that name never-trained layers
-            for path, module in self.unet.named_modules():
-                diffusers = self.names.to_diffusers(path) if path else None
-                if path in found or diffusers is None or not is_lora_target(module):
-                    continue
-                if any(s in diffusers for s in extra) and not any(
-                    diffusers.startswith(b) or f".{b}" in diffusers for b in NEVER_TRAINED
-                ):
-                    found[path] = module
-        order = {path: i for i, (path, _) in enumerate(self.unet.named_modules())}
-        return sorted(found.items(), key=lambda item: order[item[0]])
+    def _unet_modules(self, extra: Sequence[str], conv: bool = False) -> List[Tuple[str, nn.Module]]:
+        return ldm_unet_targets(self.unet, self.names, extra, conv)
 
     def _text_targets(self, embedder: nn.Module, index: int) -> List[Tuple[str, nn.Module]]:
         clip = open_clip_model(embedder)
@@ -425,4 +451,12 @@ class LdmHostAdapter(DiffusionAdapter):
         self._changes.undo()
 
 
-__all__ = ["LdmHostAdapter", "host_architecture", "host_family", "ldm_unet_layout", "text_embedders", "unwrapped"]
+__all__ = [
+    "LdmHostAdapter",
+    "host_architecture",
+    "host_family",
+    "ldm_unet_layout",
+    "ldm_unet_targets",
+    "text_embedders",
+    "unwrapped",
+]

@@ -26,6 +26,8 @@ def open_base_model(
 
     path, hub_name = resolve_base_model(cfg.base_model, on_download=on_download, log=log)
     family = family_at(path) or SD1
+    if not getattr(cfg, "network_weights", None):  # refused before gigabytes load, not after
+        family.check_network_type(getattr(cfg, "network_type", "lora"), getattr(cfg, "conv_rank", None))
     return family.open_standalone(
         path,
         reference=cfg.base_model,

@@ -365,7 +365,10 @@ class ZImageAdapter(DiffusionAdapter):
 
     # ------------------------------------------------------------ LoRA wiring
 
-    def lora_targets(self, train_text_encoder: bool, extra: Sequence[str] = ()) -> List[Tuple[str, nn.Module]]:
+    def lora_targets(
+        self, train_text_encoder: bool, extra: Sequence[str] = (), conv: bool = False
+    ) -> List[Tuple[str, nn.Module]]:
+        """``conv`` adds nothing: the transformer has no convolution blocks (the factory refuses conv options)."""
         from lora_trainer.models.families.zimage import file_module_name
 
         targets = []

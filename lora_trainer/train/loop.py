@@ -22,7 +22,7 @@ import torch
 from lora_trainer.config import CommonConfig, save_config_snapshot
 from lora_trainer.errors import LoraTrainerError
 from lora_trainer.train.callbacks import CallbackList, StepInfo, TensorBoardLogger, TrainingCallback
-from lora_trainer.train.optim import build_optimizer, build_scheduler
+from lora_trainer.train.optim import build_optimizer, build_scheduler, load_optimizer_state
 from lora_trainer.train.run import TrainingResult
 from lora_trainer.train.state import (
     TrainingState,
@@ -154,7 +154,7 @@ class TrainingLoop:
         check_resumable(cfg.resume, state, task.resume_settings(), shapes)
         rates = list(self.scheduler.base_lrs)  # the config's, before the state's replace them
         task.load_trainable_state(state, cfg.resume)
-        self.optimizer.load_state_dict(state.optimizer)
+        load_optimizer_state(self.optimizer, state.optimizer)  # keeps this run's fused/foreach flags
         self.scheduler.load_state_dict(state.scheduler)
         # The config's learning rates apply from the schedule's saved position on.
         for line in describe_rate_changes(apply_config_rates(self.optimizer, self.scheduler, rates), state.step):

@@ -45,6 +45,13 @@ class ModelFamily:
     supports_fp8_base: bool = False
     # Every tensor name in the family's LoRA file starts with one of these (checked before writing).
     lora_file_prefixes: tuple = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
+    # Class names of the denoiser's blocks whose Linears (and 1x1 convs) get LoRA layers (sd-scripts' default
+    # set), and of those whose convolutions also do for LoCon or a conv_rank (``lora/targets.py``).
+    lora_containers: tuple = ()
+    conv_containers: tuple = ()
+    # The network types (``lora/registry.py``) whose files the family's loaders (ComfyUI, the WebUI, diffusers)
+    # are known to apply; ``check_network_type`` refuses the others before anything loads.
+    network_types: tuple = ("lora",)
 
     # ------------------------------------------------------------ recognising the model
 
@@ -74,6 +81,20 @@ class ModelFamily:
         return "epsilon"
 
     # ------------------------------------------------------------ the LoRA file
+
+    def check_network_type(self, network_type: str, conv_rank: Optional[int] = None) -> None:
+        """Raise ``ConfigError`` naming the option when the family cannot train or export ``network_type``
+        (or convolution layers, which only UNet families have)."""
+        from lora_trainer.errors import ConfigError
+
+        if network_type not in self.network_types:
+            raise ConfigError(
+                f"network_type: {network_type!r} is not supported for {self.label} yet (supported: "
+                f"{', '.join(self.network_types)}): its LoRA files are written in the form "
+                f"{self.label}'s loaders read, which has no {network_type} layers. Set network_type: lora."
+            )
+        if conv_rank is not None and not self.conv_containers:
+            raise ConfigError(f"conv_rank: {self.label} has no convolution layers that LoRA trains; remove conv_rank.")
 
     def text_lora_prefix(self, index: int) -> str:
         """``lora_te_`` / ``lora_te1_``... for the ``index``-th text encoder."""

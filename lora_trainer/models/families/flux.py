@@ -33,6 +33,7 @@ class FluxFamily(ModelFamily):
     text_lora_prefixes = ("lora_te1_",)  # CLIP-L; sd-scripts names T5-XXL's lora_te3_ (not trained here)
     prediction_types = ("flow",)
     supports_fp8_base = True
+    lora_containers = LORA_CONTAINERS
 
     def __init__(self, variant: str):
         self.variant = variant  # "dev" or "schnell"

@@ -13,6 +13,8 @@ import json
 import os
 from typing import Any, Collection, Dict, List, Tuple
 
+from lora_trainer.lora.registry import NETWORK_TYPE_NAMES
+from lora_trainer.lora.targets import UNET_CONTAINERS, UNET_CONV_CONTAINERS
 from lora_trainer.models.families.base import ModelFamily
 
 UNET_PREFIX = "model.diffusion_model."
@@ -35,6 +37,9 @@ class UNetFamily(ModelFamily):
     kohya_sgm_unet_names: bool = False
     # Diffusers pipeline class written into a diffusers folder's model_index.json.
     pipeline_class: str = "StableDiffusionPipeline"
+    lora_containers = UNET_CONTAINERS
+    conv_containers = UNET_CONV_CONTAINERS
+    network_types = NETWORK_TYPE_NAMES  # kohya UNet files: every type is applied by the WebUI, ComfyUI, diffusers
 
     # ------------------------------------------------------------ recognising the model
 

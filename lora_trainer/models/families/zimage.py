@@ -82,6 +82,7 @@ class ZImageFamily(ModelFamily):
     prediction_types = ("flow",)
     supports_fp8_base = True
     lora_file_prefixes = (FILE_PREFIX,)
+    lora_containers = LORA_CONTAINERS
 
     # ------------------------------------------------------------ recognising the model
 

@@ -242,7 +242,10 @@ class FluxAdapter(DiffusionAdapter):
 
     # ------------------------------------------------------------ LoRA wiring
 
-    def lora_targets(self, train_text_encoder: bool, extra: Sequence[str] = ()) -> List[Tuple[str, nn.Module]]:
+    def lora_targets(
+        self, train_text_encoder: bool, extra: Sequence[str] = (), conv: bool = False
+    ) -> List[Tuple[str, nn.Module]]:
+        """``conv`` adds nothing: the transformer has no convolution blocks (the factory refuses conv options)."""
         targets = [
             ("lora_unet_" + path.replace(".", "_"), module)
             for path, module in find_targets(self.transformer, LORA_CONTAINERS, extra)
