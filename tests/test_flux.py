@@ -307,3 +307,19 @@ def test_text_encoders_are_freed_before_the_transformer_loads(webui, tmp_path, m
     _models, path, _parts = webui
     result = train(flux_config(tmp_path, path, max_train_steps=1))
     assert result.status == "finished" and seen == [(None, None)]
+
+
+@pytest.mark.parametrize("options", [{"network_type": "loha"}, {"network_type": "locon"}, {"conv_rank": 4}])
+def test_network_types_flux_files_cannot_hold_are_refused_before_loading(webui, tmp_path, monkeypatch, options):
+    """LyCORIS types and convolution options are SD1/SD2/SDXL's: a Flux run asking for them stops with an error
+    naming the option, before the transformer is opened."""
+    from lora_trainer.errors import ConfigError
+    from lora_trainer.models.families.flux import FluxFamily
+
+    def never(*_args, **_kwargs):
+        raise AssertionError("the model was opened")
+
+    monkeypatch.setattr(FluxFamily, "open_standalone", never)
+    _models, path, _parts = webui
+    with pytest.raises(ConfigError, match="network_type: 'loha'|network_type: 'locon'|conv_rank"):
+        train(flux_config(tmp_path, path, **options))

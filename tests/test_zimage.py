@@ -184,3 +184,21 @@ def test_file_names_round_trip_and_unknown_modules_are_refused():
         assert file_module_name(internal) == "diffusion_model." + name
     with pytest.raises(ValueError, match="t_embedder"):
         file_module_name("lora_unet_t_embedder_mlp_0")
+
+
+def test_only_lora_is_offered_for_z_image_files():
+    """Z-Image's file form (diffusion_model.<diffusers name>) has no LyCORIS layers: other types are refused
+    with the option named; SD families take every registered type and their convolution blocks."""
+    from lora_trainer.errors import ConfigError
+    from lora_trainer.lora.registry import NETWORK_TYPE_NAMES
+    from lora_trainer.models.families import SD1, SDXL, ZIMAGE
+
+    ZIMAGE.check_network_type("lora")
+    for kind in ("locon", "loha", "lokr", "dora"):
+        with pytest.raises(ConfigError, match=f"network_type: '{kind}' is not supported for Z-Image"):
+            ZIMAGE.check_network_type(kind)
+    with pytest.raises(ConfigError, match="conv_rank"):
+        ZIMAGE.check_network_type("lora", conv_rank=4)
+    for family in (SD1, SDXL):
+        for kind in NETWORK_TYPE_NAMES:
+            family.check_network_type(kind, conv_rank=4)

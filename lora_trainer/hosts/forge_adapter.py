@@ -172,6 +172,11 @@ class ForgeHostAdapter(DiffusionAdapter):
             or checkpoint_info_value(engine, "sha256", "shorthash", "filename")
             or weights_fingerprint(self.unet)
         )
+        # The checkpoint's file and both its hashes as the host has them, for the file's metadata (as the
+        # A1111 adapter records them: the same keys whichever host trained the LoRA).
+        self.model_file = checkpoint_info_value(engine, "filename")
+        legacy, sha256 = checkpoint_info_value(engine, "hash"), checkpoint_info_value(engine, "sha256")
+        self.model_hashes = {"ss_sd_model_hash": legacy, "ss_new_sd_model_hash": sha256} if legacy and sha256 else None
         self._load_models = load_models
         self._attention_overrides = list(attention_overrides)
         self._changes = ModuleChanges()
