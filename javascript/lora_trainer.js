@@ -41,7 +41,7 @@ function loraTrainerRefreshLoras(published) {
         const button = root.querySelector(`#${tab}_lora_extra_refresh_internal`)
             || root.querySelector(`[id^="${tab}_"][id$="_extra_refresh_internal"]`);
         if (button) {
-            button.dispatchEvent(new Event("click"));
+            button.click();  // a real click event: every gradio version's button reacts to it
         }
     }
     return [];

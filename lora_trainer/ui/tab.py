@@ -210,7 +210,7 @@ class TrainerTab:
                     send.click(None, inputs=[self.try_it], outputs=None, **compat.js_kwargs(send_js))
             # Set by the poll once a run's LoRA is published; its change event makes the host's page list it
             # (the host's own Lora refresh, done in the browser: backend.refresh_loras_js).
-            self.published = gr.Textbox("", visible=False, elem_id=f"{ELEM}published")
+            self.published = gr.Textbox("", visible=compat.in_page_hidden(), elem_id=f"{ELEM}published")
             self.seen = gr.State({})
             self._wire(blocks)
         return blocks
