@@ -30,7 +30,7 @@ from lora_trainer.train.callbacks import StepInfo  # noqa: E402
 from lora_trainer.train.run import TrainingResult  # noqa: E402
 from lora_trainer.ui import gradio_compat as compat  # noqa: E402
 from lora_trainer.ui.backend import WEBUI_REFRESH_LORAS_JS, WEBUI_SEND_PROMPT_JS, StandaloneBackend  # noqa: E402
-from lora_trainer.ui.standalone import launch  # noqa: E402
+from lora_trainer.ui.standalone import launch, read_css  # noqa: E402
 from lora_trainer.ui.tab import TrainerTab  # noqa: E402
 
 STEPS, PAUSE_AT = 12, 4
@@ -133,7 +133,8 @@ def build(root):
         pages["txt2img"] = lora_cards(backend.lora_dir())
         return pages["txt2img"]
 
-    with gr.Blocks(**compat.blocks_kwargs(title="Stand-in WebUI")) as demo:
+    # The host injects the extension's style.css into its page.
+    with gr.Blocks(**compat.blocks_kwargs(css=read_css(), title="Stand-in WebUI")) as demo:
         with gr.Tabs(elem_id="tabs"):
             with gr.Tab("txt2img", elem_id="tab_txt2img"):
                 gr.Textbox(label="Prompt", elem_id="txt2img_prompt", lines=2)

@@ -23,7 +23,8 @@ class TabWording:
     """Replaces whole-word config keys with the tab's quoted labels (``"Dataset folder"``)."""
 
     def __init__(self, labels: Mapping[str, str]) -> None:
-        self.labels: Dict[str, str] = dict(labels)
+        # Only identifiers (with an underscore): "seed", "resolution" or "optimizer" in prose are plain words.
+        self.labels: Dict[str, str] = {k: v for k, v in labels.items() if "_" in k}
         keys = sorted(self.labels, key=len, reverse=True)  # longest first: unet_lr before lr
         # Not inside a longer identifier, a path or a file name ("state-10", "output_dir/logs" stays readable).
         self._pattern = re.compile(r"(?<![\w.-])(" + "|".join(map(re.escape, keys)) + r")(?![\w-])") if keys else None
