@@ -209,3 +209,14 @@ def test_diffusers_copy_name_matches_the_image_trainer():
     from lora_trainer.train.image_trainer import FINAL_DIFFUSERS_NAME
 
     assert DIFFUSERS_COPY_NAME == FINAL_DIFFUSERS_NAME
+
+
+def test_tab_wording_replaces_config_identifiers_only():
+    from lora_trainer.ui.wording import TabWording
+
+    words = TabWording.for_fields(options.form_fields())
+    assert words.say("train_data_dir not found: /d/x") == '"Dataset folder" not found: /d/x'
+    assert words.say("defaults to learning_rate; see unet_lr.") == 'defaults to "Learning rate"; see "UNet LR".'
+    plain = "Training resolution (the bucket area is resolution squared); the same seed gives the same LoRA."
+    assert words.say(plain) == plain  # one-word keys are ordinary words in prose
+    assert words.say("my_train_data_dir_v2.yaml") == "my_train_data_dir_v2.yaml"

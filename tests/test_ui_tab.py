@@ -108,6 +108,8 @@ def test_train_poll_shows_progress_plot_previews_files_and_try_it(tab, tmp_path)
     assert published == "1:style.safetensors"
     again = tab.poll(seen)  # nothing changed: every output is left alone
     assert all(isinstance(v, dict) for v in again[:-1])
+    restarted = TrainerTab(StandaloneBackend(str(tmp_path / "loras")), JobRunner())  # the same list after a restart
+    assert compat.table_rows(restarted.poll({})[3]) == rows
 
 
 def test_existing_lora_is_not_overwritten_unless_asked(tab, tmp_path):
