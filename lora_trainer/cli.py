@@ -1,5 +1,6 @@
-"""Command line: ``python -m lora_trainer train|caption|ui`` (``train.py`` and ``tools/auto_label.py`` are
-thin aliases). Errors a user can fix are printed as one clear line, without a traceback."""
+"""Command line: ``python -m lora_trainer train|caption|ui|download`` (``train.py`` and
+``tools/auto_label.py`` are thin aliases). Errors a user can fix are printed as one clear line, without a
+traceback."""
 
 from __future__ import annotations
 
@@ -12,14 +13,27 @@ from lora_trainer.errors import LoraTrainerError
 
 def _train(args: argparse.Namespace) -> int:
     from lora_trainer.config import load_config
+    from lora_trainer.models.hub_models import DEFAULT_BASE_MODEL
     from lora_trainer.train.callbacks import TqdmProgress
     from lora_trainer.train.cpu_launch import missing_cpu_ranks, start_missing_ranks
     from lora_trainer.train.run import run_training
+    from lora_trainer.train.signals import StopOnSignals
 
-    cfg = load_config(args.config)
+    cfg = load_config(args.config, default_base_model=DEFAULT_BASE_MODEL)
+    if cfg.task_type == "image-generation" and cfg.base_model == DEFAULT_BASE_MODEL:
+        print(
+            f"base_model: {DEFAULT_BASE_MODEL} (SD 1.5 from the Hugging Face Hub, the default when the config names "
+            "none; downloaded on first use, then read from the cache)"
+        )
     workers = start_missing_ranks(missing_cpu_ranks())
     try:
-        result = run_training(cfg, callbacks=[TqdmProgress()])
+        # Ctrl+C / SIGTERM: stop after the step, save, print the resume line; a second one quits at once.
+        with StopOnSignals() as stop:
+            result = run_training(cfg, callbacks=[TqdmProgress(), stop])
+    except BaseException:
+        for worker in workers:  # they would wait for this process at the next step for ever
+            worker.terminate()
+        raise
     finally:
         failed_workers = sum(1 for w in workers if w.wait() != 0)
     if result.message:
@@ -27,7 +41,9 @@ def _train(args: argparse.Namespace) -> int:
     if failed_workers:
         print(f"error: {failed_workers} of the other training processes failed", file=sys.stderr)
         return 1
-    return 0 if result.status == "finished" else 1
+    if result.status == "finished":
+        return 0
+    return stop.exit_status or 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,6 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     caption.set_defaults(func=None)
     ui = sub.add_parser("ui", help="serve the trainer tab as a standalone gradio app", add_help=False)
     ui.set_defaults(func=None)
+    download = sub.add_parser(
+        "download", help="fill the Hugging Face cache with models, for offline use later", add_help=False
+    )
+    download.set_defaults(func=None)
     return parser
 
 
@@ -68,6 +88,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             from lora_trainer.ui.standalone import main as ui_main
 
             return ui_main(argv[1:])
+        if argv and argv[0] == "download":
+            from lora_trainer.hub.cli import main as download_main
+
+            return download_main(argv[1:])
         args = build_parser().parse_args(argv)
         return args.func(args)
 

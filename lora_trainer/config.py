@@ -18,6 +18,8 @@ from typing import Any, Dict, List, Mapping, Optional, Type
 import yaml
 
 from lora_trainer.errors import ConfigError
+from lora_trainer.hub.reference import as_hub_reference
+from lora_trainer.io.text_files import read_text
 
 TASK_TYPES = ("image-generation", "text-generation")
 
@@ -40,7 +42,11 @@ class CommonConfig:
         "image-generation", "What to train: a diffusion LoRA or a causal-LM LoRA.", choices=TASK_TYPES
     )
     base_model: str = option(
-        "", "The model to train on: a diffusers/transformers folder or a single-file checkpoint (.safetensors)."
+        "",
+        "The model to train on: a diffusers/transformers folder, a single-file checkpoint (.safetensors), or a "
+        "Hugging Face Hub id (owner/name[@revision], or owner/name/file.safetensors), downloaded on first use. "
+        "Left empty for an image LoRA, the command line and the standalone app use "
+        "stable-diffusion-v1-5/stable-diffusion-v1-5.",
     )
     train_data_dir: str = option("", "Folder with the training data.")
     output_dir: str = option("./output", "Where the LoRA, training states, config snapshot and logs go.")
@@ -120,6 +126,12 @@ class ImageConfig(CommonConfig):
     )
     clip_skip: int = option(
         1, "Use the output of the n-th last text-encoder layer (2 for anime models).", minimum=1, maximum=12
+    )
+    max_token_length: int = option(
+        75,
+        "Caption tokens the text encoder sees: 75 is one CLIP window; 150 or 225 encode longer captions in "
+        "75-token windows, as sd-scripts' max_token_length does. Longer captions are cut at the end.",
+        choices=(75, 150, 225),
     )
     shuffle_caption: bool = option(False, "Shuffle comma-separated tags of each caption every epoch.")
     keep_tokens: int = option(0, "Tags kept in place at the front when shuffling.", minimum=0)
@@ -210,6 +222,9 @@ def _coerce(key: str, value: Any, annotation: Any, f: dataclasses.Field) -> Any:
         if (lo is not None and number < lo) or (hi is not None and number > hi):
             bounds = f"at least {lo}" if hi is None else f"between {lo} and {hi}"
             raise ConfigError(f"{key}: {value!r} is out of range; it must be {bounds}.")
+        choices = f.metadata.get("choices") or ()
+        if choices and number not in choices:
+            raise ConfigError(f"{key}: {value!r} is not allowed; choose one of {', '.join(map(str, choices))}.")
         return number
     if annotation is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
@@ -225,11 +240,15 @@ def _coerce(key: str, value: Any, annotation: Any, f: dataclasses.Field) -> Any:
     raise ConfigError(f"{key}: unsupported option type {annotation!r}.")  # pragma: no cover
 
 
-def config_from_dict(raw: Mapping[str, Any], *, base_dir: str | None = None) -> CommonConfig:
+def config_from_dict(
+    raw: Mapping[str, Any], *, base_dir: str | None = None, default_base_model: str | None = None
+) -> CommonConfig:
     """Validate a mapping of options and build the config of its ``task_type``.
 
     Relative paths are resolved against ``base_dir`` (the current directory when None), so a config file
     behaves the same wherever the command is run from only when its paths are absolute, as users expect.
+    A ``base_model`` naming a Hub repository (and no local path) is kept as written. ``default_base_model``
+    fills an empty ``base_model`` of an image config (the command line's and standalone app's default).
     """
     if not isinstance(raw, Mapping):
         raise ConfigError(f"The config must be a mapping of key: value pairs, got {type(raw).__name__}.")
@@ -249,8 +268,12 @@ def config_from_dict(raw: Mapping[str, Any], *, base_dir: str | None = None) -> 
             hint = f" Did you mean {near[0]!r}?" if near else " See configs/ for the documented keys."
             raise ConfigError(f"Unknown key {key!r}.{hint}")
         values[key] = _coerce(key, value, hints[key], known[key])
+    if default_base_model and cls is ImageConfig and not values.get("base_model"):
+        values["base_model"] = default_base_model
     for key in PATH_KEYS:
         if key in known and values.get(key):
+            if key == "base_model" and as_hub_reference(values[key], base_dir) is not None:
+                continue  # a Hub id, not a path
             values[key] = os.path.normpath(os.path.join(base_dir or os.getcwd(), os.path.expanduser(values[key])))
     cfg = cls(**values)
     _check_required(cfg)
@@ -267,19 +290,21 @@ def _check_required(cfg: CommonConfig) -> None:
         )
 
 
-def load_config(path: str, overrides: Mapping[str, Any] | None = None) -> CommonConfig:
-    """Read a YAML config file (relative paths resolve against the working directory, as in lora-scripts)."""
+def load_config(
+    path: str, overrides: Mapping[str, Any] | None = None, *, default_base_model: str | None = None
+) -> CommonConfig:
+    """Read a YAML config file (relative paths resolve against the working directory, as in lora-scripts);
+    ``default_base_model`` as in ``config_from_dict``."""
     if not os.path.isfile(path):
         raise ConfigError(f"Config file not found: {path}")
-    with open(path, encoding="utf-8") as fh:
-        try:
-            raw = yaml.safe_load(fh) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+    try:
+        raw = yaml.safe_load(read_text(path, ConfigError)) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
     if not isinstance(raw, dict):
         raise ConfigError(f"{path} must hold key: value pairs at the top level.")
     raw.update(overrides or {})
-    return config_from_dict(raw)
+    return config_from_dict(raw, default_base_model=default_base_model)
 
 
 def config_to_dict(cfg: CommonConfig) -> Dict[str, Any]:

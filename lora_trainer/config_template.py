@@ -29,7 +29,7 @@ def render_template(cls: Type[CommonConfig], values: Dict[str, Any]) -> str:
         doc = f.metadata.get("doc", "")
         choices = f.metadata.get("choices") or ()
         if choices:
-            doc += f" One of: {', '.join(choices)}."
+            doc += f" One of: {', '.join(map(str, choices))}."
         lines.append(f"# {doc}")
         if f.name in values:
             value = values[f.name]

@@ -105,6 +105,10 @@ class _JobProgress(TrainingCallback):
     def on_train_start(self, total_steps: int, start_step: int, summary: Dict[str, Any]) -> None:
         self.job._on_train_start(total_steps, start_step)
 
+    def on_download(self, progress: Any) -> None:
+        """A first-use download of the base model: its line (file, bytes of total) is the job's message."""
+        self.job._update(message=progress.describe())
+
     def on_step_end(self, info: StepInfo) -> None:
         self.job._on_step_end(info)
 

@@ -1,7 +1,8 @@
-"""Test-wide guards: nothing may touch the network, and nothing may reach a model hub."""
+"""Test-wide guards: nothing may touch the network, nothing may reach a model hub, no test shares a model cache."""
 
 import os
 import socket
+import sys
 
 import pytest
 
@@ -30,3 +31,17 @@ def _guarded_connect(self, address):
 def no_network(monkeypatch):
     monkeypatch.setattr(socket.socket, "connect", _guarded_connect)
     yield
+
+
+@pytest.fixture(autouse=True)
+def own_hf_cache(tmp_path_factory, monkeypatch):
+    """Each test gets an empty Hugging Face cache of its own, so none reads (or fills) the machine's: set in the
+    environment (child processes and a first import of huggingface_hub read it) and, once huggingface_hub is
+    imported, in the constant it read at import (what lora_trainer.hub and huggingface_hub use)."""
+    home = tmp_path_factory.mktemp("hf_home")
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.setenv("HF_HUB_CACHE", str(home / "hub"))
+    constants = sys.modules.get("huggingface_hub.constants")
+    if constants is not None:
+        monkeypatch.setattr(constants, "HF_HOME", str(home))
+        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(home / "hub"))

@@ -513,7 +513,7 @@ def text_model(transformer: nn.Module) -> nn.Module:
 
 
 class TextProcessingEngine:
-    """Forge's classic engine, reduced to one 77-token window (no prompt weighting, no chunk chaining)."""
+    """Forge's classic engine for prompts without weights, embeddings or BREAK: 75-token chunks chained."""
 
     def __init__(self, text_encoder, tokenizer, minimal_clip_skip: int, final_layer_norm: bool, return_pooled: bool):
         self.text_encoder = text_encoder
@@ -543,10 +543,48 @@ class TextProcessingEngine:
             z.pooled = transformer.text_projection(outputs.pooler_output)
         return z
 
+    def tokenize_line(self, text: str) -> List[List[int]]:
+        """As Forge's: tokens appended one by one into chunks of 75; a chunk that fills up with a comma among its
+        last 20 tokens is cut after that comma. Each chunk: start, its tokens, end tokens up to 77."""
+        comma = self.tokenizer.get_vocab()[",</w>"]
+        chunks: List[List[int]] = []
+        chunk: List[int] = []
+        last_comma = -1
+
+        def next_chunk() -> None:
+            nonlocal chunk, last_comma
+            chunks.append([self.id_start] + chunk + [self.id_end] * (76 - len(chunk)))
+            chunk, last_comma = [], -1
+
+        for token in self.tokenizer(text, add_special_tokens=False).input_ids:
+            if token == comma:
+                last_comma = len(chunk)
+            elif len(chunk) == 75 and last_comma != -1 and len(chunk) - last_comma <= 20:
+                moved = chunk[last_comma + 1 :]
+                chunk = chunk[: last_comma + 1]
+                next_chunk()
+                chunk = moved
+            if len(chunk) == 75:
+                next_chunk()
+            chunk.append(token)
+        if chunk or not chunks:
+            next_chunk()
+        return chunks
+
     def __call__(self, texts: Sequence[str]) -> Any:
-        ids = self.tokenizer(list(texts), truncation=True, max_length=77, padding="max_length").input_ids
-        z = self.encode_with_transformers(torch.tensor(ids))
-        return (z, z.pooled) if self.return_pooled else z
+        """Chunk i of every prompt (Forge's empty chunk where a prompt has fewer) encoded together, the results
+        joined along the tokens; the pooled output is the first chunk's."""
+        lines = [self.tokenize_line(text) for text in texts]
+        empty = [self.id_start] + [self.id_end] * 76
+        zs = []
+        for i in range(max(len(chunks) for chunks in lines)):
+            tokens = torch.tensor([chunks[i] if i < len(chunks) else empty for chunks in lines])
+            if self.id_end != self.id_pad:
+                for row in tokens:
+                    row[int((row == self.id_end).nonzero()[0]) + 1 :] = self.id_pad
+            zs.append(self.encode_with_transformers(tokens))
+        z = torch.hstack(zs)
+        return (z, zs[0].pooled) if self.return_pooled else z
 
 
 # ---------------------------------------------------------------- VAE

@@ -57,6 +57,8 @@ class StopAfter(TrainingCallback):
         return self.seen >= self.steps
 
 
-def train(cfg, callbacks: Optional[list] = None):
+def train(cfg, callbacks: Optional[list] = None, log=None):
     torch.set_num_threads(2)
-    return train_image(cfg, callbacks=callbacks, runtime=LocalRuntime(torch.device("cpu")), log=lambda *a: None)
+    return train_image(
+        cfg, callbacks=callbacks, runtime=LocalRuntime(torch.device("cpu")), log=log or (lambda *a: None)
+    )

@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+from waiting import CEILING_S
+
 from lora_trainer.caption.testing import build_tiny_wd14, write_test_images
 from lora_trainer.data.captions import read_metadata_csv
 
@@ -12,7 +14,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _run(args, cwd):
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONPATH="")
-    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=CEILING_S)
 
 
 def test_auto_label_by_path_writes_metadata_and_summary(tmp_path):

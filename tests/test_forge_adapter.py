@@ -354,3 +354,57 @@ def test_forges_own_embedding_conversion_run_by_the_trainer_keeps_its_generation
     engine = standin.load_forge_engine(checkpoints["sd1"], "sd1", text_dtype=torch.float16)
     cond = adapter_for(engine).encode_text(CAPTIONS, clip_skip=1)["crossattn"]
     torch.testing.assert_close(engine.get_learned_conditioning(CAPTIONS), cond)
+
+
+# ---------------------------------------------------------------- long captions (max_token_length 150/225)
+
+LONG = "a " * 160 + "zebra"  # 161 tokens: three of Forge's 75-token chunks
+LATE_COMMA = "b " * 70 + "c, " + "d " * 10  # a comma as token 72: Forge starts the second chunk after it
+
+
+def test_prompt_chunks_are_cut_after_a_late_comma_as_forge_cuts_them():
+    comma = 267
+    assert forge_adapter.forge_prompt_chunks([], comma) == [[]]
+    assert [len(c) for c in forge_adapter.forge_prompt_chunks(list(range(80)), comma)] == [75, 5]
+    late = list(range(1000, 1070)) + [comma] + list(range(2000, 2010))
+    assert forge_adapter.forge_prompt_chunks(late, comma) == [late[:71], late[71:]]
+    early = list(range(1000, 1010)) + [comma] + list(range(2000, 2070))
+    assert forge_adapter.forge_prompt_chunks(early, comma) == [early[:75], early[75:]]
+
+
+@pytest.mark.parametrize("arch", ["sd1", "sdxl"])
+def test_long_captions_are_forges_own_chunks_cut_or_padded_to_max_token_length(arch, checkpoints):
+    """Against the host's own encoding of the same prompts (chunks chained, a batch's shorter prompts filled with
+    Forge's empty chunk, SDXL pooled from the first chunk), cut to max_token_length / 75 chunks."""
+    engine = standin.load_forge_engine(checkpoints[arch], arch)
+    adapter = adapter_for(engine)
+    captions = [LONG, LATE_COMMA, "a photo"]
+    assert adapter.caption_token_counts(captions) == [161, 82, 2]
+    host = engine.get_learned_conditioning(captions)  # the host's default clip skip, as clip_skip=1 here
+    host_crossattn = host["crossattn"] if arch == "sdxl" else host
+    with torch.no_grad():
+        adapter.set_max_token_length(225)
+        three = adapter.encode_text(captions, clip_skip=1)
+        adapter.set_max_token_length(150)
+        two = adapter.encode_text(captions, clip_skip=1)
+    assert three["crossattn"].shape[:2] == (3, 231) and two["crossattn"].shape[:2] == (3, 154)
+    torch.testing.assert_close(three["crossattn"], host_crossattn, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(two["crossattn"], host_crossattn[:, :154], rtol=1e-5, atol=1e-5)
+    if arch == "sdxl":
+        pooled = host["vector"][:, : three["pooled"].shape[1]]
+        torch.testing.assert_close(three["pooled"], pooled, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(two["pooled"], pooled, rtol=1e-5, atol=1e-5)
+
+
+def test_trains_in_place_with_long_captions(checkpoints, tmp_path):
+    engine = standin.load_forge_engine(checkpoints["sd1"], "sd1")
+    make_image_folder(str(tmp_path / "data"), count=2, captions=["a photo", LONG])
+    cfg = image_config(tmp_path, checkpoints["sd1"], max_train_steps=1, max_token_length=150, output_name="long")
+    before = snapshot(engine)
+    lines = []
+    with adapter_for(engine) as adapter:
+        result = train_image(cfg, runtime=LocalRuntime(CPU), adapter=adapter, log=lines.append)
+    assert result.status == "finished", result.message
+    assert "by 11 tokens" in "\n".join(lines)
+    assert load_file(result.output_files[-1])
+    assert_restored(engine, before)

@@ -8,6 +8,7 @@ import pytest
 import torch
 from image_fixtures import REPO, image_config, tiny_checkpoint, train
 from tiny_models import make_image_folder
+from waiting import CEILING_S
 
 from lora_trainer.config import config_from_dict
 from lora_trainer.errors import ConfigError, DatasetError, ModelLoadError
@@ -131,7 +132,7 @@ def test_cli_prints_one_clear_line_for_user_errors(tmp_path):
         env=env,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=CEILING_S,
     )
     assert proc.returncode == 2
     assert proc.stderr.strip() == "error: Unknown key 'batch_sise'. Did you mean 'batch_size'?"

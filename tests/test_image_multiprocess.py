@@ -10,6 +10,7 @@ import yaml
 from image_fixtures import REPO, tiny_checkpoint
 from safetensors.torch import load_file
 from tiny_models import make_image_folder
+from waiting import CEILING_S
 
 
 def _free_port() -> int:
@@ -61,7 +62,7 @@ def test_two_cpu_processes_train_data_parallel_and_only_rank_zero_writes(tmp_pat
         "--config",
         str(_config(tmp_path, "ddp", base)),
     ]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=CEILING_S)
     assert proc.returncode == 0, proc.stderr[-4000:]
     out = tmp_path / "ddp"
     assert sorted(os.listdir(out)) == [
@@ -83,7 +84,7 @@ def test_two_cpu_processes_train_data_parallel_and_only_rank_zero_writes(tmp_pat
         env=env,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=CEILING_S,
     )
     assert single.returncode == 0, single.stderr[-4000:]
     ddp, one = load_file(out / "ddp.safetensors"), load_file(tmp_path / "single" / "single.safetensors")

@@ -11,6 +11,7 @@ from image_fixtures import REPO, StopAfter, image_config, tiny_checkpoint, train
 from safetensors import safe_open
 from safetensors.torch import load_file
 from tiny_models import make_image_folder
+from waiting import CEILING_S
 
 from lora_trainer.export.lora_file import safetensors_data_hash
 
@@ -42,7 +43,7 @@ def test_seed_config_trains_from_the_command_line(tmp_path):
         env=env,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=CEILING_S,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = tmp_path / "output" / "cyberpunk_style"

@@ -6,6 +6,7 @@ import threading
 import time
 
 import pytest
+from waiting import CEILING_S, wait_until
 
 from lora_trainer import jobs
 from lora_trainer.config import config_from_dict
@@ -45,7 +46,7 @@ class FakeTrainer:
         losses = []
         for step in range(1, self.steps + 1):
             if self.gate is not None:
-                assert self.gate.acquire(timeout=10), "test never released the step"
+                assert self.gate.acquire(timeout=CEILING_S), "test never released the step"
             time.sleep(self.delay)
             if step == self.fail_at:
                 raise self.error
@@ -73,7 +74,7 @@ def test_progress_snapshot_and_finish(tmp_path):
     runner = JobRunner(trainer=trainer)
     assert runner.status().state == "idle"
     runner.start(make_cfg(tmp_path), backend_kwargs={"runtime": "fake"})
-    assert runner.wait(10)
+    assert runner.wait(CEILING_S)
     s = runner.status()
     assert s.state == "finished"
     assert (s.step, s.total) == (5, 5)
@@ -91,15 +92,13 @@ def test_status_while_running_is_a_consistent_snapshot(tmp_path):
     runner = JobRunner(trainer=FakeTrainer(steps=4, gate=gate))
     runner.start(make_cfg(tmp_path))
     gate.release(2)
-    deadline = time.time() + 5
-    while runner.status().step < 2 and time.time() < deadline:
-        time.sleep(0.01)
+    wait_until(lambda: runner.status().step >= 2, "step 2")
     s = runner.status()
     assert s.state == "running" and s.step == 2 and s.total == 4
     assert len(s.losses) == len(s.loss_steps) == 2
     assert s.eta_s is not None and s.eta_s >= 0
     gate.release(2)
-    assert runner.wait(5)
+    assert runner.wait(CEILING_S)
 
 
 def test_cancel_stops_within_one_step(tmp_path):
@@ -108,12 +107,11 @@ def test_cancel_stops_within_one_step(tmp_path):
     runner = JobRunner(trainer=trainer)
     runner.start(make_cfg(tmp_path))
     gate.release(3)
-    while runner.status().step < 3:
-        time.sleep(0.01)
+    wait_until(lambda: runner.status().step >= 3, "step 3")
     assert runner.cancel() is True
     assert runner.status().cancel_requested
     gate.release(100)  # let it run freely: it must stop at the very next step
-    assert runner.wait(5)
+    assert runner.wait(CEILING_S)
     s = runner.status()
     assert s.state == "cancelled"
     assert trainer.steps_run <= 4
@@ -127,10 +125,10 @@ def test_second_start_is_refused_while_running(tmp_path):
     with pytest.raises(JobBusyError, match="already in progress"):
         runner.start(make_cfg(tmp_path, output_name="other"))
     gate.release(2)
-    assert runner.wait(5)
+    assert runner.wait(CEILING_S)
     runner.start(make_cfg(tmp_path, output_name="again"))  # allowed once the first one ended
     gate.release(2)
-    assert runner.wait(5) and runner.status().output_name == "again"
+    assert runner.wait(CEILING_S) and runner.status().output_name == "again"
 
 
 def test_concurrent_starts_only_one_wins(tmp_path):
@@ -153,13 +151,13 @@ def test_concurrent_starts_only_one_wins(tmp_path):
         t.join()
     assert sorted(results) == ["refused"] * 7 + ["started"]
     gate.release(1)
-    assert runner.wait(5)
+    assert runner.wait(CEILING_S)
 
 
 def test_user_error_becomes_failed_with_its_message(tmp_path):
     runner = JobRunner(trainer=FakeTrainer(steps=3, fail_at=2, error=DatasetError("no images in /data")))
     runner.start(make_cfg(tmp_path))
-    assert runner.wait(5)
+    assert runner.wait(CEILING_S)
     s = runner.status()
     assert s.state == "failed" and s.message == "no images in /data"
     assert s.step == 1 and s.finished_at >= s.started_at
@@ -168,7 +166,7 @@ def test_user_error_becomes_failed_with_its_message(tmp_path):
 def test_unexpected_error_is_logged_with_traceback(tmp_path, caplog):
     runner = JobRunner(trainer=FakeTrainer(steps=3, fail_at=1, error=RuntimeError("boom")))
     runner.start(make_cfg(tmp_path))
-    assert runner.wait(5)
+    assert runner.wait(CEILING_S)
     s = runner.status()
     assert s.state == "failed"
     assert "RuntimeError: boom" in s.message
@@ -181,7 +179,7 @@ def test_stopped_result_is_failed_and_keeps_files(tmp_path):
 
     runner = JobRunner(trainer=trainer)
     runner.start(make_cfg(tmp_path))
-    assert runner.wait(5)
+    assert runner.wait(CEILING_S)
     s = runner.status()
     assert s.state == "failed" and "batch_size" in s.message and s.output_files == ("/x/last.safetensors",)
 
@@ -203,7 +201,7 @@ def test_hooks_guard_before_start_after_save_after_end(tmp_path):
     )
     runner = JobRunner(trainer=FakeTrainer(steps=2), hooks=hooks)
     runner.start(make_cfg(tmp_path))
-    assert runner.wait(5)
+    assert runner.wait(CEILING_S)
     # the file is reported once although the trainer both saved it and returned it
     assert calls == ["lock", "before", ("saved", "demo.safetensors"), "unlock", ("end", "finished")]
 
@@ -214,7 +212,7 @@ def test_before_start_can_refuse_and_failing_after_save_does_not_stop_training(t
 
     runner = JobRunner(trainer=FakeTrainer(steps=2), hooks=JobHooks(before_start=refuse))
     runner.start(make_cfg(tmp_path))
-    assert runner.wait(5)
+    assert runner.wait(CEILING_S)
     assert runner.status().state == "failed" and "lowvram" in runner.status().message
 
     def broken(path):
@@ -222,7 +220,7 @@ def test_before_start_can_refuse_and_failing_after_save_does_not_stop_training(t
 
     runner = JobRunner(trainer=FakeTrainer(steps=2), hooks=JobHooks(after_save=broken))
     runner.start(make_cfg(tmp_path))
-    assert runner.wait(5)
+    assert runner.wait(CEILING_S)
     assert runner.status().state == "finished"
 
 
@@ -241,7 +239,7 @@ def test_cancel_while_waiting_for_the_guard_never_starts_training(tmp_path):
     assert "Waiting" in runner.status().message or runner.status().message == "Starting…"
     runner.cancel()
     lock.release()
-    assert runner.wait(5)
+    assert runner.wait(CEILING_S)
     assert runner.status().state == "cancelled" and trainer.steps_run == 0
 
 
@@ -259,7 +257,7 @@ def test_previews_reported_and_scanned(tmp_path):
 
     runner = JobRunner(trainer=trainer)
     runner.start(make_cfg(tmp_path))
-    assert runner.wait(5)
+    assert runner.wait(CEILING_S)
     assert [os.path.basename(p) for p in runner.status().previews] == ["s1.png", "s2.png"]
 
 
@@ -267,4 +265,23 @@ def test_training_job_alone(tmp_path):
     job = TrainingJob(make_cfg(tmp_path), trainer=FakeTrainer(steps=1))
     assert job.status().state == "idle"
     job.start()
-    assert job.wait(5) and job.done and job.status().state == "finished"
+    assert job.wait(CEILING_S) and job.done and job.status().state == "finished"
+
+
+def test_a_first_use_download_shows_as_the_running_jobs_message(tmp_path):
+    from lora_trainer.hub.progress import DownloadProgress
+
+    seen = []
+
+    def downloading_trainer(cfg, callbacks, **_):
+        for cb in callbacks:
+            cb.on_download(DownloadProgress("owner/sd", "unet/x.safetensors", 2, 3, 500_000_000, 2_000_000_000))
+        seen.append(runner.status().message)  # what the page's poll shows while the download runs
+        return TrainingResult("finished", 0, [], "", [])
+
+    runner = JobRunner(trainer=downloading_trainer)
+    runner.start(make_cfg(tmp_path))
+    assert runner.wait(CEILING_S)
+    assert seen == [
+        "Downloading owner/sd (first use; cached afterwards): unet/x.safetensors, file 2 of 3, 500.0 MB of 2.00 GB"
+    ]

@@ -8,6 +8,7 @@ import sys
 
 import yaml
 from test_text_support import build_tiny_lm, capitals_records, write_jsonl
+from waiting import CEILING_S
 
 from lora_trainer.config import TextConfig, config_from_dict, fields_of
 
@@ -25,7 +26,7 @@ def train_py(config: dict, folder) -> subprocess.CompletedProcess:
         env=env,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=CEILING_S,
     )
 
 

@@ -136,7 +136,7 @@ def test_explicit_format_rejects_other_lines(tmp_path):
 
 def test_invalid_utf8_names_the_line(tmp_path):
     (tmp_path / "a.txt").write_bytes(b"hello\nworld \xff\n")
-    with pytest.raises(DatasetError, match=r"a.txt line 2: not valid UTF-8"):
+    with pytest.raises(DatasetError, match=r"a.txt: not UTF-8 text: byte 0xFF at offset 12 \(line 2\)"):
         load_text_dataset(str(tmp_path))
 
 

@@ -283,7 +283,10 @@ def test_cancel_stops_between_steps(base_model, capitals, tmp_path):
     cfg = text_config(base_model, capitals, str(tmp_path / "out"), max_train_steps=10)
     result = train_text(cfg, callbacks=[stop], runtime=cpu_runtime())
     assert (result.status, result.step, stop.status) == ("cancelled", 2, "cancelled")
-    assert "Cancelled after step 2" in result.message and result.output_files == []
+    assert "Cancelled after step 2" in result.message
+    # saved as the image route saves on Cancel, with the line that resumes from there
+    assert result.output_files == [str(tmp_path / "out" / "out-step00000002")]
+    assert result.message.endswith(f"resume: {tmp_path / 'out' / 'state-2'}")
 
 
 def test_merged_model_matches_the_adapter(base_model, capitals, tmp_path):

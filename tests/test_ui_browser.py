@@ -13,6 +13,7 @@ import threading
 import time
 
 import pytest
+from waiting import CEILING_MS, CEILING_S, wait_until
 
 CHROMIUM = "/usr/bin/chromium"
 if not os.path.exists(CHROMIUM):
@@ -33,7 +34,7 @@ CHROMIUM_ARGS = [
     "--disable-sync",
     "--no-first-run",
 ]
-TIMEOUT_MS = 20_000
+TIMEOUT_MS = CEILING_MS  # Playwright's waits are for page states; only a hung page reaches this
 STEPS, PAUSE_AT = 20, 8
 
 
@@ -49,7 +50,7 @@ class GatedTrainer:
         start = time.time()
         for step in range(1, STEPS + 1):
             if step == PAUSE_AT + 1:
-                self.go.wait(15)
+                self.go.wait(CEILING_S)
             if step == PAUSE_AT:
                 self.write_preview(cfg, callbacks, step)
             time.sleep(0.02)
@@ -147,13 +148,11 @@ def progress(pg):
 
 
 def wait_progress(pg, *needles):
-    deadline = time.time() + TIMEOUT_MS / 1000
-    while time.time() < deadline:
+    def showing():
         text = progress(pg)
-        if all(n in text for n in needles):
-            return text
-        time.sleep(0.1)
-    raise AssertionError(f"progress never showed {needles}; last: {progress(pg)!r}")
+        return text if all(n in text for n in needles) else ""
+
+    return wait_until(showing, f"the progress to show {needles}", poll_s=0.1)
 
 
 def plot_src(pg):

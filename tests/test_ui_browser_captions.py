@@ -4,13 +4,16 @@ metadata.csv back. Then the same page under the AUTOMATIC1111 pin (gradio 3.41, 
 exists), whose table loses edits in a case the newer gradio handles."""
 
 import os
+import queue
 import subprocess
+import threading
 import time
 
 import pytest
 
 # Its module-level checks skip this file too when chromium or playwright is missing.
-from test_ui_browser import CHROMIUM, CHROMIUM_ARGS, TIMEOUT_MS, field, open_page, playwright_api, serve
+from test_ui_browser import CHROMIUM, CHROMIUM_ARGS, field, open_page, playwright_api, serve
+from waiting import CEILING_S, wait_until
 
 from lora_trainer.caption.testing import build_tiny_wd14, write_test_images
 from lora_trainer.data.captions import read_metadata_csv
@@ -19,7 +22,17 @@ from lora_trainer.jobs import JobRunner
 GRID = "#lora_trainer_caption_grid"
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HOST_PYTHON = os.path.join(REPO, ".venv-host", "bin", "python")
-SERVER_START_S = 60
+
+
+def read_lines_until(process, text: str) -> bool:
+    """Read ``process``'s output until a line holds ``text`` (True) or the output ends (False); a reader
+    thread keeps the ceiling for a server that hangs without printing."""
+    lines: "queue.Queue" = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(x) for x in process.stdout] + [lines.put(None)], daemon=True).start()
+    while (line := lines.get(timeout=CEILING_S)) is not None:
+        if text in line:
+            return True
+    return False
 
 
 @pytest.fixture(scope="module")
@@ -36,14 +49,11 @@ def grid_has(pg, text):
 
 
 def wait_caption_progress(pg, needle):
-    deadline = time.time() + TIMEOUT_MS / 1000
-    text = ""
-    while time.time() < deadline:
+    def showing():
         text = field(pg, "lora_trainer_caption_progress").input_value()
-        if needle in text:
-            return text
-        time.sleep(0.1)
-    raise AssertionError(f"caption progress never showed {needle!r}; last: {text!r}")
+        return text if needle in text else ""
+
+    return wait_until(showing, f"the caption progress to show {needle!r}", poll_s=0.1)
 
 
 def edit_cell(pg, index, text, cell="[role=gridcell]"):
@@ -118,11 +128,8 @@ def test_edits_survive_the_polling_under_the_hosts_gradio(tmp_path, browser):
         env=env,
     )
     try:
-        deadline = time.time() + SERVER_START_S
-        for line in server.stdout:
-            if "READY" in line or time.time() > deadline:
-                break
-        assert server.poll() is None, "the gradio 3.41 app did not start"
+        ready = read_lines_until(server, "READY")  # the server's own readiness line
+        assert ready and server.poll() is None, "the gradio 3.41 app did not start"
         pg = open_page(browser, f"http://127.0.0.1:{port}/")
         pg.locator("#lora_trainer_caption_panel").get_by_text("Dataset captions").first.click()
         field(pg, "lora_trainer_dataset").fill(str(data))
@@ -148,4 +155,4 @@ def test_edits_survive_the_polling_under_the_hosts_gradio(tmp_path, browser):
         pg.close()
     finally:
         server.terminate()
-        server.wait(10)
+        server.wait(CEILING_S)

@@ -4,6 +4,7 @@ the refusals between captioning and training."""
 import threading
 
 import pytest
+from waiting import CEILING_S
 
 gr = pytest.importorskip("gradio")
 
@@ -40,7 +41,7 @@ class StubBackend(StandaloneBackend):
         def caption(image):
             backend.captioning.set()
             if backend.gate is not None:
-                backend.gate.wait(5)
+                backend.gate.wait(CEILING_S)
             return f"a {image.width}x{image.height} picture"
 
         class Stub(CallableCaptioner):
@@ -54,7 +55,7 @@ class StubBackend(StandaloneBackend):
 
 def gated_trainer(release):
     def train(cfg, callbacks, **kwargs):
-        release.wait(5)
+        release.wait(CEILING_S)
         return TrainingResult("finished", 0, [], "")
 
     return train
@@ -70,7 +71,7 @@ def run_args(folder, choice=STUB, model_path="", threshold=0.35, prefix="", suff
 
 def finish(tab):
     """Wait for the run; return what the page then gets: progress line, grid, gallery, grid folder, seen."""
-    assert tab.captions.wait(10)
+    assert tab.captions.wait(CEILING_S)
     progress, finished, seen = tab.caption_panel.poll({})
     grid, gallery, folder = tab.caption_panel.show_finished_run(finished)
     return progress, grid, gallery, folder, seen
@@ -229,7 +230,7 @@ def test_captioning_is_refused_while_training_runs(tmp_path):
     refused = tab.caption_panel.start_captioning(*run_args(data))
     assert "not started" in refused and "training run is in progress" in refused
     release.set()
-    assert tab.runner.wait(5)
+    assert tab.runner.wait(CEILING_S)
     assert "started" in tab.caption_panel.start_captioning(*run_args(data))
     finish(tab)
 
@@ -242,7 +243,7 @@ def test_training_and_saving_are_refused_while_captioning_runs(tmp_path):
     data = tmp_path / "data"
     write_test_images(str(data), 3)
     assert "started" in tab.caption_panel.start_captioning(*run_args(data))
-    assert tab.backend.captioning.wait(5)  # the first image is being captioned, held by the gate
+    assert tab.backend.captioning.wait(CEILING_S)  # the first image is being captioned, held by the gate
     values = [s.default for s in tab.specs]
     (tmp_path / "model").mkdir()
     refused = tab.start_training(str(data), str(tmp_path / "model"), "x", "", False, *values)
@@ -272,3 +273,23 @@ def test_a_folder_with_captions_fills_the_grid_when_entered(tmp_path):
     assert len(gallery) == 2 and folder == str(data)
     again = panel.load_existing_captions(str(data), False, str(data))  # already shown: unsaved edits stay
     assert all(isinstance(v, dict) for v in again)
+
+
+def test_a_captioners_first_use_download_shows_in_the_panels_progress(tmp_path):
+    from lora_trainer.hub.progress import DownloadProgress
+
+    data = tmp_path / "data"
+    write_test_images(data, 1)
+    shown = []
+
+    class DownloadingBackend(StubBackend):
+        def load_captioner(self, choice, options):
+            options.on_download(DownloadProgress("owner/blip", "model.safetensors", 1, 1, 100_000_000, 990_000_000))
+            shown.append(tab.caption_panel.poll({})[0])  # the page's progress line during the download
+            return super().load_captioner(STUB, options)
+
+    tab = make_tab(tmp_path, DownloadingBackend(str(tmp_path / "loras")))
+    tab.caption_panel.start_captioning(*run_args(data))
+    finish(tab)
+    assert "Downloading owner/blip (first use; cached afterwards): model.safetensors" in shown[0]
+    assert "100.0 MB of 990.0 MB" in shown[0]

@@ -1,13 +1,15 @@
 """``python -m lora_trainer ui`` serves the tab on the address it is given."""
 
 import os
+import queue
 import socket
 import subprocess
 import sys
-import time
+import threading
 import urllib.request
 
 import pytest
+from waiting import CEILING_S
 
 pytest.importorskip("gradio")
 
@@ -27,7 +29,7 @@ def test_cli_serves_the_tab(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = dict(os.environ, PYTHONPATH=REPO, GRADIO_ANALYTICS_ENABLED="False")
+    env = dict(os.environ, PYTHONPATH=REPO, GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(
         [sys.executable, "-m", "lora_trainer", "ui", "--port", str(port), "--output-root", str(tmp_path / "loras")],
         cwd=tmp_path,
@@ -36,18 +38,18 @@ def test_cli_serves_the_tab(tmp_path):
         stderr=subprocess.STDOUT,
         text=True,
     )
+    lines: "queue.Queue" = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout] + [lines.put(None)], daemon=True).start()
+    url, seen = f"http://127.0.0.1:{port}", []
     try:
-        deadline, page = time.time() + 60, ""
-        while time.time() < deadline and proc.poll() is None:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/config", timeout=2) as resp:
-                    page = resp.read().decode()
-                break
-            except OSError:
-                time.sleep(0.3)
-        assert proc.poll() is None, proc.stdout.read()
+        # The server prints its URL once it listens: that line, not the clock, says when to ask for the page.
+        while (line := lines.get(timeout=CEILING_S)) is not None and url not in line:
+            seen.append(line)
+        assert line is not None, "the server exited before serving:\n" + "".join(seen)
+        with urllib.request.urlopen(f"{url}/config", timeout=CEILING_S) as resp:
+            page = resp.read().decode()
         assert "lora_trainer_train" in page and "lora_trainer_loss_plot" in page
         assert (tmp_path / "loras").is_dir()
     finally:
         proc.terminate()
-        proc.wait(10)
+        proc.wait(CEILING_S)

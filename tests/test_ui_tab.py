@@ -1,10 +1,10 @@
 """The tab under the installed gradio: construction, and its handlers called directly (no browser)."""
 
 import os
-import time
 import types
 
 import pytest
+from waiting import CEILING_S, wait_until
 
 gr = pytest.importorskip("gradio")
 
@@ -94,7 +94,7 @@ def test_build_tab_has_every_part():
 def test_train_poll_shows_progress_plot_previews_files_and_try_it(tab, tmp_path):
     notice = tab.start_training(*form(tab, tmp_path))
     assert "started" in notice
-    assert tab.runner.wait(5)
+    assert tab.runner.wait(CEILING_S)
     progress, plot, gallery, table, try_it, _model, published, seen = tab.poll({})
     assert "Finished" in progress and "step 2/2" in progress
     lora = os.path.join(str(tmp_path / "loras"), "style", "style.safetensors")
@@ -112,22 +112,31 @@ def test_train_poll_shows_progress_plot_previews_files_and_try_it(tab, tmp_path)
     assert compat.table_rows(restarted.poll({})[3]) == rows
 
 
+def test_a_blank_base_model_trains_the_default_hub_model_in_the_standalone_app(tab, tmp_path):
+    from lora_trainer.models.hub_models import DEFAULT_BASE_MODEL
+
+    args = form(tab, tmp_path)
+    args[1] = ""  # the Base model box left empty
+    assert "started" in tab.start_training(*args)
+    assert tab.runner.wait(CEILING_S)
+    assert tab.runner.trainer.configs[-1].base_model == DEFAULT_BASE_MODEL
+    assert DEFAULT_BASE_MODEL in tab.base_model.placeholder
+
+
 def test_existing_lora_is_not_overwritten_unless_asked(tab, tmp_path):
     tab.start_training(*form(tab, tmp_path))
-    tab.runner.wait(5)
+    tab.runner.wait(CEILING_S)
     refused = tab.start_training(*form(tab, tmp_path))
     assert "not started" in refused and "already exists" in refused
     assert "started" in tab.start_training(*form(tab, tmp_path, overwrite=True))
-    tab.runner.wait(5)
+    tab.runner.wait(CEILING_S)
 
 
 def test_second_train_while_running_is_refused(tmp_path):
     release = []
 
     def slow(cfg, callbacks, **kw):
-        deadline = time.time() + 5
-        while not release and time.time() < deadline:
-            time.sleep(0.01)
+        wait_until(lambda: release, "the test to release the run")
         return TrainingResult("finished", 0, [], "")
 
     tab = TrainerTab(StandaloneBackend(str(tmp_path / "l")), JobRunner(trainer=slow))
@@ -136,7 +145,7 @@ def test_second_train_while_running_is_refused(tmp_path):
     assert "not started" in refused and "already in progress" in refused
     assert "Cancelling" in tab.cancel()
     release.append(True)
-    tab.runner.wait(5)
+    tab.runner.wait(CEILING_S)
     assert tab.cancel() == "Nothing is running."
 
 
@@ -160,12 +169,12 @@ def test_inputs_are_checked_before_anything_starts(tab, tmp_path):
 
 def test_the_tab_keeps_caches_out_of_the_dataset_and_overwrite_drops_old_states(tab, tmp_path):
     tab.start_training(*form(tab, tmp_path))
-    tab.runner.wait(5)
+    tab.runner.wait(CEILING_S)
     cfg = tab.runner.trainer.configs[-1]
     assert cfg.cache_dir == os.path.join(cfg.output_dir, "cache")
     os.makedirs(os.path.join(cfg.output_dir, "state-00000002"))
     assert "started" in tab.start_training(*form(tab, tmp_path, overwrite=True))
-    tab.runner.wait(5)
+    tab.runner.wait(CEILING_S)
     assert not os.path.exists(os.path.join(cfg.output_dir, "state-00000002"))
     assert not os.path.exists(tmp_path / "data" / ".lora_trainer_cache")
 
@@ -178,7 +187,7 @@ def test_help_texts_use_the_tabs_labels(tab):
 
 def test_quick_check_runs_small_under_its_own_name(tab, tmp_path):
     assert "Quick check started" in tab.start_quick_check(*form(tab, tmp_path, resolution=768))
-    tab.runner.wait(5)
+    tab.runner.wait(CEILING_S)
     cfg = tab.runner.trainer.configs[-1]
     assert cfg.max_train_steps <= 10 and cfg.resolution <= 256 and cfg.lora_rank <= 4
     assert cfg.output_name == "style_quickcheck"
@@ -258,7 +267,7 @@ def test_host_backend_names_the_loaded_model_and_passes_its_kwargs(tmp_path):
     assert "lora_trainer_send_to_txt2img" in elem_ids(tab.blocks)
     assert tab.base_model.visible is False and tab.model_info.visible is True
     tab.start_training(*form(tab, tmp_path))
-    tab.runner.wait(5)
+    tab.runner.wait(CEILING_S)
     assert seen == {"host_adapter": "adapter", "base_model": "/models/tiny.safetensors"}
     assert tab.widgets["mixed_precision"].visible is False  # the host's precision decides
     assert tab.widgets["resolution"].visible is not False

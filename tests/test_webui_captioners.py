@@ -14,6 +14,7 @@ from collections import namedtuple
 
 import pytest
 import torch
+from waiting import CEILING_S
 
 from lora_trainer.caption.testing import write_test_images
 from lora_trainer.data.captions import read_metadata_csv
@@ -201,7 +202,7 @@ def caption(tmp_path, choice, count=2, threshold=0.35):
     if not data.exists():
         write_test_images(str(data), count)
     assert "started" in panel.start_captioning(str(data), choice, "", threshold, "", "", True, False)
-    assert panel.runner.wait(10)
+    assert panel.runner.wait(CEILING_S)
     csv = data / "metadata.csv"
     return panel.runner.status(), (read_metadata_csv(str(csv)) if csv.exists() else {})
 

@@ -8,12 +8,12 @@ The real WebUI is not importable here; these fakes carry exactly the attributes 
 import os
 import sys
 import threading
-import time
 import types
 
 import pytest
 import torch
 from torch import nn
+from waiting import CEILING_S, wait_until
 
 from lora_trainer.config import config_from_dict
 from lora_trainer.hosts import webui
@@ -184,7 +184,7 @@ class ScriptedTrainer:
         os.makedirs(cfg.output_dir, exist_ok=True)
         for step in range(1, self.steps + 1):
             if self.gate is not None:
-                assert self.gate.acquire(timeout=10)
+                assert self.gate.acquire(timeout=CEILING_S)
             info = StepInfo(step=step, total_steps=self.steps, epoch=1, loss=1.0 / step, lr=1e-4, elapsed_s=0.5)
             for cb in callbacks:
                 cb.on_step_end(info)
@@ -214,7 +214,7 @@ def test_lock_held_for_the_whole_run_and_progress_mirrored(host, tmp_path, monke
     trainer = ScriptedTrainer(host)
     runner = runner_for(backend, trainer, monkeypatch)
     job = runner.start(make_cfg(tmp_path, backend), backend_kwargs={"preview": webui.PreviewSettings()})
-    assert job.wait(10)
+    assert job.wait(CEILING_S)
     assert job.status().state == FINISHED, job.status().message
     assert [locked for locked, _, _ in trainer.seen] == [True] * 4
     assert [no for _, no, _ in trainer.seen] == [1, 2, 3, 4]
@@ -231,12 +231,10 @@ def test_generation_waits_for_training(host, tmp_path, monkeypatch):
     gate = threading.Semaphore(0)
     runner = runner_for(backend, ScriptedTrainer(host, steps=2, gate=gate), monkeypatch)
     job = runner.start(make_cfg(tmp_path, backend))
-    deadline = time.time() + 5
-    while not host.lock.locked() and time.time() < deadline:
-        time.sleep(0.01)
+    wait_until(host.lock.locked, "training to take the host's lock")
     assert not host.lock.acquire(timeout=0.1)
     gate.release(2)
-    assert job.wait(10) and host.lock.acquire(timeout=1)
+    assert job.wait(CEILING_S) and host.lock.acquire(timeout=CEILING_S)
     host.lock.release()
 
 
@@ -246,12 +244,10 @@ def test_webui_interrupt_stops_the_run(host, tmp_path, monkeypatch):
     runner = runner_for(backend, ScriptedTrainer(host, steps=5, gate=gate), monkeypatch)
     job = runner.start(make_cfg(tmp_path, backend))
     gate.release(1)
-    deadline = time.time() + 5
-    while job.status().step < 1 and time.time() < deadline:
-        time.sleep(0.01)
+    wait_until(lambda: job.status().step >= 1, "step 1")
     host.state.interrupted = True  # the WebUI's Interrupt button
     gate.release(4)
-    assert job.wait(10)
+    assert job.wait(CEILING_S)
     assert job.status().state == CANCELLED and job.status().step == 2
     assert not os.path.exists(os.path.join(host.cmd_opts.lora_dir, "cats.safetensors"))
 
@@ -276,7 +272,7 @@ def test_refusals_before_any_work(host, tmp_path, monkeypatch, setting, extra, f
         backend.make_backend_kwargs(cfg)
     trainer = ScriptedTrainer(host)
     job = runner_for(backend, trainer, monkeypatch).start(cfg)  # and again inside the lock, before training
-    assert job.wait(10)
+    assert job.wait(CEILING_S)
     assert job.status().state == FAILED and fragment in job.status().message
     assert trainer.seen == [] and not host.lock.locked()
 
@@ -315,7 +311,7 @@ def test_after_save_publishes_final_file_and_resets_host_state(host, tmp_path, m
     host.networks.networks_in_memory["dogs"] = object()
     runner = runner_for(backend, ScriptedTrainer(host), monkeypatch)
     job = runner.start(make_cfg(tmp_path, backend))
-    assert job.wait(10) and job.status().state == FINISHED
+    assert job.wait(CEILING_S) and job.status().state == FINISHED
     lora_dir = host.cmd_opts.lora_dir
     assert os.listdir(lora_dir) == ["cats.safetensors"]  # no intermediate, no temporary left behind
     assert open(os.path.join(lora_dir, "cats.safetensors"), "rb").read() == b"final weights"
@@ -352,7 +348,7 @@ def test_previews_every_n_steps_in_the_lock(host, tmp_path, monkeypatch):
     preview = webui.PreviewSettings.from_mapping({"every_n_steps": 2, "steps": 3})
     cfg = make_cfg(tmp_path, backend, resolution=256)
     job = runner.start(cfg, backend_kwargs={"preview": preview.for_run(cfg)})
-    assert job.wait(10) and job.status().state == FINISHED, job.status().message
+    assert job.wait(CEILING_S) and job.status().state == FINISHED, job.status().message
     previews = job.status().previews
     assert [os.path.basename(p) for p in previews] == ["preview-step00000002-0.png", "preview-step00000004-0.png"]
     assert all(p.startswith(cfg.output_dir) for p in previews)
@@ -494,7 +490,7 @@ def test_tab_script_imports_nothing_heavy():
         [sys.executable, "-c", code, os.path.join(REPO, "scripts", "lora_trainer_tab.py")],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=CEILING_S,
         cwd="/",
     )
     assert out.returncode == 0, out.stderr
@@ -531,7 +527,7 @@ def test_adapter_restored_even_when_the_engine_fails_early(host, tmp_path, monke
     backend = webui.WebUIBackend()
     runner = runner_for(backend, failing_engine, monkeypatch)
     job = runner.start(make_cfg(tmp_path, backend), backend_kwargs={"adapter": Adapter()})
-    assert job.wait(10) and job.status().state == FAILED
+    assert job.wait(CEILING_S) and job.status().state == FAILED
     assert restored == [True] and not host.lock.locked()
 
 

@@ -3,9 +3,9 @@
 import base64
 import os
 import threading
-import time
 
 import pytest
+from waiting import CEILING_S, wait_until
 
 fastapi = pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
@@ -56,7 +56,7 @@ class GatedTrainer:
         for cb in callbacks:
             cb.on_train_start(self.steps, 0, {})
         for step in range(1, self.steps + 1):
-            assert self.gate.acquire(timeout=10)
+            assert self.gate.acquire(timeout=CEILING_S)
             info = StepInfo(step=step, total_steps=self.steps, epoch=1, loss=0.5 / step, lr=1e-4, elapsed_s=0.1)
             for cb in callbacks:
                 cb.on_step_end(info)
@@ -88,13 +88,9 @@ def basic(user, password):
     return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
 
 
-def wait_for(predicate, timeout=10.0):
-    end = time.time() + timeout
-    while time.time() < end:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return False
+def wait_for(predicate) -> bool:
+    wait_until(predicate, "the REST API to report the state")
+    return True
 
 
 # --- auth --------------------------------------------------------------------------------------------------
@@ -169,7 +165,7 @@ def test_defaults_keep_every_write_in_the_job_folder(tmp_path):
     assert cfg.base_model == "/models/loaded.safetensors" and preview is None
     assert r.json()["lora_file"] == os.path.join(backend.lora_dir(), "cats.safetensors")
     trainer.gate.release(3)
-    assert runner.wait(10)
+    assert runner.wait(CEILING_S)
 
 
 def test_output_inside_lora_folder_is_allowed(tmp_path):
@@ -178,7 +174,7 @@ def test_output_inside_lora_folder_is_allowed(tmp_path):
     r = client.post(P + "/train", json=body(tmp_path, output_dir=out, logging_dir=os.path.join(out, "logs")))
     assert r.status_code == 200, r.json()
     trainer.gate.release(3)
-    assert runner.wait(10)
+    assert runner.wait(CEILING_S)
 
 
 def test_existing_lora_needs_overwrite(tmp_path):
@@ -190,7 +186,7 @@ def test_existing_lora_needs_overwrite(tmp_path):
     r = client.post(P + "/train", json={**body(tmp_path), "overwrite": True})
     assert r.status_code == 200
     trainer.gate.release(3)
-    assert runner.wait(10)
+    assert runner.wait(CEILING_S)
 
 
 @pytest.mark.parametrize(
@@ -231,7 +227,7 @@ def test_start_status_finish_with_yaml_config(tmp_path):
     assert status["running"] and status["total"] == 3 and status["losses"] == [0.5]
     assert "losses" not in client.get(P + "/status").json()
     trainer.gate.release(2)
-    assert runner.wait(10)
+    assert runner.wait(CEILING_S)
     done = client.get(P + "/status").json()
     assert done["state"] == "finished" and done["output_files"][0].endswith("dogs.safetensors")
     assert trainer.kwargs == {"marker": "host"}
@@ -245,7 +241,7 @@ def test_second_start_refused_then_cancel(tmp_path):
     r = client.post(P + "/cancel")
     assert r.status_code == 200 and r.json()["cancelled"] is True
     trainer.gate.release(1)
-    assert runner.wait(10)
+    assert runner.wait(CEILING_S)
     assert client.get(P + "/status").json()["state"] == "cancelled"
     assert client.post(P + "/cancel").json() == {**client.post(P + "/cancel").json(), "cancelled": False}
 

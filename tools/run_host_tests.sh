@@ -15,8 +15,10 @@ trap 'rm -rf "$reference"' EXIT
 export LORA_TRAINER_CACHE="$reference/cache"
 .venv/bin/python tests/host/make_reference.py "$reference" >/dev/null
 LORA_TRAINER_HOST_REFERENCE="$reference" .venv-host/bin/python -m pytest -q -p no:cacheprovider tests/host "$@"
-# The WebUI glue and REST API under the host's own fastapi 0.94 / pydantic 1.x.
-.venv-host/bin/python -m pytest -q -p no:cacheprovider tests/test_webui_glue.py tests/test_webui_rest_api.py "$@"
+# The WebUI glue and REST API under the host's own fastapi 0.94 / pydantic 1.x; Hub downloads (captioners' first
+# use inside the WebUI) with the host's huggingface_hub 0.x against the stand-in Hub.
+.venv-host/bin/python -m pytest -q -p no:cacheprovider tests/test_webui_glue.py tests/test_webui_rest_api.py \
+    tests/test_hub_download.py "$@"
 if [ -x .venv-forge/bin/python ]; then
     .venv-forge/bin/python -m pytest -q -p no:cacheprovider tests/host/test_host_ui.py tests/test_webui_glue.py \
         tests/test_webui_rest_api.py tests/test_forge_adapter.py tests/test_forge_glue.py "$@"

@@ -1,24 +1,38 @@
-"""BLIP captioning with transformers' ``BlipForConditionalGeneration``, from local files only."""
+"""BLIP captioning with transformers' ``BlipForConditionalGeneration``, from a local folder or the Hub (the
+default repository is downloaded into the Hugging Face cache on first use)."""
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 from PIL import Image
 
 from lora_trainer.caption.base import Captioner, CaptionerUnavailable, resolve_device
 from lora_trainer.caption.locate import WeightsSpec, resolve_weights_folder
+from lora_trainer.hub.progress import DownloadCallback
 
 BLIP_WEIGHTS = WeightsSpec(
     label="BLIP",
     repo_id="Salesforce/blip-image-captioning-base",
     required=(
         ("config.json",),
-        ("model.safetensors", "pytorch_model.bin"),
         ("preprocessor_config.json", "processor_config.json"),
         ("tokenizer.json", "vocab.txt"),
+        ("model.safetensors", "pytorch_model.bin"),
     ),
     suggested_folder="models/caption/blip",
+    # What BlipProcessor also reads when present: tokenizer settings and special tokens.
+    optional=(
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "added_tokens.json",
+        "vocab.txt",
+        "tokenizer.json",
+        "processor_config.json",
+        "preprocessor_config.json",
+        "generation_config.json",
+    ),
+    name="blip",
 )
 
 
@@ -64,9 +78,12 @@ def load_blip(
     max_new_tokens: int = 40,
     num_beams: int = 1,
     prompt: str = "",
+    on_download: Optional[DownloadCallback] = None,
+    log: Optional[Callable[[str], None]] = None,
 ) -> BlipCaptioner:
-    """Load BLIP from ``model_path`` (a folder saved with ``save_pretrained``) or the local HF cache."""
-    folder = resolve_weights_folder(BLIP_WEIGHTS, model_path)
+    """Load BLIP from ``model_path`` (a folder saved with ``save_pretrained``, or a Hub repository), or from
+    the default repository (downloaded on first use; ``on_download`` sees the progress)."""
+    folder = resolve_weights_folder(BLIP_WEIGHTS, model_path, on_download=on_download, log=log)
     try:
         import torch
         from transformers import BlipForConditionalGeneration, BlipProcessor

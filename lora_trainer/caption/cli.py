@@ -16,8 +16,9 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``caption`` command's options."""
     parser = argparse.ArgumentParser(
         prog="lora_trainer caption",
-        description="Caption every image in a folder and write filename,prompt rows to metadata.csv. Weights are "
-        "read from disk only (a folder, or the local Hugging Face cache); nothing is downloaded.",
+        description="Caption every image in a folder and write filename,prompt rows to metadata.csv. The default "
+        "weights of blip, clip and wd14 are downloaded from the Hugging Face Hub on first use into its cache "
+        "(HF_HOME, HF_HUB_CACHE) and read from there afterwards; HF_HUB_OFFLINE=1 forbids downloads.",
     )
     parser.add_argument("--input", required=True, help="folder of training images")
     parser.add_argument("--output", help="metadata.csv to write (default: INPUT/metadata.csv)")
@@ -26,7 +27,11 @@ def build_parser() -> argparse.ArgumentParser:
         default="blip",
         help="blip | clip | wd14, or a local model folder/file whose kind is detected (default: blip)",
     )
-    parser.add_argument("--model-path", help="folder (or file) with the weights of the --model captioner")
+    parser.add_argument(
+        "--model-path",
+        help="the --model captioner's weights: a local folder (or file), or a Hub repository owner/name[@revision] "
+        "(default: the captioner's usual repository)",
+    )
     parser.add_argument("--tags-csv", help="wd14: selected_tags.csv, when it is not beside the .onnx")
     parser.add_argument("--threshold", type=float, default=0.35, help="wd14: keep tags at least this likely")
     parser.add_argument(
@@ -36,8 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--clip-base",
         metavar="BLIP_FOLDER",
-        help="clip: caption with BLIP from this folder ('cache': the HF cache) and append CLIP "
-        "phrases to it; default: CLIP phrases only",
+        help="clip: caption with BLIP from this folder or Hub repository ('cache': BLIP's default repository) and "
+        "append CLIP phrases to it; default: CLIP phrases only",
     )
     parser.add_argument("--max-length", type=int, default=40, help="blip: most tokens per caption")
     parser.add_argument("--num-beams", type=int, default=1, help="blip: beam search width (1: greedy)")
@@ -48,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=8, help="images per model call (default: 8)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
     parser.add_argument("--top-tags", type=int, default=20, help="tags listed in the closing summary")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars (captioning, downloads)")
     return parser
 
 
@@ -68,6 +73,15 @@ def _captioner_options(args: argparse.Namespace) -> CaptionerOptions:
     )
 
 
+def _hide_download_bars() -> None:
+    """--no-progress also hides huggingface_hub's bars of a first-use download."""
+    try:
+        from huggingface_hub.utils import disable_progress_bars
+    except ImportError:
+        return
+    disable_progress_bars()
+
+
 def run(args: argparse.Namespace) -> int:
     """Caption as ``args`` say and print the outcome; raises LoraTrainerError for problems a user can fix."""
     if args.batch_size < 1:
@@ -81,6 +95,8 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         show_progress=not args.no_progress,
     )
+    if args.no_progress:
+        _hide_download_bars()
     captioner = load_captioner(args.model, _captioner_options(args))
     try:
         report = caption_folder(args.input, captioner, run_options)

@@ -8,13 +8,14 @@ encoder pass and a matrix product.
 from __future__ import annotations
 
 import os
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from PIL import Image
 
 from lora_trainer.caption.base import Captioner, CaptionerUnavailable, resolve_device
 from lora_trainer.caption.locate import WeightsSpec, hf_cache_snapshot, resolve_weights_folder
 from lora_trainer.caption.phrases import DEFAULT_PHRASE_LISTS
+from lora_trainer.hub.progress import DownloadCallback
 
 CLIP_WEIGHTS = WeightsSpec(
     label="CLIP (open_clip)",
@@ -24,6 +25,7 @@ CLIP_WEIGHTS = WeightsSpec(
         ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"),
     ),
     suggested_folder="models/caption/clip",
+    name="clip",
 )
 DEFAULT_CLIP_ARCH = "ViT-L-14"  # the architecture of CLIP_WEIGHTS.repo_id, and of SD 1.x's text encoder
 
@@ -119,11 +121,13 @@ def _checkpoint_in(folder: str) -> Optional[str]:
     return None
 
 
-def _model_source(model_path: Optional[str], arch: Optional[str]) -> Tuple[str, Optional[str], str]:
-    """(open_clip model name, checkpoint file or None, what to name in errors) for the local weights.
+def _model_source(model_path: Optional[str], arch: Optional[str], **fetch) -> Tuple[str, Optional[str], str]:
+    """(open_clip model name, checkpoint file or None, what to name in errors) for the weights.
 
     A folder with open_clip_config.json loads as ``local-dir:``; a lone checkpoint, or a folder (or cached
     snapshot, as open_clip's own downloads leave it) holding only the weights, needs the architecture name.
+    With no such local weights, the Hub repository (``model_path`` or the default) is fetched (``fetch``:
+    ``on_download``, ``log``), downloading it on first use.
     """
     if model_path and os.path.isfile(model_path):
         if not arch:
@@ -144,13 +148,13 @@ def _model_source(model_path: Optional[str], arch: Optional[str]) -> Tuple[str, 
                 f"architecture (e.g. {DEFAULT_CLIP_ARCH}), or add the open_clip_config.json from "
                 f"https://huggingface.co/{CLIP_WEIGHTS.repo_id} (or the model's own repository)."
             )
-    folder = resolve_weights_folder(CLIP_WEIGHTS, model_path)
+    folder = resolve_weights_folder(CLIP_WEIGHTS, model_path, **fetch)
     return "local-dir:" + folder, None, folder
 
 
-def _open_clip_model(model_path: Optional[str], arch: Optional[str], device: str):
-    """(model, preprocess, tokenizer) from local files only; see ``_model_source``."""
-    name, checkpoint, source = _model_source(model_path, arch)
+def _open_clip_model(model_path: Optional[str], arch: Optional[str], device: str, **fetch):
+    """(model, preprocess, tokenizer) from the files ``_model_source`` finds (or fetches)."""
+    name, checkpoint, source = _model_source(model_path, arch, **fetch)
     try:
         import open_clip
     except ImportError as exc:
@@ -181,10 +185,13 @@ def load_clip_interrogator(
     base_captioner: Optional[Captioner] = None,
     phrase_lists: Mapping[str, Sequence[str]] = DEFAULT_PHRASE_LISTS,
     top_k: Mapping[str, int] = DEFAULT_TOP_K,
+    on_download: Optional[DownloadCallback] = None,
+    log: Optional[Callable[[str], None]] = None,
 ) -> ClipInterrogator:
-    """Build a CLIP interrogator from local files (see ``_open_clip_model``); nothing is downloaded."""
+    """Build a CLIP interrogator from local weights or the Hub (see ``_model_source``; the default repository
+    is downloaded on first use, ``on_download`` sees the progress)."""
     device = resolve_device(device)
-    model, preprocess, tokenizer = _open_clip_model(model_path, arch, device)
+    model, preprocess, tokenizer = _open_clip_model(model_path, arch, device, on_download=on_download, log=log)
     model.eval()
     return ClipInterrogator(
         model, preprocess, tokenizer, device, phrase_lists=phrase_lists, top_k=top_k, base_captioner=base_captioner

@@ -8,13 +8,14 @@ from dataclasses import dataclass, replace
 from typing import Callable, Dict, Optional
 
 from lora_trainer.caption.base import Captioner, CaptionerUnavailable
+from lora_trainer.hub.progress import DownloadCallback
 
 
 @dataclass(frozen=True)
 class CaptionerOptions:
     """Everything a captioner may be configured with; each loader reads the fields it knows."""
 
-    model_path: Optional[str] = None  # folder or file; None looks in the local Hugging Face cache
+    model_path: Optional[str] = None  # folder, file or Hub repo; None: the default repo (cached, or downloaded)
     device: str = "auto"
     tags_csv: Optional[str] = None  # wd14: selected_tags.csv when not beside the model
     threshold: float = 0.35  # wd14: general tags
@@ -23,14 +24,21 @@ class CaptionerOptions:
     num_beams: int = 1  # blip
     clip_arch: Optional[str] = None  # clip: open_clip architecture when model_path is one checkpoint file
     clip_base: Optional[str] = None  # clip: a folder of BLIP weights captioning the base; None: phrases only
-    clip_base_from_cache: bool = False  # clip: base caption from BLIP in the HF cache
+    clip_base_from_cache: bool = False  # clip: base caption from the default BLIP (cached, or downloaded)
+    on_download: Optional[DownloadCallback] = None  # sees the progress of a first-use download
+    log: Optional[Callable[[str], None]] = None  # gets a line before and after a download (default: stderr)
 
 
 def _load_blip(options: CaptionerOptions) -> Captioner:
     from lora_trainer.caption.blip import load_blip
 
     return load_blip(
-        options.model_path, options.device, max_new_tokens=options.max_new_tokens, num_beams=options.num_beams
+        options.model_path,
+        options.device,
+        max_new_tokens=options.max_new_tokens,
+        num_beams=options.num_beams,
+        on_download=options.on_download,
+        log=options.log,
     )
 
 
@@ -41,9 +49,21 @@ def _load_clip(options: CaptionerOptions) -> Captioner:
     base = None
     if options.clip_base or options.clip_base_from_cache:
         base = load_blip(
-            options.clip_base, options.device, max_new_tokens=options.max_new_tokens, num_beams=options.num_beams
+            options.clip_base,
+            options.device,
+            max_new_tokens=options.max_new_tokens,
+            num_beams=options.num_beams,
+            on_download=options.on_download,
+            log=options.log,
         )
-    return load_clip_interrogator(options.model_path, options.device, arch=options.clip_arch, base_captioner=base)
+    return load_clip_interrogator(
+        options.model_path,
+        options.device,
+        arch=options.clip_arch,
+        base_captioner=base,
+        on_download=options.on_download,
+        log=options.log,
+    )
 
 
 def _load_wd14(options: CaptionerOptions) -> Captioner:
@@ -55,6 +75,8 @@ def _load_wd14(options: CaptionerOptions) -> Captioner:
         tags_csv=options.tags_csv,
         threshold=options.threshold,
         character_threshold=options.character_threshold,
+        on_download=options.on_download,
+        log=options.log,
     )
 
 

@@ -24,7 +24,7 @@ from lora_trainer.data.captions import (
     write_metadata_csv,
     write_sidecar,
 )
-from lora_trainer.data.images import check_image, list_image_paths, load_rgb
+from lora_trainer.data.images import IMAGE_EXTENSIONS, list_image_paths, open_image
 from lora_trainer.errors import DatasetError
 
 ProgressCallback = Callable[[int, int], None]  # (images done, images to caption)
@@ -59,15 +59,11 @@ def image_name(folder: str, path: str) -> str:
 
 
 def _load(path: str) -> Tuple[Optional[Image.Image], str]:
-    """(image, "") or (None, reason); the reason comes from check_image so it reads the same everywhere."""
+    """(image as displayed, "") or (None, reason); ``open_image`` gives the reason, as in training."""
     try:
-        return load_rgb(path), ""
-    except Exception as exc:  # PIL raises several unrelated types for bad files
-        try:
-            check_image(path)
-        except ValueError as reason:
-            return None, str(reason)
-        return None, f"cannot be read: {exc}"
+        return open_image(path), ""
+    except ValueError as reason:
+        return None, str(reason)
 
 
 def _batches(items: Sequence, size: int):
@@ -91,7 +87,7 @@ def caption_folder(
     rows_on_disk = dict(rows)
     paths = [path for path, _ in list_image_paths(folder)]
     if not paths:
-        raise DatasetError(f"no images found in {folder} (looked for .png, .jpg, .jpeg, .webp, .bmp)")
+        raise DatasetError(f"no images found in {folder} (looked for {', '.join(IMAGE_EXTENSIONS)})")
     report = CaptionReport(output=output)
 
     todo: List[Tuple[str, str]] = []

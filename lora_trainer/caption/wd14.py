@@ -1,4 +1,5 @@
-"""A WD14-style booru tagger run with onnxruntime, from a local ``.onnx`` and its ``selected_tags.csv``.
+"""A WD14-style booru tagger run with onnxruntime, from an ``.onnx`` and its ``selected_tags.csv`` (local, or
+the default repository on the Hub, downloaded into the Hugging Face cache on first use).
 
 The models expect square NHWC images, BGR, with values 0-255, padded with white; they output one probability
 per row of ``selected_tags.csv``. Rating tags (category 9) are never written into captions.
@@ -7,21 +8,25 @@ per row of ``selected_tags.csv``. Rating tags (category 9) are never written int
 from __future__ import annotations
 
 import csv
+import io
 import os
 import re
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 from PIL import Image
 
 from lora_trainer.caption.base import Captioner, CaptionerUnavailable, resolve_device
 from lora_trainer.caption.locate import WeightsSpec, resolve_weights_folder
+from lora_trainer.hub.progress import DownloadCallback
+from lora_trainer.io.text_files import read_text
 
 WD14_WEIGHTS = WeightsSpec(
     label="WD14 tagger",
     repo_id="SmilingWolf/wd-swinv2-tagger-v3",
-    required=(("model.onnx",), ("selected_tags.csv",)),
+    required=(("selected_tags.csv",), ("model.onnx",)),
     suggested_folder="models/caption/wd14",
+    name="wd14",
 )
 TAGS_FILENAME = "selected_tags.csv"
 RATING_CATEGORY = 9
@@ -38,13 +43,12 @@ class Tag:
 
 def read_selected_tags(path: str) -> List[Tag]:
     """Tags in model output order from a ``selected_tags.csv`` (columns include ``name`` and ``category``)."""
-    with open(path, encoding="utf-8-sig", newline="") as fh:
-        reader = csv.DictReader(fh)
-        if not reader.fieldnames or "name" not in reader.fieldnames:
-            raise CaptionerUnavailable(
-                f"{path} has no 'name' column; expected the tagger's selected_tags.csv (tag_id,name,category,count)."
-            )
-        return [Tag(row["name"], int(row.get("category") or 0)) for row in reader]
+    reader = csv.DictReader(io.StringIO(read_text(path, CaptionerUnavailable)))
+    if not reader.fieldnames or "name" not in reader.fieldnames:
+        raise CaptionerUnavailable(
+            f"{path} has no 'name' column; expected the tagger's selected_tags.csv (tag_id,name,category,count)."
+        )
+    return [Tag(row["name"], int(row.get("category") or 0)) for row in reader]
 
 
 def tag_to_text(tag: str) -> str:
@@ -131,7 +135,7 @@ class Wd14Tagger(Captioner):
         self._session = None
 
 
-def _onnx_and_tags(model_path: Optional[str], tags_csv: Optional[str]) -> Tuple[str, str]:
+def _onnx_and_tags(model_path: Optional[str], tags_csv: Optional[str], **fetch) -> Tuple[str, str]:
     if model_path and os.path.isfile(model_path):
         onnx_path = os.path.abspath(model_path)
         tags_path = tags_csv or os.path.join(os.path.dirname(onnx_path), TAGS_FILENAME)
@@ -147,7 +151,7 @@ def _onnx_and_tags(model_path: Optional[str], tags_csv: Optional[str]) -> Tuple[
         if not os.path.isfile(tags_csv):
             raise CaptionerUnavailable(f"WD14 tags file not found: {tags_csv}.")
         return os.path.join(folder, "model.onnx"), tags_csv
-    folder = resolve_weights_folder(WD14_WEIGHTS, model_path)
+    folder = resolve_weights_folder(WD14_WEIGHTS, model_path, **fetch)
     return os.path.join(folder, "model.onnx"), tags_csv or os.path.join(folder, TAGS_FILENAME)
 
 
@@ -158,9 +162,12 @@ def load_wd14(
     tags_csv: Optional[str] = None,
     threshold: float = 0.35,
     character_threshold: Optional[float] = None,
+    on_download: Optional[DownloadCallback] = None,
+    log: Optional[Callable[[str], None]] = None,
 ) -> Wd14Tagger:
-    """Load the tagger from a folder (model.onnx + selected_tags.csv), an .onnx file, or the local HF cache."""
-    onnx_path, tags_path = _onnx_and_tags(model_path, tags_csv)
+    """Load the tagger from a folder (model.onnx + selected_tags.csv), an .onnx file, a Hub repository, or the
+    default repository (downloaded on first use; ``on_download`` sees the progress)."""
+    onnx_path, tags_path = _onnx_and_tags(model_path, tags_csv, on_download=on_download, log=log)
     try:
         import onnxruntime
     except ImportError as exc:

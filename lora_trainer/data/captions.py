@@ -15,20 +15,19 @@ from typing import Dict, Iterable, Tuple
 
 from lora_trainer.errors import DatasetError
 from lora_trainer.io.atomic import atomic_write_text
+from lora_trainer.io.text_files import read_text
 
 HEADER_NAMES = {"filename", "file_name", "file", "image", "path"}
 METADATA_FILENAME = "metadata.csv"
+SIDECAR_EXTENSIONS = (".txt", ".caption", ".tags")  # the common ones: ours, sd-scripts' default, some taggers'
 
 
 def read_metadata_csv(path: str) -> Dict[str, str]:
     """Map image filename -> prompt, in file order. A header row (``filename,prompt``) is optional."""
     try:
-        with open(path, encoding="utf-8-sig", newline="") as fh:
-            text = fh.read()
+        text = read_text(path)
     except FileNotFoundError:
         raise DatasetError(f"metadata file not found: {path}") from None
-    except UnicodeDecodeError as exc:
-        raise DatasetError(f"{path} is not UTF-8 text ({exc}); save it as UTF-8.") from None
     captions: Dict[str, str] = {}
     reader = csv.reader(io.StringIO(text))
     try:
@@ -67,11 +66,11 @@ def sidecar_path(image_path: str, extension: str = ".txt") -> str:
 
 
 def read_sidecar(image_path: str, extension: str = ".txt") -> str | None:
+    """The caption in the image's sidecar file, None without one; ``DatasetError`` when it is not UTF-8."""
     path = sidecar_path(image_path, extension)
     if not os.path.isfile(path):
         return None
-    with open(path, encoding="utf-8-sig") as fh:
-        return fh.read().strip()
+    return read_text(path).strip()
 
 
 def write_sidecar(image_path: str, caption: str, extension: str = ".txt") -> None:

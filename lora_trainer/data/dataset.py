@@ -18,7 +18,13 @@ import torch
 
 from lora_trainer.config import ImageConfig
 from lora_trainer.data.buckets import Bucket, make_buckets, nearest_bucket, resize_to_bucket
-from lora_trainer.data.captions import METADATA_FILENAME, read_metadata_csv, read_sidecar
+from lora_trainer.data.captions import (
+    METADATA_FILENAME,
+    SIDECAR_EXTENSIONS,
+    read_metadata_csv,
+    read_sidecar,
+    sidecar_path,
+)
 from lora_trainer.data.images import REPEAT_FOLDER, ImageFile, RejectedImage, load_rgb, scan_images
 from lora_trainer.errors import DatasetError
 
@@ -36,6 +42,7 @@ class DatasetReport:
     rejected: List[RejectedImage] = field(default_factory=list)
     missing_captions: List[str] = field(default_factory=list)
     unmatched_rows: List[str] = field(default_factory=list)  # metadata rows naming no image
+    other_sidecars: Dict[str, int] = field(default_factory=dict)  # extension -> uncaptioned images that have one
 
 
 def _folder_class_token(name: str) -> str:
@@ -43,6 +50,19 @@ def _folder_class_token(name: str) -> str:
     top = name.split("/")[0] if "/" in name else ""
     match = REPEAT_FOLDER.match(top)
     return match.group(2).replace("_", " ") if match else ""
+
+
+def _other_sidecars(images: List[ImageFile], missing: List[str], configured: str) -> Dict[str, int]:
+    """How many of the uncaptioned images have a sidecar with another common extension (``.caption`` is
+    sd-scripts' default, ``.tags`` some taggers'), by extension: a hint that caption_extension is wrong."""
+    paths = {img.name: img.path for img in images}
+    found: Dict[str, int] = {}
+    for extension in SIDECAR_EXTENSIONS:
+        if extension != configured.lower():
+            count = sum(1 for name in missing if os.path.isfile(sidecar_path(paths[name], extension)))
+            if count:
+                found[extension] = count
+    return found
 
 
 def split_tags(caption: str) -> List[str]:
@@ -85,15 +105,23 @@ class ImageCaptionDataset:
         self.report.unmatched_rows = [
             k for k in rows if k not in names and k not in {os.path.basename(n) for n in names}
         ]
-        captions = {}
+        captions, unreadable = {}, []
         for img in images:
             caption = rows.get(img.name, by_basename.get(os.path.basename(img.name)))
             if caption is None:
-                caption = read_sidecar(img.path, cfg.caption_extension)
+                try:
+                    caption = read_sidecar(img.path, cfg.caption_extension)
+                except DatasetError as exc:  # gathered, so that one run lists every file to re-save
+                    unreadable.append(str(exc))
+                    continue
             if caption is None:
                 self.report.missing_captions.append(img.name)
                 caption = _folder_class_token(img.name)
             captions[img.name] = caption
+        if unreadable:
+            more = f" (and {len(unreadable) - 3} more caption files)" if len(unreadable) > 3 else ""
+            raise DatasetError("; ".join(unreadable[:3]) + more)
+        self.report.other_sidecars = _other_sidecars(images, self.report.missing_captions, cfg.caption_extension)
         return captions
 
     # ------------------------------------------------------------ summary and metadata
@@ -120,6 +148,11 @@ class ImageCaptionDataset:
             lines.append(
                 f"  no caption (metadata.csv row or {self.cfg.caption_extension} file) for: {shown}; "
                 "those train with an empty caption (or their N_name folder's name)"
+            )
+        for extension, count in report.other_sidecars.items():
+            lines.append(
+                f"  {count} of the images without a caption have a {extension} file beside them; set "
+                f"caption_extension: {extension} to train on those captions"
             )
         if report.unmatched_rows:
             lines.append(f"  metadata rows naming no image: {', '.join(report.unmatched_rows[:5])}")

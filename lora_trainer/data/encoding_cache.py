@@ -2,8 +2,8 @@
 
 Kept in memory, and on disk (one small safetensors file per entry, written atomically) when enabled, so a
 second run on the same data and model skips loading the VAE and text encoders at all. Keys cover everything
-the output depends on: the model's fingerprint, the image file (path, size, mtime), its bucket, the caption
-and clip_skip.
+the output depends on: the model's fingerprint, the image file (path, size, mtime, EXIF orientation), its
+bucket, the caption, clip_skip and the caption length limit (max_token_length).
 """
 
 from __future__ import annotations
@@ -22,19 +22,25 @@ Entry = Dict[str, torch.Tensor]
 
 
 class EncodingCache:
-    def __init__(self, folder: Optional[str], model_identity: str, writer: bool = True):
+    def __init__(self, folder: Optional[str], model_identity: str, writer: bool = True, max_token_length: int = 75):
         self.folder = folder
         self.identity = model_identity
         self.writer = writer  # only the main process writes the disk cache
+        self.max_token_length = max_token_length
         self.memory: Dict[str, Entry] = {}
 
     def latent_key(self, sample: Sample) -> str:
         stat = os.stat(sample.image.path)
-        raw = f"latent|{self.identity}|{sample.image.path}|{stat.st_size}|{stat.st_mtime_ns}|{sample.bucket}"
+        raw = (
+            f"latent|{self.identity}|{sample.image.path}|{stat.st_size}|{stat.st_mtime_ns}|{sample.bucket}"
+            f"|orientation{sample.image.orientation}"
+        )
         return hashlib.sha1(raw.encode()).hexdigest()
 
     def text_key(self, caption: str, clip_skip: int) -> str:
-        return hashlib.sha1(f"text|{self.identity}|{clip_skip}|{caption}".encode()).hexdigest()
+        # One 75-token window keeps the keys of caches written before longer captions were possible.
+        length = "" if self.max_token_length == 75 else f"|tokens{self.max_token_length}"
+        return hashlib.sha1(f"text|{self.identity}|{clip_skip}{length}|{caption}".encode()).hexdigest()
 
     def _path(self, key: str) -> Optional[str]:
         return os.path.join(self.folder, key[:2], key + ".safetensors") if self.folder else None

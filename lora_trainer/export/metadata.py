@@ -40,6 +40,8 @@ def lora_metadata(
         "ss_v_parameterization": prediction_type == "v_prediction",
         "ss_sd_model_name": model_name,
         "ss_clip_skip": cfg.clip_skip,
+        # sd-scripts writes None for its default of one 75-token window, and 150 or 225 when set.
+        "ss_max_token_length": None if cfg.max_token_length == 75 else cfg.max_token_length,
         "ss_learning_rate": cfg.learning_rate,
         "ss_unet_lr": unet_lr,
         "ss_text_encoder_lr": te_lr if cfg.train_text_encoder else 0.0,

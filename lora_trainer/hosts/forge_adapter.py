@@ -60,8 +60,10 @@ from lora_trainer.lora.targets import TEXT_CONTAINERS, find_targets
 from lora_trainer.models.adapter import Conditioning, DiffusionAdapter, SizeCondition
 from lora_trainer.models.architecture import SD1, SDXL
 from lora_trainer.models.ldm_names import UNetNameMap
+from lora_trainer.models.long_captions import WINDOW_TOKENS, window_count
 
-CONTEXT_TOKENS = 77  # one CLIP window, as the standalone engine encodes (Forge's longer prompts chain windows)
+CONTEXT_TOKENS = 77  # one CLIP window: start, 75 caption tokens, end; Forge chains such chunks for longer prompts
+COMMA_BACKTRACK = 20  # Forge moves a chunk's tail after a comma this close to its end into the next chunk
 # Forge's SDXL engines stop at the penultimate layer at least (their minimal clip skip is 2, where the
 # standalone engine counts the penultimate layer as clip skip 1).
 SDXL_CLIP_SKIP_OFFSET = 1
@@ -94,6 +96,28 @@ def host_prediction_type(predictor: Any) -> str:
             "v-prediction models can be trained."
         )
     return kind
+
+
+def forge_prompt_chunks(ids: Sequence[int], comma: Optional[int]) -> List[List[int]]:
+    """A caption's token ids (no start/end tokens) cut into Forge's prompt chunks of at most 75, as its classic
+    text engine's ``tokenize_line`` cuts a prompt without weights or embeddings: when a chunk fills up and a comma
+    lies within its last 20 tokens, the tokens after that comma start the next chunk. At least one chunk."""
+    chunks: List[List[int]] = []
+    chunk: List[int] = []
+    last_comma = -1
+    for token in ids:
+        if token == comma:
+            last_comma = len(chunk)
+        elif len(chunk) == WINDOW_TOKENS and last_comma != -1 and len(chunk) - last_comma <= COMMA_BACKTRACK:
+            chunks.append(chunk[: last_comma + 1])
+            chunk, last_comma = chunk[last_comma + 1 :], -1
+        if len(chunk) == WINDOW_TOKENS:
+            chunks.append(chunk)
+            chunk, last_comma = [], -1
+        chunk.append(token)
+    if chunk or not chunks:
+        chunks.append(chunk)
+    return chunks
 
 
 class ForgeHostAdapter(DiffusionAdapter):
@@ -148,6 +172,7 @@ class ForgeHostAdapter(DiffusionAdapter):
         self._load_models = load_models
         self._attention_overrides = list(attention_overrides)
         self._changes = ModuleChanges()
+        self._windows = 1  # prompt chunks of 77 per caption: max_token_length / 75
 
     # ------------------------------------------------------------ the host's parts
 
@@ -237,18 +262,33 @@ class ForgeHostAdapter(DiffusionAdapter):
             )
         return latents
 
+    def set_max_token_length(self, max_token_length: int) -> None:
+        self._windows = window_count(max_token_length)
+
+    def caption_token_counts(self, captions: Sequence[str]) -> Optional[List[int]]:
+        """Tokens of each caption without start/end tokens, by the first text engine's tokenizer."""
+        tokenizer = self._text_engines()[0].tokenizer
+        return [len(ids) for ids in tokenizer(list(captions), add_special_tokens=False).input_ids]
+
     def _token_ids(self, engine: Any, captions: Sequence[str]) -> torch.Tensor:
-        """One 77-token window per caption as the standalone engine tokenizes (no prompt-attention syntax, no
-        chunk chaining), padded the way Forge's engine pads after the end token."""
-        ids = engine.tokenizer(
-            list(captions), truncation=True, max_length=CONTEXT_TOKENS, padding="max_length"
-        ).input_ids
-        tokens = torch.tensor(ids, dtype=torch.long)
+        """(B * windows, 77) token ids: each caption in Forge's prompt chunks (``tokenize_line``: 75 tokens,
+        a comma close to a chunk's end starts the next chunk), cut or filled with Forge's empty chunk to
+        ``max_token_length / 75`` chunks, each with its start and end token and padded as Forge's engine pads
+        after the end token. Captions are read literally (no prompt-attention syntax), as the standalone engine
+        reads them."""
+        comma = getattr(engine, "comma_token", None)
+        if comma is None:
+            comma = engine.tokenizer.get_vocab().get(",</w>")
+        rows = []
+        for ids in engine.tokenizer(list(captions), add_special_tokens=False).input_ids:
+            chunks = forge_prompt_chunks(ids, comma)[: self._windows]
+            chunks += [[]] * (self._windows - len(chunks))
+            for body in chunks:
+                rows.append([engine.id_start, *body] + [engine.id_end] * (WINDOW_TOKENS + 1 - len(body)))
+        tokens = torch.tensor(rows, dtype=torch.long)
         if engine.id_end != engine.id_pad:
-            for row in tokens:
-                ends = (row == engine.id_end).nonzero()
-                if len(ends):
-                    row[int(ends[0]) + 1 :] = engine.id_pad
+            for row in tokens:  # every row has an end token: a chunk holds 75 tokens at most
+                row[int((row == engine.id_end).nonzero()[0]) + 1 :] = engine.id_pad
         return tokens
 
     @contextlib.contextmanager
@@ -267,7 +307,10 @@ class ForgeHostAdapter(DiffusionAdapter):
         ("Inference tensors do not track version counter")."""
         replace_inference_tensors(self.text_encoder_modules())  # a no-op pass once cloned (Forge may reload)
 
-    def _encode(self, engine: Any, captions: Sequence[str], clip_skip: int) -> torch.Tensor:
+    def _encode(
+        self, engine: Any, captions: Sequence[str], clip_skip: int
+    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """(B, 77 * windows, C) hidden states and, for an engine that pools, (B, P) pooled embeddings."""
         self._text_encoders_cloned()
         embeddings = getattr(engine, "embeddings", None)
         if embeddings is not None and hasattr(embeddings, "fixes"):
@@ -275,21 +318,26 @@ class ForgeHostAdapter(DiffusionAdapter):
         # Before training begins the weights are still Forge's inference tensors and nothing is trained: no graph.
         record = torch.is_grad_enabled() and not self._changes.empty
         with torch.inference_mode(False), torch.set_grad_enabled(record), self._engine_clip_skip(engine, clip_skip):
-            return engine.encode_with_transformers(self._token_ids(engine, captions))
+            states = engine.encode_with_transformers(self._token_ids(engine, captions))
+        # (B * windows, 77, C) -> (B, 77 * windows, C): Forge joins a prompt's chunks one after another.
+        joined = states.reshape(len(captions), self._windows * CONTEXT_TOKENS, states.shape[-1])
+        pooled = getattr(states, "pooled", None)
+        if pooled is not None:  # SDXL: the pooled embedding of each caption's first chunk, as Forge takes it
+            pooled = pooled.reshape(len(captions), self._windows, -1)[:, 0]
+        return joined, pooled
 
     def encode_text(self, captions: Sequence[str], clip_skip: int) -> Conditioning:
         """Through the engine's own ``encode_with_transformers`` (its layer choice and final norm), outside
         inference mode so a text-encoder LoRA gets gradients. ``clip_skip`` counts as in the standalone engine."""
         if self.arch == SDXL:
             engine_l, engine_g = self._text_engines()
-            cond_l = self._encode(engine_l, captions, clip_skip)
-            cond_g = self._encode(engine_g, captions, clip_skip)
-            pooled = cond_g.pooled
+            cond_l, _ = self._encode(engine_l, captions, clip_skip)
+            cond_g, pooled = self._encode(engine_g, captions, clip_skip)
             return {
                 "crossattn": torch.cat([cond_l, cond_g], dim=2).float().to(self.device),
                 "pooled": pooled.float().to(self.device),
             }
-        return {"crossattn": self._encode(self._text_engines()[0], captions, clip_skip).float().to(self.device)}
+        return {"crossattn": self._encode(self._text_engines()[0], captions, clip_skip)[0].float().to(self.device)}
 
     # ------------------------------------------------------------ denoiser
 
@@ -379,4 +427,4 @@ class ForgeHostAdapter(DiffusionAdapter):
         self._changes.undo()
 
 
-__all__ = ["ForgeHostAdapter", "forge_architecture", "host_prediction_type"]
+__all__ = ["ForgeHostAdapter", "forge_architecture", "forge_prompt_chunks", "host_prediction_type"]

@@ -31,8 +31,9 @@ from lora_trainer.lora.targets import NEVER_TRAINED, TEXT_CONTAINERS, UNET_CONTA
 from lora_trainer.models.adapter import Conditioning, DiffusionAdapter, SizeCondition
 from lora_trainer.models.architecture import SD1, SD2, SDXL
 from lora_trainer.models.ldm_names import UNetLayout, UNetNameMap, open_clip_to_hf
+from lora_trainer.models.long_captions import window_count
 
-CONTEXT_TOKENS = 77  # one CLIP window; the host's longer prompts (several windows) are cut here, as sd-scripts does
+CONTEXT_TOKENS = 77  # one CLIP window: the host encodes long prompts in chunks of start + 75 tokens + end
 SIZE_KEYS = ("original_size_as_tuple", "crop_coords_top_left", "target_size_as_tuple")  # SDXL, time_ids order
 UNET_BLOCKS = ("BasicTransformerBlock", "ResBlock")  # ldm and sgm UNets
 TEXT_BLOCKS = ("CLIPEncoderLayer", "ResidualAttentionBlock")  # transformers CLIP, open_clip
@@ -213,6 +214,7 @@ class LdmHostAdapter(DiffusionAdapter):
         self._autocast = autocast or contextlib.nullcontext
         self._clip_skip_scope = clip_skip_scope
         self._changes = ModuleChanges()
+        self._windows = 1  # prompt chunks of 77 per caption: max_token_length / 75
 
     # ------------------------------------------------------------ the host owns the parts
 
@@ -247,16 +249,43 @@ class LdmHostAdapter(DiffusionAdapter):
             )
         return latents
 
+    def set_max_token_length(self, max_token_length: int) -> None:
+        self._windows = window_count(max_token_length)
+
+    def caption_token_counts(self, captions: Sequence[str]) -> Optional[List[int]]:
+        """Counted by the host's prompt wrapper (``tokenize``: ids without start/end tokens), as it will chunk
+        them; None when the embedder is not wrapped by the host."""
+        embedder = text_embedders(self.model)[0]
+        tokenize = getattr(embedder, "tokenize", None)
+        if not hasattr(embedder, "wrapped") or not callable(tokenize):
+            return None
+        return [len(ids) for ids in tokenize(list(captions))]
+
     def encode_text(self, captions: Sequence[str], clip_skip: int) -> Conditioning:
+        """The host's own prompt encoding (its chunks of 77, SDXL's pooled output from the first), cut or
+        padded to ``max_token_length / 75`` chunks so that every caption has the same shape."""
         with self._clip_skip(clip_skip), self._autocast():
             cond = self.model.get_learned_conditioning(list(captions))
+            crossattn = self._fit_windows(cond["crossattn"] if isinstance(cond, dict) else cond)
         if isinstance(cond, dict):  # SDXL: the vector is [pooled OpenCLIP-G, size embeddings]
             vector = cond["vector"]
             return {
-                "crossattn": cond["crossattn"][:, :CONTEXT_TOKENS].float(),
+                "crossattn": crossattn.float(),
                 "pooled": vector[:, : vector.shape[1] - self._size_vector_width()].float(),
             }
-        return {"crossattn": cond[:, :CONTEXT_TOKENS].float()}
+        return {"crossattn": crossattn.float()}
+
+    def _fit_windows(self, crossattn: torch.Tensor) -> torch.Tensor:
+        """(B, 77 * chunks, C) -> (B, 77 * windows, C). Missing chunks are the host's encoding of an empty
+        prompt: the tokens of the empty chunk the host itself pads a batch's shorter prompts with."""
+        width = CONTEXT_TOKENS * self._windows
+        if crossattn.shape[1] < width:
+            empty = self.model.get_learned_conditioning([""])
+            empty = (empty["crossattn"] if isinstance(empty, dict) else empty)[:, :CONTEXT_TOKENS]
+            missing = (width - crossattn.shape[1]) // CONTEXT_TOKENS
+            padding = empty.to(crossattn.dtype).expand(crossattn.shape[0], -1, -1).repeat(1, missing, 1)
+            crossattn = torch.cat([crossattn, padding], dim=1)
+        return crossattn[:, :width]
 
     def _clip_skip(self, clip_skip: int) -> ContextManager:
         if self._clip_skip_scope is not None:

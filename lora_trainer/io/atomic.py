@@ -20,11 +20,11 @@ def atomic_path(path: str) -> Iterator[str]:
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    os.close(fd)
-    # mkstemp creates 0600; give the file the permissions an ordinary open() would (readable by the WebUI's
-    # user, other tools), following the umask.
-    os.chmod(tmp, 0o666 & ~_current_umask())
     try:
+        os.close(fd)
+        # mkstemp creates 0600; give the file the permissions an ordinary open() would (readable by the
+        # WebUI's user, other tools), following the umask.
+        os.chmod(tmp, 0o666 & ~_current_umask())
         yield tmp
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
@@ -53,19 +53,22 @@ def atomic_directory(path: str) -> Iterator[str]:
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=parent)
-    os.chmod(tmp, 0o777 & ~_current_umask())
+    old = tmp + ".old"
     try:
+        os.chmod(tmp, 0o777 & ~_current_umask())
         yield tmp
         if os.path.isdir(path):
-            old = tmp + ".old"
             os.replace(path, old)
             os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, path)
     except BaseException:
+        # Interrupted between the two renames (a second Ctrl+C): the previous folder goes back in place.
+        if os.path.isdir(old) and not os.path.exists(path):
+            os.replace(old, path)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _current_umask() -> int:

@@ -13,7 +13,11 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-Conditioning = Dict[str, torch.Tensor]  # "crossattn" (B, 77, C) and, for SDXL, "pooled" (B, P)
+from lora_trainer.errors import ConfigError
+
+# "crossattn" (B, T, C) and, for SDXL, "pooled" (B, P); T is 77 for captions of one CLIP window, more with
+# max_token_length 150/225 (the backend's chunked layout, fixed for a given max_token_length).
+Conditioning = Dict[str, torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -57,6 +61,20 @@ class DiffusionAdapter:
 
     def encode_text(self, captions: Sequence[str], clip_skip: int) -> Conditioning:
         raise NotImplementedError
+
+    def set_max_token_length(self, max_token_length: int) -> None:
+        """Encode captions up to ``max_token_length`` tokens (75, 150 or 225) from now on. This default knows
+        one CLIP window only and refuses longer settings; backends that chunk captions override it."""
+        if max_token_length != 75:
+            raise ConfigError(
+                f"max_token_length: {max_token_length} is not supported by this backend "
+                f"({type(self).__name__}), which encodes one 75-token window; use max_token_length: 75."
+            )
+
+    def caption_token_counts(self, captions: Sequence[str]) -> Optional[List[int]]:
+        """Tokens of each caption without start and end tokens (for the summary of cut captions); None when
+        this backend cannot count them."""
+        return None
 
     def predict(
         self,

@@ -1,21 +1,30 @@
-"""The standalone backend: diffusers UNet and VAE, transformers CLIP text encoders, loaded from disk."""
+"""The standalone backend: diffusers UNet and VAE, transformers CLIP text encoders, loaded from disk (a Hub
+``base_model`` is fetched into the Hugging Face cache first)."""
 
 from __future__ import annotations
 
 import gc
 import hashlib
 import os
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from lora_trainer.export.kohya_names import text_lora_name, unet_lora_name
+from lora_trainer.hub.progress import DownloadCallback
 from lora_trainer.lora.targets import TEXT_CONTAINERS, UNET_CONTAINERS, find_targets
 from lora_trainer.models.adapter import Conditioning, DiffusionAdapter, SizeCondition
 from lora_trainer.models.architecture import SDXL
 from lora_trainer.models.ldm_names import UNetNameMap
 from lora_trainer.models.loading import load_stable_diffusion
+from lora_trainer.models.long_captions import (
+    WINDOW_TOKENS,
+    first_window,
+    merge_window_states,
+    split_into_windows,
+    window_count,
+)
 
 
 def file_identity(path: str) -> str:
@@ -40,7 +49,13 @@ class DiffusersAdapter(DiffusionAdapter):
         device: torch.device,
         dtype: torch.dtype = torch.float32,
         prediction_type: Optional[str] = None,
+        on_download: Optional[DownloadCallback] = None,
+        log: Optional[Callable[[str], None]] = None,
     ):
+        from lora_trainer.models.hub_models import resolve_base_model
+
+        # A Hub reference becomes its cached files here, once; every later load reads them.
+        path, hub_name = resolve_base_model(path, on_download=on_download, log=log)
         self.path = path
         self.device = device
         self.dtype = dtype  # the frozen base's storage dtype; LoRA weights stay fp32
@@ -53,9 +68,10 @@ class DiffusersAdapter(DiffusionAdapter):
         self.alphas_cumprod = probe.alphas_cumprod.to(device)
         self.vae_scaling_factor = probe.vae_scaling_factor
         self.tokenizers = probe.tokenizers
-        self.model_name = probe.name
+        self.model_name = hub_name or probe.name  # a snapshot folder's own name is a commit id
         self.names = UNetNameMap(probe.unet_layout)
         self.identity = file_identity(path)
+        self.windows = 1  # CLIP windows per caption: max_token_length / 75
         self.unet: Optional[nn.Module] = None
         self.vae: Optional[nn.Module] = None
         self.text_encoders: Optional[List[nn.Module]] = None
@@ -106,30 +122,44 @@ class DiffusersAdapter(DiffusionAdapter):
         latents = self.vae.encode(pixels.to(self.device, torch.float32)).latent_dist.mode()
         return latents * self.vae_scaling_factor
 
-    def _token_ids(self, tokenizer, captions: Sequence[str]) -> torch.Tensor:
-        return tokenizer(
+    def set_max_token_length(self, max_token_length: int) -> None:
+        self.windows = window_count(max_token_length)
+
+    def caption_token_counts(self, captions: Sequence[str]) -> List[int]:
+        ids = self.tokenizers[0](list(captions), add_special_tokens=False, verbose=False).input_ids
+        return [len(i) for i in ids]
+
+    def _token_windows(self, tokenizer, captions: Sequence[str]) -> torch.Tensor:
+        """(B * windows, 77) token ids: each caption's 75-token windows (see ``long_captions``). The length
+        is the CLIP window's, not the tokenizer's ``model_max_length``, which a tokenizer folder without
+        tokenizer_config.json leaves at transformers' "unlimited" default."""
+        ids = tokenizer(
             list(captions),
             padding="max_length",
-            max_length=tokenizer.model_max_length,
+            max_length=self.windows * WINDOW_TOKENS + 2,
             truncation=True,
             return_tensors="pt",
-        ).input_ids.to(self.device)
+        ).input_ids
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        windows = split_into_windows(ids, tokenizer.bos_token_id, tokenizer.eos_token_id, pad)
+        return windows.flatten(0, 1).to(self.device)
 
     def encode_text(self, captions: Sequence[str], clip_skip: int) -> Conditioning:
+        n = self.windows
         if self.arch == SDXL:
             te1, te2 = self.text_encoders
-            out1 = te1(self._token_ids(self.tokenizers[0], captions), output_hidden_states=True)
-            out2 = te2(self._token_ids(self.tokenizers[1], captions), output_hidden_states=True)
+            out1 = te1(self._token_windows(self.tokenizers[0], captions), output_hidden_states=True)
+            out2 = te2(self._token_windows(self.tokenizers[1], captions), output_hidden_states=True)
             # SDXL conditions on the penultimate layers of both encoders (clip_skip moves further back).
             hidden = torch.cat([out1.hidden_states[-(clip_skip + 1)], out2.hidden_states[-(clip_skip + 1)]], dim=-1)
-            return {"crossattn": hidden, "pooled": out2.text_embeds}
+            return {"crossattn": merge_window_states(hidden, n), "pooled": first_window(out2.text_embeds, n)}
         te = self.text_encoders[0]
-        ids = self._token_ids(self.tokenizers[0], captions)
+        ids = self._token_windows(self.tokenizers[0], captions)
         if clip_skip <= 1:
-            return {"crossattn": te(ids).last_hidden_state}
+            return {"crossattn": merge_window_states(te(ids).last_hidden_state, n)}
         out = te(ids, output_hidden_states=True)
         final_norm = te.text_model.final_layer_norm if hasattr(te, "text_model") else te.final_layer_norm
-        return {"crossattn": final_norm(out.hidden_states[-clip_skip])}
+        return {"crossattn": merge_window_states(final_norm(out.hidden_states[-clip_skip]), n)}
 
     # ------------------------------------------------------------ denoiser
 

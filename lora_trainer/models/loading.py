@@ -8,7 +8,6 @@ Configs come from the checkpoint's own keys (``architecture.py``); the tokenizer
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional, Tuple
@@ -17,8 +16,8 @@ import torch
 
 from lora_trainer.errors import ModelLoadError
 from lora_trainer.io.safetensors_stream import SafetensorsStream
+from lora_trainer.io.text_files import read_text
 from lora_trainer.models.architecture import (
-    SD1,
     SD2,
     SDXL,
     UNET_PREFIX,
@@ -27,6 +26,7 @@ from lora_trainer.models.architecture import (
     TextEncoderSpec,
     infer_spec,
 )
+from lora_trainer.models.diffusers_folder import check_text_to_image_unet, load_component, read_pipeline_folder
 from lora_trainer.models.ldm_names import UNetLayout, UNetNameMap, VaeNameMap, open_clip_to_hf
 
 
@@ -108,58 +108,36 @@ def _load_diffusers_folder(
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    with open(os.path.join(path, "model_index.json"), encoding="utf-8") as fh:
-        index = json.load(fh)
-    arch = SDXL if "text_encoder_2" in index else SD1
-    unet_config = UNet2DConditionModel.load_config(path, subfolder="unet")
-    if arch == SD1 and unet_config["cross_attention_dim"] == 1024:
-        arch = SD2
+    folder = read_pipeline_folder(path)  # refuses what is not an SD1/SD2/SDXL text-to-image pipeline
+    arch = folder.arch
     unet = (
-        UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype, low_cpu_mem_usage=True)
+        load_component(folder, "unet", UNet2DConditionModel, torch_dtype=dtype, low_cpu_mem_usage=True)
         if load_unet
         else None
     )
-    scheduler = {}
-    scheduler_path = os.path.join(path, "scheduler", "scheduler_config.json")
-    if os.path.isfile(scheduler_path):
-        with open(scheduler_path, encoding="utf-8") as fh:
-            scheduler = json.load(fh)
-    alphas = scaled_linear_alphas_cumprod(
-        scheduler.get("beta_start", 0.00085),
-        scheduler.get("beta_end", 0.012),
-        scheduler.get("num_train_timesteps", 1000),
-        scheduler.get("beta_schedule", "scaled_linear"),
-    )
-    vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype) if load_vae else None
+    vae = load_component(folder, "vae", AutoencoderKL, torch_dtype=dtype) if load_vae else None
     text_encoders = None
-    names = ["text_encoder"] + (["text_encoder_2"] if arch == SDXL else [])
     if load_text_encoders:
         classes = [CLIPTextModel, CLIPTextModelWithProjection]
         text_encoders = [
-            classes[i].from_pretrained(path, subfolder=name, torch_dtype=dtype) for i, name in enumerate(names)
+            load_component(folder, name, classes[i], torch_dtype=dtype) for i, name in enumerate(folder.text_encoders)
         ]
     tokenizers = []
-    for i, name in enumerate(["tokenizer", "tokenizer_2"][: len(names)]):
-        folder = os.path.join(path, name)
-        tokenizers.append(_tokenizer(folder if os.path.isdir(folder) else None, arch, i))
-    scaling = vae.config.scaling_factor if vae is not None else _vae_scaling_from_config(path)
+    for i, name in enumerate(["tokenizer", "tokenizer_2"][: len(folder.text_encoders)]):
+        tokenizer_folder = os.path.join(path, name)
+        tokenizers.append(_tokenizer(tokenizer_folder if os.path.isdir(tokenizer_folder) else None, arch, i))
     return StableDiffusionModel(
         arch=arch,
         unet=unet,
         vae=vae,
         text_encoders=text_encoders,
         tokenizers=tokenizers,
-        prediction_type=prediction_type or scheduler.get("prediction_type", "epsilon"),
-        alphas_cumprod=alphas,
-        vae_scaling_factor=scaling,
+        prediction_type=prediction_type or folder.prediction_type,
+        alphas_cumprod=folder.alphas_cumprod,
+        vae_scaling_factor=vae.config.scaling_factor if vae is not None else folder.vae_scaling_factor,
         name=os.path.basename(os.path.normpath(path)),
-        unet_layout=UNetLayout.from_config(unet_config),
+        unet_layout=UNetLayout.from_config(folder.unet_config),
     )
-
-
-def _vae_scaling_from_config(path: str) -> float:
-    with open(os.path.join(path, "vae", "config.json"), encoding="utf-8") as fh:
-        return float(json.load(fh).get("scaling_factor", 0.18215))
 
 
 def _tokenizer(folder: Optional[str], arch: str, index: int):
@@ -225,8 +203,10 @@ def _prediction_type_from_yaml(path: str) -> Optional[str]:
         return None
     import yaml
 
-    with open(yaml_path, encoding="utf-8") as fh:
-        config = yaml.safe_load(fh) or {}
+    try:
+        config = yaml.safe_load(read_text(yaml_path, ModelLoadError)) or {}
+    except yaml.YAMLError as exc:
+        raise ModelLoadError(f"{yaml_path} (the config beside the checkpoint) is not valid YAML: {exc}") from None
     params = (config.get("model") or {}).get("params") or {}
     return "v_prediction" if params.get("parameterization") == "v" else "epsilon"
 
@@ -330,6 +310,7 @@ def hf_text_state_name(model: torch.nn.Module, name: str) -> str:
 def _load_single_file(path, load_unet, load_vae, load_text_encoders, dtype, prediction_type) -> StableDiffusionModel:
     reader = _CheckpointReader(path)
     spec = infer_spec(reader.shapes(), prediction_type or _prediction_type_from_yaml(path))
+    check_text_to_image_unet(int(spec.unet_config["in_channels"]), path)
     unet = _convert_unet(reader, spec, dtype) if load_unet else None
     vae = _convert_vae(reader, spec, dtype) if load_vae else None
     text_encoders = (

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
 from lora_trainer.errors import DatasetError
+from lora_trainer.io.text_files import read_text
 
 FORMATS = ("text", "prompt_completion", "alpaca", "chat")
 JSONL_ONLY_FORMATS = ("prompt_completion", "alpaca", "chat")
@@ -159,15 +160,9 @@ def parse_record(record: Any, data_format: str, where: str) -> TextSample:
 
 def _read_lines(path: str) -> List[str]:
     try:
-        with open(path, encoding="utf-8-sig") as fh:
-            return fh.read().splitlines()
-    except UnicodeDecodeError as exc:
-        # Name the line, which the user can open and fix, rather than the byte offset.
-        with open(path, "rb") as fh:
-            line = fh.read()[: exc.start].count(b"\n") + 1
-        raise DatasetError(f"{path} line {line}: not valid UTF-8 text ({exc.reason}).") from None
-    except OSError as exc:
-        raise DatasetError(f"Cannot read {path}: {exc.strerror or exc}.") from None
+        return read_text(path).splitlines()  # UTF-8 or a DatasetError naming the offset and line
+    except FileNotFoundError:
+        raise DatasetError(f"Cannot read {path}: it does not exist.") from None
 
 
 def read_jsonl(path: str, data_format: str = "auto") -> Tuple[List[TextSample], Optional[str]]:

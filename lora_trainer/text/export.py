@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 import os
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 from safetensors.torch import save_file
@@ -27,14 +27,18 @@ def adapter_state_dict(model, precision: str = "float") -> Dict[str, torch.Tenso
     return {k: v.detach().to("cpu", dtype).contiguous() for k, v in get_peft_model_state_dict(model).items()}
 
 
-def save_adapter(model, tokenizer, folder: str, precision: str = "fp16") -> str:
+def save_adapter(model, tokenizer, folder: str, precision: str = "fp16", base_model_name: Optional[str] = None) -> str:
     """Write ``adapter_model.safetensors``, ``adapter_config.json`` and the tokenizer into ``folder``.
 
     The tokenizer travels with the adapter so that ``pipeline("text-generation", model=folder)`` works; the
-    adapter config names the base model folder it was trained on.
+    adapter config names the base model it was trained on: the folder, or ``base_model_name`` (the Hub id whose
+    cached files the folder is), so that the adapter loads on any machine. The model itself keeps the folder
+    as its name: peft reads the base config from there, never from the network.
     """
     config = copy.deepcopy(model.peft_config["default"])
     config.inference_mode = True  # a loaded adapter is for inference unless asked otherwise
+    if base_model_name:
+        config.base_model_name_or_path = base_model_name
     with atomic_directory(folder) as tmp:
         save_file(adapter_state_dict(model, precision), os.path.join(tmp, ADAPTER_WEIGHTS), metadata={"format": "pt"})
         config.save_pretrained(tmp)

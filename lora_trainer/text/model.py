@@ -1,4 +1,5 @@
-"""Load the base causal LM and its tokenizer from a local folder, and attach a trainable LoRA adapter."""
+"""Load the base causal LM and its tokenizer from a local folder or a Hub repository (fetched into the Hugging
+Face cache on first use), and attach a trainable LoRA adapter."""
 
 from __future__ import annotations
 
@@ -6,12 +7,14 @@ import contextlib
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Iterator, List
+from typing import Callable, Collection, Iterator, List, Optional
 
 import torch
 
 from lora_trainer.config import TextConfig
 from lora_trainer.errors import ModelLoadError
+from lora_trainer.hub.files import MissingRepoFiles, describe_alternatives, weight_files
+from lora_trainer.hub.progress import DownloadCallback
 
 # The familiar peft recipe for causal LMs; the config's None means "use these".
 DEFAULT_RANK = 8
@@ -37,11 +40,87 @@ def resolve_lora_settings(cfg: TextConfig) -> LoraSettings:
     )
 
 
+# Tokenizer files a causal LM repository may hold at its root; whichever it has are fetched.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+)
+TOKENIZER_VOCABULARIES = ("tokenizer.json", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "vocab.json")
+_WEIGHTS = (("model", ".safetensors"), ("pytorch_model", ".bin"))
+
+
+class CausalLmFiles:
+    """What ``AutoTokenizer``/``AutoModelForCausalLM.from_pretrained`` read from a repository: the tokenizer
+    files, the weights (one file, or the shards and their index; safetensors preferred), and ``config.json``
+    last, so that a cached ``config.json`` means the download finished. Never other formats (gguf, onnx,
+    original/ checkpoints)."""
+
+    label = "base model (causal LM)"
+
+    def plan(self, names: Collection[str], cached: Collection[str] = ()) -> List[str]:
+        names = set(names)
+        missing = []
+        if not any(name in names for name in TOKENIZER_VOCABULARIES):
+            missing.append(describe_alternatives(TOKENIZER_VOCABULARIES))
+        weights = weight_files(names, "", _WEIGHTS)
+        if weights is None:
+            missing.append("model.safetensors (or model-*-of-*.safetensors with its index, or pytorch_model.bin)")
+        if "config.json" not in names:
+            missing.append("config.json")
+        if missing:
+            raise MissingRepoFiles(missing)
+        return [*(n for n in TOKENIZER_FILES if n in names), *weights, "config.json"]
+
+    def describe(self) -> str:
+        return "config.json, model.safetensors (or its shards and index), and the tokenizer files"
+
+    def include_patterns(self) -> List[str]:
+        return ["config.json", "*.safetensors", "model.safetensors.index.json", *TOKENIZER_FILES]
+
+
+def resolve_causal_lm(
+    reference: str,
+    *,
+    on_download: Optional[DownloadCallback] = None,
+    log: Optional[Callable[[str], None]] = None,
+) -> str:
+    """The local folder of ``base_model``: an existing path as it is, a Hub repository id (``owner/name``,
+    optionally ``@revision``) fetched into the Hugging Face cache on first use. Raises the hub's HubErrors."""
+    from lora_trainer.hub.reference import as_hub_reference
+
+    ref = None if os.path.exists(reference) else as_hub_reference(reference)
+    if ref is None or ref.filename:
+        return reference  # _require_model_folder says what is wrong with it
+    from lora_trainer.hub.fetch import fetch_repo_files
+
+    return fetch_repo_files(
+        ref,
+        CausalLmFiles(),
+        as_given=reference,
+        place_hint="save the model with save_pretrained into a folder and set base_model to that folder",
+        download_command=f"python -m lora_trainer download {reference}",
+        on_progress=on_download,
+        log=log,
+    )
+
+
 def _require_model_folder(path: str) -> None:
     if not os.path.isdir(path) or not os.path.isfile(os.path.join(path, "config.json")):
         raise ModelLoadError(
             f"base_model: {path} is not a transformers model folder (no config.json there). "
-            "The text task needs a local causal-LM folder, as written by save_pretrained."
+            "The text task needs a causal-LM folder as written by save_pretrained, or a Hugging Face Hub "
+            "repository id (owner/name)."
         )
 
 

@@ -26,13 +26,23 @@ from lora_trainer.text.model import (
     declared_dtype,
     load_base_model,
     load_tokenizer,
+    resolve_causal_lm,
     resolve_lora_settings,
 )
 from lora_trainer.text.tokenize import IGNORE_INDEX, tokenize_dataset
 from lora_trainer.train.callbacks import CallbackList, StepInfo, TensorBoardLogger, TrainingCallback
 from lora_trainer.train.optim import build_optimizer, build_scheduler
 from lora_trainer.train.run import TrainingResult
-from lora_trainer.train.state import load_training_state, restore_rng_state, save_training_state
+from lora_trainer.train.state import (
+    apply_config_rates,
+    check_resumable,
+    describe_rate_changes,
+    load_training_state,
+    restore_rng_state,
+    resume_hint,
+    save_training_state,
+    state_folder,
+)
 
 
 def step_seed(seed: int, step: int) -> int:
@@ -85,13 +95,16 @@ def train_text(
 
 
 def _train(cfg: TextConfig, dataset, callbacks: List[TrainingCallback], runtime) -> TrainingResult:
-    tokenizer = load_tokenizer(cfg.base_model)
+    # A Hub id becomes its cached folder (downloaded on first use); the id stays the adapter's recorded base.
+    base_path = resolve_causal_lm(cfg.base_model, on_download=CallbackList(callbacks).on_download)
+    hub_name = cfg.base_model if base_path != cfg.base_model else None
+    tokenizer = load_tokenizer(base_path)
     if any(s.is_chat for s in dataset.samples):
         require_chat_template(tokenizer, cfg.base_model)
     tokens = tokenize_dataset(dataset, tokenizer, cfg.max_seq_length, cfg.packing)
 
     settings = resolve_lora_settings(cfg)
-    base = load_base_model(cfg.base_model, runtime.dtype, cfg.gradient_checkpointing)
+    base = load_base_model(base_path, runtime.dtype, cfg.gradient_checkpointing)
     torch.manual_seed(cfg.seed)  # the adapter's initial weights
     model = attach_adapter(base, cfg, settings).to(runtime.device)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -108,7 +121,13 @@ def _train(cfg: TextConfig, dataset, callbacks: List[TrainingCallback], runtime)
     total = cfg.max_train_steps or cfg.epochs * schedule.steps_per_epoch
     optimizer = build_optimizer(cfg.optimizer, [{"params": params}], cfg.learning_rate, cfg.weight_decay)
     scheduler = build_scheduler(cfg.lr_scheduler, optimizer, cfg.lr_warmup_steps, total, cfg.lr_scheduler_num_cycles)
-    start = _resume(cfg, named, optimizer, scheduler) if cfg.resume else 0
+    fixed = {
+        "lora_rank": settings.rank,
+        "lora_alpha": settings.alpha,
+        "target_modules": list(settings.target_modules),
+        "base_model": os.path.basename(os.path.normpath(cfg.base_model)),
+    }
+    start = _resume(cfg, named, optimizer, scheduler, fixed) if cfg.resume else 0
 
     main = runtime.is_main_process
     listeners = CallbackList(
@@ -136,16 +155,16 @@ def _train(cfg: TextConfig, dataset, callbacks: List[TrainingCallback], runtime)
     def save(step: int, final: bool) -> str:
         folder = adapter_folder(cfg, None if final else step)
         if main:
-            save_adapter(model, tokenizer, folder, cfg.save_precision)
+            save_adapter(model, tokenizer, folder, cfg.save_precision, base_model_name=hub_name)
             if cfg.save_state:
                 save_training_state(
-                    os.path.join(cfg.output_dir, f"state-{step}"),
+                    state_folder(cfg.output_dir, step),
                     step=step,
                     epoch=schedule.epoch_of(max(step - 1, 0)),
                     weights={n: p for n, p in named},
                     optimizer=optimizer,
                     scheduler=scheduler,
-                    info={"task_type": cfg.task_type, "total_steps": total},
+                    info={"task_type": cfg.task_type, "total_steps": total, **fixed},
                 )
             listeners.on_save(folder, step)
         runtime.wait_for_everyone()
@@ -207,13 +226,18 @@ def _train(cfg: TextConfig, dataset, callbacks: List[TrainingCallback], runtime)
             if cfg.merge_adapter:
                 merged = adapter_folder(cfg) + "-merged"
                 if main:
-                    save_merged_model(model, tokenizer, merged, declared_dtype(cfg.base_model))
+                    save_merged_model(model, tokenizer, merged, declared_dtype(base_path))
                 runtime.wait_for_everyone()
                 outputs.append(merged)
             return TrainingResult("finished", done, outputs, _finished_message(outputs[0], tokens), losses)
         done = info.step if info else start
-        if status == "cancelled":
+        if status == "cancelled":  # saved as the image route saves on Cancel, so that nothing is lost
+            if done > start and last_save != adapter_folder(cfg, done):
+                last_save = save(done, final=False)
             message = f"Cancelled after step {done}."
+            if last_save and cfg.save_state:
+                message += f" Saved {last_save}.\n" + resume_hint(state_folder(cfg.output_dir, done))
+                return TrainingResult(status, done, [last_save], message, losses)
         kept = f" The last good save is {last_save}." if last_save else " Nothing was saved in this run."
         return TrainingResult(status, done, [], message + kept, losses)
     except KeyboardInterrupt:
@@ -266,20 +290,20 @@ def _save_due(cfg: TextConfig, done: int, steps_per_epoch: int) -> bool:
     )
 
 
-def _resume(cfg: TextConfig, named, optimizer, scheduler) -> int:
-    """Load a ``state-<step>`` folder into the adapter, optimizer and schedule; returns its step."""
+def _resume(cfg: TextConfig, named, optimizer, scheduler, fixed: dict) -> int:
+    """Load a ``state-<step>`` folder into the adapter, optimizer and schedule; returns its step. The state
+    must hold this config's adapter (``fixed``); the config's learning rate applies from here on."""
     state = load_training_state(cfg.resume)
     own = dict(named)
-    if set(state.weights) != set(own) or any(state.weights[k].shape != own[k].shape for k in own):
-        raise ConfigError(
-            f"resume: {cfg.resume} holds a different adapter (other lora_rank, target_modules or "
-            "base model) than this config builds."
-        )
+    check_resumable(cfg.resume, state, fixed, {name: tuple(p.shape) for name, p in own.items()})
+    rates = list(scheduler.base_lrs)  # the config's, before the state's replace them
     with torch.no_grad():
         for name, param in own.items():
             param.copy_(state.weights[name].to(param.dtype))
     optimizer.load_state_dict(state.optimizer)
     scheduler.load_state_dict(state.scheduler)
+    for line in describe_rate_changes(apply_config_rates(optimizer, scheduler, rates), state.step):
+        print(line, flush=True)
     restore_rng_state(state.rng)
     return state.step
 

@@ -37,6 +37,9 @@ class TrainingCallback:
 
     def on_train_start(self, total_steps: int, start_step: int, summary: Dict[str, Any]) -> None: ...
 
+    def on_download(self, progress: Any) -> None:
+        """A base model is being downloaded on first use (``lora_trainer.hub.progress.DownloadProgress``)."""
+
     def on_step_end(self, info: StepInfo) -> None: ...
 
     def on_save(self, path: str, step: int) -> None: ...
@@ -57,6 +60,12 @@ class CallbackList(TrainingCallback):
     def on_train_start(self, total_steps, start_step, summary):
         for c in self.callbacks:
             c.on_train_start(total_steps, start_step, summary)
+
+    def on_download(self, progress):
+        for c in self.callbacks:
+            hook = getattr(c, "on_download", None)  # callbacks written before this hook existed lack it
+            if hook is not None:
+                hook(progress)
 
     def on_step_end(self, info):
         for c in self.callbacks:

@@ -23,11 +23,21 @@ from lora_trainer.export.lora_file import SAVE_DTYPES, load_lora_file, save_lora
 from lora_trainer.export.metadata import lora_metadata
 from lora_trainer.lora.network import LoRANetwork, ranks_and_alphas
 from lora_trainer.models.adapter import DiffusionAdapter, SizeCondition
+from lora_trainer.models.long_captions import cut_caption_lines
 from lora_trainer.train.callbacks import CallbackList, StepInfo, TensorBoardLogger, TrainingCallback
 from lora_trainer.train.diffusion_loss import denoising_loss
 from lora_trainer.train.optim import build_optimizer, build_scheduler
 from lora_trainer.train.run import TrainingResult
-from lora_trainer.train.state import load_training_state, restore_rng_state, save_training_state
+from lora_trainer.train.state import (
+    apply_config_rates,
+    check_resumable,
+    describe_rate_changes,
+    load_training_state,
+    restore_rng_state,
+    resume_hint,
+    save_training_state,
+    state_folder,
+)
 
 FINAL_DIFFUSERS_NAME = "pytorch_lora_weights.safetensors"
 
@@ -99,15 +109,25 @@ class ImageTrainingSession:
             from lora_trainer.models.diffusers_adapter import DiffusersAdapter
 
             adapter = DiffusersAdapter(
-                cfg.base_model, device=runtime.device, dtype=runtime.dtype, prediction_type=cfg.prediction_type
+                cfg.base_model,
+                device=runtime.device,
+                dtype=runtime.dtype,
+                prediction_type=cfg.prediction_type,
+                on_download=self.callbacks.on_download,
+                log=self.log,
             )
         elif cfg.prediction_type:
             adapter.prediction_type = cfg.prediction_type
         self.adapter = adapter
+        adapter.set_max_token_length(cfg.max_token_length)
         self.log(
             f"model: {adapter.model_name} ({adapter.arch}, {adapter.prediction_type}); training on "
             f"{runtime.device} in {runtime.num_processes} process(es)"
         )
+        samples = self.dataset.samples
+        counts = adapter.caption_token_counts([s.caption for s in samples])
+        for line in cut_caption_lines([s.image.name for s in samples], counts, cfg.max_token_length):
+            self.log(line)
         try:  # whatever fails from here on, the model (the host's, in the WebUI) is handed back as it was
             self._prepare_encodings()
             self.network = self._build_network()
@@ -121,7 +141,10 @@ class ImageTrainingSession:
         cfg, adapter, dataset = self.cfg, self.adapter, self.dataset
         cache_dir = cfg.cache_dir or os.path.join(cfg.train_data_dir, ".lora_trainer_cache")
         self.cache = EncodingCache(
-            cache_dir if cfg.cache_to_disk else None, adapter.identity, writer=self.runtime.is_main_process
+            cache_dir if cfg.cache_to_disk else None,
+            adapter.identity,
+            writer=self.runtime.is_main_process,
+            max_token_length=cfg.max_token_length,
         )
         self.cache_latents = cfg.cache_latents and not cfg.random_flip
         self.cache_text = not cfg.train_text_encoder and dataset.captions_are_fixed()
@@ -235,13 +258,22 @@ class ImageTrainingSession:
         if not cfg.resume:
             return 0, 0, 0
         state = load_training_state(cfg.resume)
+        shapes = {k: tuple(v.shape) for k, v in self.network.kohya_state_dict().items()}
+        check_resumable(cfg.resume, state, self._resume_settings(), shapes)
+        rates = list(self.scheduler.base_lrs)  # the config's, before the state's replace them
         self.network.load_kohya_state_dict(state.weights, cfg.resume)
         self.optimizer.load_state_dict(state.optimizer)
         self.scheduler.load_state_dict(state.scheduler)
+        for line in describe_rate_changes(apply_config_rates(self.optimizer, self.scheduler, rates), state.step):
+            self.log(line)
         restore_rng_state(state.rng)
         self.started_at = float(state.info.get("started_at", self.started_at))
         self.log(f"resumed from {cfg.resume} at step {state.step}")
         return state.step, state.epoch, int(state.info.get("batch_in_epoch", 0))
+
+    def _resume_settings(self) -> dict:
+        """What a training state records and a resumed run must match (see ``state.check_resumable``)."""
+        return {"lora_rank": self.rank, "lora_alpha": self.alpha, "base_model": self.adapter.model_name}
 
     def _optimizer_step(self, group: List[List[int]], epoch: int, step: int) -> float:
         """One optimizer step over ``group`` (the gradient-accumulation micro-batches); returns the mean loss."""
@@ -294,8 +326,9 @@ class ImageTrainingSession:
                     if step < total_steps and self._save_due(step, finished_epoch):
                         self._save(step, epoch, batch_offset)
                     if runtime.broadcast_flag(self.callbacks.should_stop()):
-                        status, message = "cancelled", f"cancelled at step {step}"
-                        self._save(step, epoch, batch_offset)
+                        if self.last_good_save != self._step_file(step):  # not saved at this step already
+                            self._save(step, epoch, batch_offset)
+                        status, message = "cancelled", self._cancel_message(step)
                         break
                 if batch_offset >= len(batches):
                     epoch, batch_offset = epoch + 1, 0
@@ -308,6 +341,9 @@ class ImageTrainingSession:
             status, message = "stopped", self._oom_message(step)
         except LoraTrainerError:
             status = "failed"
+            raise
+        except KeyboardInterrupt:  # a second Ctrl+C on the command line: quit at once
+            status = "cancelled"
             raise
         finally:
             self.callbacks.on_train_end(info, status)
@@ -324,6 +360,10 @@ class ImageTrainingSession:
             and finished_epoch % cfg.save_every_n_epochs == 0
         )
         return by_steps or by_epochs
+
+    def _cancel_message(self, step: int) -> str:
+        message = f"cancelled at step {step}; saved {self._step_file(step)}"
+        return message + ("\n" + resume_hint(state_folder(self.cfg.output_dir, step)) if self.cfg.save_state else "")
 
     def _nan_message(self, step: int) -> str:
         kept = f"the last good save ({self.last_good_save}) is kept" if self.last_good_save else "nothing was saved"
@@ -362,12 +402,14 @@ class ImageTrainingSession:
     def _save(self, step: int, epoch: int, batch_offset: int) -> None:
         if not self.runtime.is_main_process:
             return
-        cfg = self.cfg
-        path = os.path.join(cfg.output_dir, f"{self.output_name}-step{step:08d}.safetensors")
+        path = self._step_file(step)
         save_lora_file(path, *self._lora_tensors_and_metadata(step, epoch))
         self._save_state(step, epoch, batch_offset)
         self.last_good_save = path
         self.callbacks.on_save(path, step)
+
+    def _step_file(self, step: int) -> str:
+        return os.path.join(self.cfg.output_dir, f"{self.output_name}-step{step:08d}.safetensors")
 
     def _save_final(self, step: int, epoch: int, batch_offset: int) -> None:
         if not self.runtime.is_main_process:
@@ -387,11 +429,16 @@ class ImageTrainingSession:
         cfg = self.cfg
         if cfg.save_state:
             save_training_state(
-                os.path.join(cfg.output_dir, f"state-{step}"),
+                state_folder(cfg.output_dir, step),
                 step=step,
                 epoch=epoch,
                 weights=self.network.kohya_state_dict(torch.float32),
                 optimizer=self.optimizer,
                 scheduler=self.scheduler,
-                info={"batch_in_epoch": batch_offset, "started_at": self.started_at, "seed": cfg.seed},
+                info={
+                    "batch_in_epoch": batch_offset,
+                    "started_at": self.started_at,
+                    "seed": cfg.seed,
+                    **self._resume_settings(),
+                },
             )

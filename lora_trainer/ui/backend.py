@@ -40,6 +40,10 @@ class UiBackend:
         """The config's ``base_model`` for what the user typed (a host with a loaded model ignores ``typed``)."""
         return typed
 
+    def default_base_model(self) -> Optional[str]:
+        """The image base model when the box is left empty (a Hub id), or None: one must be given."""
+        return None
+
     def lora_dir(self) -> str:
         """The folder whose LoRA files the tab lists (the host's Lora folder)."""
         raise NotImplementedError
@@ -123,6 +127,11 @@ class StandaloneBackend(UiBackend):
 
     def lora_dir(self) -> str:
         return self.output_root
+
+    def default_base_model(self) -> Optional[str]:
+        from lora_trainer.models.hub_models import DEFAULT_BASE_MODEL
+
+        return DEFAULT_BASE_MODEL
 
     def make_backend_kwargs(self, cfg: CommonConfig) -> Dict[str, Any]:
         return dict(self.trainer_kwargs)

@@ -15,6 +15,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import gradio as gr
 from PIL import Image
 
+from lora_trainer.data.images import open_image
 from lora_trainer.errors import LoraTrainerError
 from lora_trainer.ui import gradio_compat as compat
 from lora_trainer.ui.backend import UiBackend
@@ -52,12 +53,9 @@ def thumbnails(folder: str, rows: CaptionRows) -> List[Tuple[Image.Image, str]]:
     """Small RGB copies of the images (not paths: gradio >= 5 refuses to serve files outside its folders)."""
     images = []
     for name, _caption in rows:
-        try:
-            with Image.open(os.path.join(folder, *name.split("/"))) as img:
-                img.draft("RGB", (THUMBNAIL_PX, THUMBNAIL_PX))  # JPEGs decode at a fraction of full size
-                img.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
-                images.append((img.convert("RGB"), name))
-        except OSError:  # unreadable: captioning reports it; the grid still lists it
+        try:  # as displayed (EXIF orientation, high bit depth), as training and the captioners see it
+            images.append((open_image(os.path.join(folder, *name.split("/")), max_side=THUMBNAIL_PX), name))
+        except ValueError:  # unreadable: captioning reports it; the grid still lists it
             continue
     return images
 
@@ -85,8 +83,8 @@ class CaptionPanel:
                     label="Model path",
                     max_lines=1,
                     elem_id=f"{ELEM}model_path",
-                    placeholder="blank: the local Hugging Face cache",
-                    info='A local folder or file; required for "local model path".',
+                    placeholder="blank: the captioner's usual weights (downloaded once, then cached)",
+                    info='A local folder or file, or a Hub repo owner/name; required for "local model path".',
                 )
                 self.threshold = gr.Slider(
                     0.05,
@@ -233,6 +231,7 @@ class CaptionPanel:
         options = CaptionerOptions(
             model_path=(model_path or "").strip() or None,
             threshold=float(threshold if threshold is not None else DEFAULT_THRESHOLD),
+            on_download=self.runner.download_progress,
         )
         run_options = CaptionRunOptions(
             prefix=prefix or "", suffix=suffix or "", sidecar=bool(sidecar), overwrite=bool(overwrite)

@@ -235,6 +235,11 @@ class CaptionRunner:
         finally:
             self._done.set()
 
+    def download_progress(self, progress: Any) -> None:
+        """A captioner's first-use download (a ``lora_trainer.hub.progress.DownloadProgress``): its line, with
+        the file and the bytes of the total, is the run's message until captioning starts."""
+        self._update(message=progress.describe())
+
     def _progress(self, host: CaptionProgress, done: int, total: int) -> None:
         text = f"Captioning with {self.status().label}: {done}/{total} images"
         self._update(

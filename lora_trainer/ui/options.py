@@ -104,7 +104,7 @@ def form_fields(cls: Type[CommonConfig] = ImageConfig) -> List[FormField]:
         if f.name in OWN_ROW_KEYS:
             continue
         annotation, optional = _unwrap_optional(hints[f.name])
-        choices = tuple(f.metadata.get("choices") or ())
+        choices = tuple(str(c) for c in f.metadata.get("choices") or ())  # dropdowns hold text (75 -> "75")
         common = {
             "key": f.name,
             "label": label_for(f.name),
@@ -116,7 +116,10 @@ def form_fields(cls: Type[CommonConfig] = ImageConfig) -> List[FormField]:
             spec = FormField(kind="checkbox", default=bool(_field_default(f)), **common)
         elif choices:
             options = ((AUTO,) if optional else ()) + choices
-            spec = FormField(kind="dropdown", default=_field_default(f) or AUTO, choices=options, **common)
+            default = _field_default(f)
+            spec = FormField(
+                kind="dropdown", default=AUTO if default is None else str(default), choices=options, **common
+            )
         elif annotation in (int, float) and not optional:
             spec = FormField(kind="number", default=_field_default(f), integer=annotation is int, **common)
         else:  # text, optional numbers (blank = default) and lists (comma-separated)
@@ -187,8 +190,10 @@ def build_config(
     *,
     default_output_dir: str,
     cls: Type[CommonConfig] = ImageConfig,
+    default_base_model: Optional[str] = None,
 ) -> CommonConfig:
-    """Validate the form into a config (raises ConfigError naming the option at fault)."""
+    """Validate the form into a config (raises ConfigError naming the option at fault); an empty base model
+    of an image run becomes ``default_base_model`` when given."""
     name = check_output_name(request.output_name)
     if not (request.train_data_dir or "").strip():
         raise ConfigError("Dataset folder is required: the folder with your training images.")
@@ -201,7 +206,7 @@ def build_config(
     }
     for spec, value in zip(specs, values, strict=True):
         raw[spec.key] = from_widget(spec, value)
-    return config_from_dict(raw)
+    return config_from_dict(raw, default_base_model=default_base_model)
 
 
 def widget_values_from_mapping(

@@ -19,8 +19,9 @@ import yaml
 from PIL import Image
 
 from lora_trainer.config import CommonConfig, ImageConfig, save_config_snapshot
-from lora_trainer.data.images import list_image_paths
+from lora_trainer.data.images import list_image_paths, open_image
 from lora_trainer.errors import ConfigError, LoraTrainerError
+from lora_trainer.io.text_files import read_text
 from lora_trainer.jobs import FINISHED, JobRunner, JobStatus
 from lora_trainer.ui import gradio_compat as compat
 from lora_trainer.ui.backend import UiBackend
@@ -80,9 +81,8 @@ def _load_previews(paths: Sequence[str]) -> List[Tuple[Image.Image, str]]:
     images = []
     for path in list(paths)[-PREVIEWS_SHOWN:]:
         try:
-            with Image.open(path) as img:
-                images.append((img.convert("RGB"), os.path.basename(path)))
-        except OSError:  # written while we read it, or deleted: the next poll shows it
+            images.append((open_image(path), os.path.basename(path)))
+        except ValueError:  # written while we read it, or deleted: the next poll shows it
             continue
     return images
 
@@ -135,7 +135,8 @@ class TrainerTab:
                 elem_id=f"{ELEM}base_model",
                 max_lines=1,
                 visible=model_text is None,
-                placeholder="diffusers folder or single-file .safetensors checkpoint",
+                placeholder="diffusers folder, .safetensors checkpoint, or Hub id owner/name"
+                + (f" (blank: {self.backend.default_base_model()})" if self.backend.default_base_model() else ""),
             )
             self.model_info = gr.Markdown(model_text or "", elem_id=f"{ELEM}model_info", visible=model_text is not None)
             basic = [s for s in self.specs if not s.advanced]
@@ -275,7 +276,12 @@ class TrainerTab:
             output_dir=output_dir,
         )
         cfg = build_config(
-            request, self.specs, values, default_output_dir=self.backend.default_output_dir(name), cls=self.config_cls
+            request,
+            self.specs,
+            values,
+            default_output_dir=self.backend.default_output_dir(name),
+            cls=self.config_cls,
+            default_base_model=self.backend.default_base_model(),
         )
         if hasattr(cfg, "cache_dir") and not cfg.cache_dir:
             # Never write into the user's dataset folder unless asked: the cache lives with the run.
@@ -387,9 +393,8 @@ class TrainerTab:
         if not path:
             return keep + [compat.no_change()]
         try:
-            with open(path, encoding="utf-8") as fh:
-                raw = yaml.safe_load(fh) or {}
-        except (OSError, yaml.YAMLError) as exc:
+            raw = yaml.safe_load(read_text(path, ConfigError)) or {}
+        except (OSError, ConfigError, yaml.YAMLError) as exc:
             return keep + [f"**Not loaded:** {os.path.basename(path)} is not readable YAML: {exc}"]
         if not isinstance(raw, dict):
             return keep + ["**Not loaded:** the file must hold key: value pairs at the top level."]

@@ -185,16 +185,67 @@ def perturb_zero_parameters(model: nn.Module, seed: int = 3) -> None:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.02)
 
 
+CHUNK_TOKENS = 75
+
+
 class PromptWrapper(nn.Module):
-    """Shaped like the WebUI's prompt wrapper around an ldm/sgm embedder: the original under ``.wrapped``, its
-    ``is_trainable``/``input_key`` copied, and ``forward(texts)`` returning the conditioning (the real one also
-    parses emphasis and chunks long prompts)."""
+    """Shaped like the WebUI's prompt wrapper around an ldm/sgm embedder (AUTOMATIC1111's
+    ``modules/sd_hijack_clip.py``): the original under ``.wrapped``, its ``is_trainable``/``input_key`` copied,
+    ``tokenize(texts)`` giving ids without start/end tokens, and ``forward(texts)`` encoding each prompt in
+    chunks of 77: start, 75 tokens, end, a short chunk filled with the end token, and for open_clip (whose
+    padding differs) every position after the first end token set to its pad id 0. A batch is padded to its
+    longest prompt with empty chunks (start, then end tokens); the chunks' hidden states are concatenated and
+    a pooled output, where the encoder has one, comes from the first chunk. Left out: emphasis, textual
+    inversion and moving a comma-separated phrase to the next chunk (no test caption needs them)."""
 
     def __init__(self, wrapped: nn.Module):
         super().__init__()
         self.wrapped = wrapped
         self.is_trainable = getattr(wrapped, "is_trainable", False)
         self.input_key = getattr(wrapped, "input_key", "txt")
+        if hasattr(wrapped, "tokenizer"):  # transformers CLIP
+            self.id_start, self.id_end = wrapped.tokenizer.bos_token_id, wrapped.tokenizer.eos_token_id
+            self.id_pad = self.id_end
+        else:  # open_clip
+            from open_clip.tokenizer import _tokenizer
+
+            self.id_start, self.id_end = _tokenizer.encoder["<start_of_text>"], _tokenizer.encoder["<end_of_text>"]
+            self.id_pad = 0
+
+    def tokenize(self, texts):
+        if hasattr(self.wrapped, "tokenizer"):
+            return self.wrapped.tokenizer(list(texts), truncation=False, add_special_tokens=False)["input_ids"]
+        from open_clip.tokenizer import _tokenizer
+
+        return [_tokenizer.encode(text) for text in texts]
+
+    def _chunks(self, ids):
+        chunks = []
+        for start in range(0, max(len(ids), 1), CHUNK_TOKENS):
+            body = ids[start : start + CHUNK_TOKENS]
+            chunks.append([self.id_start, *body] + [self.id_end] * (CHUNK_TOKENS + 1 - len(body)))
+        return chunks
+
+    def _encode(self, tokens: torch.Tensor):
+        """(B, 77) ids -> hidden states (and pooled output), as the wrapped embedder computes them."""
+        if self.id_pad != self.id_end:
+            for row in tokens:
+                first_end = int((row == self.id_end).nonzero()[0])
+                row[first_end + 1 :] = self.id_pad
+        wrapped = self.wrapped
+        if hasattr(wrapped, "tokenizer"):
+            out = wrapped.transformer(input_ids=tokens, output_hidden_states=wrapped.layer == "hidden")
+            return (out.hidden_states[wrapped.layer_idx] if wrapped.layer == "hidden" else out.last_hidden_state), None
+        out = wrapped.encode_with_transformer(tokens)
+        return out if isinstance(out, tuple) else (out, None)
 
     def forward(self, texts):
-        return self.wrapped(texts)
+        per_text = [self._chunks(ids) for ids in self.tokenize(texts)]
+        empty = [self.id_start] + [self.id_end] * (CHUNK_TOKENS + 1)
+        states, pooled = [], None
+        for index in range(max(len(chunks) for chunks in per_text)):
+            tokens = torch.tensor([chunks[index] if index < len(chunks) else empty for chunks in per_text])
+            z, chunk_pooled = self._encode(tokens)
+            states.append(z)
+            pooled = chunk_pooled if index == 0 else pooled
+        return torch.hstack(states) if pooled is None else (torch.hstack(states), pooled)

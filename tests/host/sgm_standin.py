@@ -72,7 +72,10 @@ class OpenClipG(nn.Module):
     def forward(self, texts):
         import open_clip
 
-        tokens = open_clip.tokenize(texts)
+        return self.encode_with_transformer(open_clip.tokenize(texts))
+
+    def encode_with_transformer(self, tokens: torch.Tensor):
+        """(B, 77) token ids -> (penultimate hidden states, pooled projection)."""
         x = (self.model.token_embedding(tokens) + self.model.positional_embedding).permute(1, 0, 2)
         blocks = self.model.transformer.resblocks
         for i, block in enumerate(blocks):

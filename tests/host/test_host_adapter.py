@@ -350,3 +350,79 @@ def test_sdxl_vector_is_rebuilt_per_sample_as_the_host_builds_it(reference_dir, 
     torch.testing.assert_close(same, host["vector"])
     assert not torch.allclose(other, host["vector"])
     torch.testing.assert_close(other[:, :32], host["vector"][:, :32])
+
+
+LONG = "a " * 160 + "zebra"  # 161 tokens: three chunks of the host's 75
+
+
+def host_chunk_ids(embedder, text: str, chunks: int) -> torch.Tensor:
+    """The host's token chunks for ``text`` (start, 75 tokens, end, padding), spelled out from its rules."""
+    if hasattr(embedder, "tokenizer"):  # transformers CLIP: padded with the end token
+        ids = embedder.tokenizer(text, add_special_tokens=False).input_ids
+        start, end, pad = embedder.tokenizer.bos_token_id, embedder.tokenizer.eos_token_id, None
+    else:  # open_clip: padded with 0 after the end token
+        from open_clip.tokenizer import _tokenizer
+
+        ids, start, end, pad = _tokenizer.encode(text), 49406, 49407, 0
+    rows = []
+    for c in range(chunks):
+        body = ids[c * 75 : (c + 1) * 75]
+        rows.append([start, *body, end] + [end if pad is None else pad] * (75 - len(body)))
+    return torch.tensor(rows)
+
+
+def encode_chunks(embedder, ids: torch.Tensor) -> torch.Tensor:
+    """Each chunk through the host's original embedder, concatenated: (1, 77 * chunks, C)."""
+    if hasattr(embedder, "tokenizer"):
+        states = embedder.transformer(input_ids=ids).last_hidden_state
+    else:
+        states = embedder.encode_with_transformer(ids)
+    return states.reshape(1, -1, states.shape[-1])
+
+
+@pytest.mark.parametrize("arch", ["sd1", "sd2"])
+def test_long_captions_are_the_hosts_own_chunks_cut_or_padded_to_max_token_length(arch, reference_dir, work_dir):
+    model = host_model(arch, work_dir, reference_dir)
+    embedder = model.cond_stage_model.wrapped
+    adapter = LdmHostAdapter(model, device=CPU)
+    assert adapter.caption_token_counts([LONG, "a photo"]) == [161, 2]
+    with torch.no_grad():
+        adapter.set_max_token_length(225)
+        three = adapter.encode_text([LONG, "a photo"], clip_skip=1)["crossattn"]
+        adapter.set_max_token_length(150)
+        two = adapter.encode_text([LONG], clip_skip=1)["crossattn"]
+        expected_long = encode_chunks(embedder, host_chunk_ids(embedder, LONG, 3))
+        short = encode_chunks(embedder, host_chunk_ids(embedder, "a photo", 1))
+        empty = encode_chunks(embedder, host_chunk_ids(embedder, "", 1))
+    assert three.shape == (2, 231, 64) and two.shape == (1, 154, 64)
+    torch.testing.assert_close(three[0], expected_long[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(three[1], torch.cat([short, empty, empty], dim=1)[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(two[0], expected_long[0, :154], rtol=1e-5, atol=1e-5)
+
+
+def test_sdxl_long_captions_keep_the_first_chunks_pooled_output(reference_dir, work_dir):
+    model = host_model("sdxl", work_dir, reference_dir)
+    adapter = LdmHostAdapter(model, device=CPU)
+    adapter.set_max_token_length(225)
+    with torch.no_grad():
+        cond = adapter.encode_text([LONG], clip_skip=1)
+        g = model.conditioner.embedders[1].wrapped
+        _, first_pooled = g.encode_with_transformer(host_chunk_ids(g, LONG, 1))
+    assert cond["crossattn"].shape == (1, 231, 128)
+    torch.testing.assert_close(cond["pooled"], first_pooled, rtol=1e-5, atol=1e-5)
+
+
+def test_trains_with_long_captions_on_the_live_model(reference_dir, work_dir, tmp_path):
+    from tiny_models import make_image_folder
+
+    make_image_folder(str(tmp_path / "data"), count=2, captions=["a photo", LONG])
+    model = host_model("sd1", work_dir, reference_dir)
+    before = snapshot(model)
+    lines = []
+    cfg = image_config(tmp_path, "host", max_train_steps=1, max_token_length=150, output_name="long")
+    with LdmHostAdapter(model, device=CPU) as adapter:
+        result = train_image(cfg, runtime=LocalRuntime(CPU), adapter=adapter, log=lines.append)
+    assert result.status == "finished", result.message
+    assert "001.png by 11 tokens" in "\n".join(lines)
+    assert load_file(result.output_files[-1])  # written, and the host model handed back as it was
+    assert_restored(model, before)
