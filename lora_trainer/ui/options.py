@@ -54,6 +54,9 @@ QUICK_CHECK_STEPS = 4
 QUICK_CHECK_RESOLUTION = 256
 QUICK_CHECK_RANK = 4
 QUICK_CHECK_SUFFIX = "_quickcheck"
+# The tab's encoding cache, inside the run's output folder (the REST API uses the same name): the tab never
+# writes into the user's dataset folder unless "Cache dir" says so.
+CACHE_SUBFOLDER = "cache"
 
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.()+\-]*$")
 
