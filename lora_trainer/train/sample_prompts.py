@@ -19,7 +19,6 @@ one), so the same prompt looks comparable from one sampling to the next.
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, replace
 from typing import Any, List, Mapping, Optional, Sequence
 
@@ -43,16 +42,16 @@ DICT_KEYS = {
     "sample_sampler": "sampler",
 }
 IGNORED_DICT_KEYS = ("guidance_scale", "controlnet_image", "cfg_trunc_ratio", "renorm_cfg", "flow_shift", "enum")
-# (pattern, field, converter) in sd-scripts' order of matching: "s 20" is steps, "ss euler" the sampler.
-_OPTIONS = (
-    (re.compile(r"w (\d+)", re.IGNORECASE), "width", int),
-    (re.compile(r"h (\d+)", re.IGNORECASE), "height", int),
-    (re.compile(r"d (\d+)", re.IGNORECASE), "seed", int),
-    (re.compile(r"s (\d+)", re.IGNORECASE), "steps", lambda v: max(1, min(1000, int(v)))),
-    (re.compile(r"l ([\d.]+)", re.IGNORECASE), "scale", float),
-    (re.compile(r"n (.+)", re.IGNORECASE), "negative_prompt", str),
-    (re.compile(r"ss (.+)", re.IGNORECASE), "sampler", str),
-)
+# --flag -> (field, converter); "--s 20" is steps (clamped as sd-scripts does), "--ss euler" the sampler.
+_FLAGS = {
+    "w": ("width", int),
+    "h": ("height", int),
+    "d": ("seed", int),
+    "s": ("steps", lambda v: max(1, min(1000, int(v)))),
+    "l": ("scale", float),
+    "n": ("negative_prompt", str),
+    "ss": ("sampler", str),
+}
 
 
 @dataclass(frozen=True)
@@ -99,22 +98,18 @@ def parse_prompt_line(line: str, where: str = "sample_prompts") -> SamplePrompt:
     prompt, *options = line.split(" --")
     values: dict = {"prompt": prompt.strip()}
     for option in options:
-        option = option.strip()
-        for pattern, name, convert in _OPTIONS:
-            match = pattern.match(option)
-            if match:
-                try:
-                    values[name] = convert(match.group(1).strip())
-                except ValueError:
-                    raise ConfigError(f"{where}: --{option!r} has a value that is not a number.") from None
-                break
-        else:
-            flag = option.split(" ", 1)[0].lower()
-            if flag not in IGNORED_OPTIONS:
-                raise ConfigError(
-                    f"{where}: unknown option --{option.split(' ', 1)[0]} in {line!r}; the options are --n "
-                    "(negative prompt), --w, --h, --s (steps), --l (guidance scale), --d (seed), --ss (sampler)."
-                )
+        flag, _, value = option.strip().partition(" ")
+        if flag.lower() in _FLAGS:
+            name, convert = _FLAGS[flag.lower()]
+            try:
+                values[name] = convert(value.strip())
+            except ValueError:
+                raise ConfigError(f"{where}: --{flag} {value.strip()!r} is not a number.") from None
+        elif flag.lower() not in IGNORED_OPTIONS:
+            raise ConfigError(
+                f"{where}: unknown option --{flag} in {line!r}; the options are --n (negative prompt), --w, --h, "
+                "--s (steps), --l (guidance scale), --d (seed), --ss (sampler)."
+            )
     values["sampler"] = _checked_sampler(values.get("sampler"), where)
     return SamplePrompt(**values)
 
