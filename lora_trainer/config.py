@@ -207,7 +207,8 @@ class ImageConfig(CommonConfig):
     datasets: List[DatasetEntry] = option(
         [],
         "More image folders in one run (sd-scripts' dataset subsets), each a folder or a mapping of per-folder "
-        "options; train_data_dir, when set, is one more folder with the top-level options.",
+        "options; train_data_dir, when set, is one more folder with the top-level options. In the tab, one per "
+        "line: a folder, or a mapping such as {image_dir: /path/reg, is_reg: true, num_repeats: 2}.",
     )
     prior_loss_weight: float = option(
         1.0, "Loss weight of regularisation images (datasets entries with is_reg: true).", minimum=0

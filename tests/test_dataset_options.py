@@ -356,3 +356,32 @@ def test_a_validation_folder_is_never_trained_and_batches_are_fixed(tmp_path):
 def test_validation_options_need_validation_images():
     with pytest.raises(ConfigError, match="validate_every_n_steps: there are no validation images"):
         config_from_dict({"train_data_dir": "d", "base_model": "m", "validate_every_n_steps": 5})
+
+
+# --------------------------------------------------------------------------- the config template
+
+
+def test_the_template_documents_every_folder_key_and_its_example_loads(tmp_path):
+    import dataclasses
+
+    import yaml
+
+    from lora_trainer.config import DatasetEntry
+
+    with open(os.path.join(os.path.dirname(__file__), "..", "configs", "my_lora_config.yaml"), encoding="utf-8") as fh:
+        lines = fh.read().splitlines()
+    for f in dataclasses.fields(DatasetEntry):
+        if f.metadata.get("inherited"):  # documented at the top level, named in the list of per-folder options
+            assert any(f.name in line and "for its folder alone" in line for line in lines), f.name
+            assert any(line.startswith(f"# {f.name}: ") for line in lines), f.name
+        else:
+            assert f"#   {f.name}: {f.metadata['doc']}" in lines, f.name
+    start = lines.index("# datasets:")
+    example = [line[2:] for line in lines[start:] if line.startswith(("# datasets:", "#   - "))]
+    cfg = config_from_dict({"base_model": "m", "output_dir": "o", **yaml.safe_load("\n".join(example))})
+    assert [(os.path.basename(e.image_dir), e.is_reg, e.is_val, e.num_repeats) for e in cfg.datasets] == [
+        ("cyberpunk_extra", False, False, None),
+        ("reg_city", True, False, None),
+        ("cyberpunk_val", False, True, None),
+        ("closeups", False, False, 3),
+    ]

@@ -10,6 +10,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
+# The ``StepInfo.extra`` key of the validation loss (``validation.py``), which the tab plots beside the loss.
+VALIDATION_LOSS = "loss/validation"
+
 
 @dataclass
 class StepInfo:

@@ -18,9 +18,9 @@ from typing import Callable, List, Optional, Sequence
 import numpy as np
 import torch
 
-from lora_trainer.train.callbacks import StepInfo, TrainingCallback
+from lora_trainer.train.callbacks import VALIDATION_LOSS, StepInfo, TrainingCallback
 
-METRIC = "loss/validation"
+METRIC = VALIDATION_LOSS
 TIMESTEP_COUNT = 4  # sd-scripts' NUM_VALIDATION_TIMESTEPS
 
 # loss(indices, timesteps (B,), generator) -> the batch's mean loss at those timesteps
