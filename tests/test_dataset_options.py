@@ -278,8 +278,12 @@ def test_the_summary_prints_sd_scripts_bucket_table(tmp_path):
     make_image_folder(str(tmp_path / "data" / "2_x"), count=3, size=[(64, 64), (64, 64), (192, 64)])
     dataset = ImageCaptionDataset(image_config(tmp_path, "unused", resolution=128, min_bucket_reso=64))
     table = [line for line in dataset.summary_lines() if "bucket " in line and "resolution" in line]
-    assert table == ["  bucket 0: resolution (128, 128), count: 4", "  bucket 1: resolution (192, 64), count: 2"]
+    # sd-scripts numbers a bucket by its place among all the resolution's buckets, sorted: for 128 px, sides
+    # 64..1024 in steps of 64, make_bucket_resolutions gives (64, 192), (64, 256), (128, 128), (192, 64), (256, 64)
+    assert table == ["  bucket 2: resolution (128, 128), count: 4", "  bucket 3: resolution (192, 64), count: 2"]
     assert "  mean ar error (without repeats): 0" in dataset.summary_lines()
+    info = json.loads(dataset.metadata()["ss_bucket_info"])
+    assert info["buckets"] == {"2": {"resolution": [128, 128], "count": 4}, "3": {"resolution": [192, 64], "count": 2}}
 
 
 # --------------------------------------------------------------------------- masked loss

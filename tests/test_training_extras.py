@@ -12,7 +12,9 @@ from image_fixtures import image_config, tiny_checkpoint, train
 from PIL import Image
 from safetensors import safe_open
 from tiny_models import make_image_folder
+from waiting import CEILING_S
 
+from lora_trainer.jobs import JobRunner
 from lora_trainer.train.callbacks import TrainingCallback
 from lora_trainer.train.retention import SavedCheckpoint, expired
 from lora_trainer.train.validation import measure_validation_loss, validation_timesteps
@@ -21,14 +23,20 @@ PROMPTS = ["a red cube --d 5 --s 3 --w 64 --h 64", "a blue ball --n dark --s 2 -
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def checkpoint(tmp_path_factory):
+    return tiny_checkpoint(tmp_path_factory.mktemp("model"))
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, checkpoint):
+    """One run through the tab's job runner (as the standalone app starts it): its status, log and previews."""
     tmp = tmp_path_factory.mktemp("extras")
     make_image_folder(str(tmp / "data"), count=2)
     make_image_folder(str(tmp / "reg"), count=2, metadata=False, seed=1)
     make_image_folder(str(tmp / "val"), count=1, seed=2)
     cfg = image_config(
         tmp,
-        tiny_checkpoint(tmp),
+        checkpoint,
         learning_rate=0.0,
         max_train_steps=4,
         datasets=[
@@ -37,7 +45,7 @@ def run(tmp_path_factory):
         ],
         sample_prompts=PROMPTS,
         sample_every_n_steps=2,
-        validate_every_n_steps=1,
+        validate_every_n_steps=3,  # and at each epoch's end (2 steps): steps 2, 3 and 4
         save_steps=1,
         save_last_n_steps=1,
     )
@@ -48,9 +56,12 @@ def run(tmp_path_factory):
             previews.append((step, [os.path.basename(p) for p in paths]))
 
     lines = []
-    result = train(cfg, callbacks=[Previews()], log=lines.append)
-    assert result.status == "finished", result.message
-    return cfg, result, lines, previews
+    runner = JobRunner(trainer=lambda cfg, callbacks: train(cfg, callbacks=[*callbacks, Previews()], log=lines.append))
+    runner.start(cfg)
+    assert runner.wait(CEILING_S)
+    status = runner.status()
+    assert status.state == "finished", status.message
+    return cfg, status, lines, previews, runner
 
 
 def _events(cfg):
@@ -63,7 +74,7 @@ def _events(cfg):
 
 
 def test_two_prompts_write_their_sample_files_at_the_scheduled_steps(run):
-    cfg, _, _, previews = run
+    cfg, _, _, previews, _ = run
     expected = {f"out_{step:06d}_{i:02d}_{seed}.png" for step in (2, 4) for i, seed in ((0, 5), (1, 43))}
     assert set(os.listdir(os.path.join(cfg.output_dir, "samples"))) == expected
     assert previews == [
@@ -82,22 +93,25 @@ def test_tensorboard_holds_the_sample_images(run):
 
 
 def test_with_learning_rate_0_the_validation_loss_is_the_same_at_every_measurement(run):
-    cfg, _, lines, _ = run
-    values = [e.value for e in _events(cfg).Scalars("loss/validation")]
-    assert len(values) == 4 and len(set(values)) == 1 and values[0] > 0
-    assert sum("validation loss at step" in line for line in lines) == 4
+    cfg, status, lines, _, _ = run
+    scalars = _events(cfg).Scalars("loss/validation")
+    assert [e.step for e in scalars] == [2, 3, 4]
+    values = [e.value for e in scalars]
+    assert len(set(values)) == 1 and values[0] > 0
+    assert sum("validation loss at step" in line for line in lines) == 3
+    assert status.validation_steps == (2, 3, 4) and len(set(status.validation_losses)) == 1
 
 
 def test_only_the_saves_of_the_last_n_steps_remain(run):
-    cfg, _, lines, _ = run
+    cfg, _, lines, _, _ = run
     names = sorted(n for n in os.listdir(cfg.output_dir) if n.startswith(("out-step", "state-")))
     assert names == ["out-step00000002.safetensors", "out-step00000003.safetensors", "state-2", "state-3", "state-4"]
     assert any("removed the old save" in line and "out-step00000001" in line for line in lines)
 
 
 def test_regularisation_images_are_recorded_in_the_metadata(run):
-    cfg, result, lines, _ = run
-    with safe_open(result.output_files[0], framework="pt") as fh:
+    cfg, status, lines, _, _ = run
+    with safe_open(status.output_files[0], framework="pt") as fh:
         meta = fh.metadata()
     assert (
         meta["ss_num_reg_images"] == "2" and meta["ss_reg_dataset_dirs"] == '{"reg": {"n_repeats": 1, "img_count": 2}}'
@@ -106,13 +120,32 @@ def test_regularisation_images_are_recorded_in_the_metadata(run):
     assert any(line.startswith("  regularisation images: 2 with repeats") for line in lines)
 
 
-def test_a_black_mask_takes_an_image_out_of_the_loss(tmp_path):
+def test_the_tab_shows_the_sample_images_and_plots_the_validation_loss(run, tmp_path):
+    pytest.importorskip("gradio")
+    from lora_trainer.ui.backend import StandaloneBackend
+    from lora_trainer.ui.loss_plot import VALIDATION_LINE
+    from lora_trainer.ui.tab import TrainerTab
+
+    tab = TrainerTab(StandaloneBackend(str(tmp_path / "loras")), run[4])
+    _progress, plot, gallery, *_ = tab.poll({})
+    assert [name for _, name in gallery] == [
+        "out_000002_00_5.png",
+        "out_000002_01_43.png",
+        "out_000004_00_5.png",
+        "out_000004_01_43.png",
+    ]
+    sample = Image.open(os.path.join(run[0].output_dir, "samples", "out_000004_01_43.png"))
+    assert np.array_equal(np.asarray(gallery[3][0].convert("RGB")), np.asarray(sample.convert("RGB")))
+    assert VALIDATION_LINE in {colour for _, colour in plot.getcolors(plot.size[0] * plot.size[1])}
+
+
+def test_a_black_mask_takes_an_image_out_of_the_loss(tmp_path, checkpoint):
     data = tmp_path / "data"
     make_image_folder(str(data), count=2)
     (data / "masks").mkdir()
     for name in ("000.png", "001.png"):
         Image.fromarray(np.zeros((64, 64), np.uint8)).save(data / "masks" / name)
-    cfg = image_config(tmp_path, tiny_checkpoint(tmp_path), masked_loss=True, max_train_steps=1, save_state=False)
+    cfg = image_config(tmp_path, checkpoint, masked_loss=True, max_train_steps=1, save_state=False)
     result = train(cfg)
     assert result.losses == [0.0]
 

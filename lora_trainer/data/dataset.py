@@ -299,6 +299,12 @@ class ImageCaptionDataset:
         samples = self.samples if samples is None else samples
         return dict(sorted(Counter(s.bucket for s in samples for _ in range(s.repeats)).items()))
 
+    def bucket_numbers(self) -> Dict[Bucket, int]:
+        """sd-scripts' bucket numbers (its table and ``ss_bucket_info``): positions in the sorted list of every
+        bucket the resolutions define (``make_buckets``) and, with ``bucket_no_upscale``, of those in use."""
+        known = set(self.bucket_counts()) | {b for buckets in self._bucket_sets.values() for b in buckets}
+        return {bucket: i for i, bucket in enumerate(sorted(known))}
+
     def mean_aspect_error(self, samples: Optional[Sequence[Sample]] = None) -> float:
         """Mean |bucket aspect ratio - image aspect ratio| over the images without repeats (sd-scripts')."""
         samples = [s for s in (self.samples if samples is None else samples) if s.repeats]
@@ -331,8 +337,9 @@ class ImageCaptionDataset:
         if validation:
             lines.append(f"  validation images: {len(validation)} (not trained on)")
         # sd-scripts' bucket table: each bucket's resolution and images per epoch, then the mean aspect error.
-        for i, (bucket, count) in enumerate(self.bucket_counts().items()):
-            lines.append(f"  bucket {i}: resolution ({bucket[0]}, {bucket[1]}), count: {count}")
+        numbers = self.bucket_numbers()
+        for bucket, count in self.bucket_counts().items():
+            lines.append(f"  bucket {numbers[bucket]}: resolution ({bucket[0]}, {bucket[1]}), count: {count}")
         lines.append(f"  mean ar error (without repeats): {self.mean_aspect_error():.6g}")
         for item in report.rejected:
             lines.append(f"  skipped {item.path}: {item.reason}")
@@ -373,7 +380,8 @@ class ImageCaptionDataset:
 
     def _bucket_info(self, samples: Sequence[Sample]) -> Dict[str, object]:
         counts = self.bucket_counts(samples)
-        buckets = {str(i): {"resolution": list(b), "count": c} for i, (b, c) in enumerate(counts.items())}
+        numbers = self.bucket_numbers()
+        buckets = {str(numbers[b]): {"resolution": list(b), "count": c} for b, c in counts.items()}
         return {"buckets": buckets, "mean_img_ar_error": self.mean_aspect_error(samples)}
 
     def metadata(self) -> Dict[str, str]:
