@@ -105,8 +105,10 @@ def test_with_learning_rate_0_the_validation_loss_is_the_same_at_every_measureme
 def test_only_the_saves_of_the_last_n_steps_remain(run):
     cfg, _, lines, _, _ = run
     names = sorted(n for n in os.listdir(cfg.output_dir) if n.startswith(("out-step", "state-")))
-    assert names == ["out-step00000002.safetensors", "out-step00000003.safetensors", "state-2", "state-3", "state-4"]
+    # save_last_n_steps 1 at the last step (4, the final save): the saves of steps 3 and 4 remain
+    assert names == ["out-step00000003.safetensors", "state-3", "state-4"]
     assert any("removed the old save" in line and "out-step00000001" in line for line in lines)
+    assert os.path.exists(os.path.join(cfg.output_dir, "out.safetensors"))
 
 
 def test_regularisation_images_are_recorded_in_the_metadata(run):

@@ -106,7 +106,7 @@ class ValidatingTrainer:
         return TrainingResult("finished", 3, [], "")
 
 
-def test_the_tab_plots_the_validation_loss_of_a_run(tmp_path):
+def test_the_tab_has_multi_line_boxes_and_plots_the_validation_loss_of_a_run(tmp_path):
     pytest.importorskip("gradio")
     from lora_trainer.ui.backend import StandaloneBackend
     from lora_trainer.ui.tab import TrainerTab
@@ -121,5 +121,7 @@ def test_the_tab_plots_the_validation_loss_of_a_run(tmp_path):
     runner.start(cfg)
     assert runner.wait(CEILING_S)
     tab = TrainerTab(StandaloneBackend(str(tmp_path / "loras")), runner)
+    for key in ("datasets", "sample_prompts"):  # the one-per-line options get a box of several lines
+        assert tab.widgets[key].lines > 1 and tab.widgets[key].info == SPECS[key].doc
     _progress, plot, *_ = tab.poll({})
     assert VALIDATION_LINE in {c for _, c in plot.getcolors(WIDTH * HEIGHT)}

@@ -106,12 +106,13 @@ class CheckpointRetention(TrainingCallback):
             self.epoch_ends[info.step] = info.epoch
 
     def on_save(self, path: str, step: int) -> None:
-        if path != self.lora_path(step):
-            return  # the final save (or another file): never removed, and not an intermediate save
-        save = self._classify(step, self.epoch_ends.get(step))
-        if not (save.by_steps or save.by_epochs):
-            return  # a cancel save
-        self.saves[step] = save
+        if path == self.lora_path(step):
+            save = self._classify(step, self.epoch_ends.get(step))
+            if not (save.by_steps or save.by_epochs):
+                return  # a cancel save
+            self.saves[step] = save
+        # else the final save, never removed: it stands for the step save sd-scripts also writes at the last
+        # step, so the rules apply at that step as they would after that save
         for old in expired(list(self.saves.values()), step, self.last_n_steps, self.last_n_epochs):
             self._remove(old.step)
 
