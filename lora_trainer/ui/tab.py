@@ -55,6 +55,7 @@ POLL_SECONDS = 1.0
 OPTIONS_PER_ROW = 4
 PREVIEW_HEIGHT = 260  # pixels, about the loss plot's height
 PREVIEWS_SHOWN = 8  # the newest previews; older ones stay on disk
+LIST_LINES = 3  # visible lines of a one-item-per-line option (sample_prompts, datasets)
 ELEM = "lora_trainer_"  # elem_id prefix: stable selectors for CSS, the WebUI's JS and browser tests
 
 
@@ -73,6 +74,8 @@ def _make_widget(spec: FormField, wording: TabWording, visible: bool = True) -> 
         return gr.Dropdown(choices=list(spec.choices), value=spec.default, **common)
     if spec.kind == "number":
         return gr.Number(value=spec.default, precision=0 if spec.integer else None, **common)
+    if spec.lines:  # prompts, folders: one per line
+        return gr.Textbox(value=spec.default, lines=LIST_LINES, max_lines=4 * LIST_LINES, **common)
     return gr.Textbox(value=spec.default, placeholder="default" if spec.optional else None, max_lines=1, **common)
 
 
@@ -119,6 +122,7 @@ class TrainerTab:
                     elem_id=f"{ELEM}dataset",
                     max_lines=1,
                     placeholder="/path/to/images (captions: .txt beside each image or metadata.csv)",
+                    info="More folders (regularisation, validation, own repeats): Advanced options, Datasets.",
                 )
                 self.output_name = gr.Textbox(
                     label="Output name",
@@ -434,7 +438,13 @@ class TrainerTab:
 
         text = progress_text(self._shown_status(status))
         send("progress", text, lambda: text)
-        send("plot", (status.job_id, len(status.losses)), lambda: render_loss_plot(status.loss_steps, status.losses))
+        send(
+            "plot",
+            (status.job_id, len(status.losses), len(status.validation_losses)),
+            lambda: render_loss_plot(
+                status.loss_steps, status.losses, validation=(status.validation_steps, status.validation_losses)
+            ),
+        )
         send("previews", (status.job_id, status.previews), lambda: _load_previews(status.previews))
         rows = self.catalog.rows(self.backend.lora_dir())
         send("files", rows, lambda: compat.table_value(TABLE_HEADERS, rows))
