@@ -122,6 +122,8 @@ def test_the_tab_has_multi_line_boxes_and_plots_the_validation_loss_of_a_run(tmp
     assert runner.wait(CEILING_S)
     tab = TrainerTab(StandaloneBackend(str(tmp_path / "loras")), runner)
     for key in ("datasets", "sample_prompts"):  # the one-per-line options get a box of several lines
-        assert tab.widgets[key].lines > 1 and tab.widgets[key].info == SPECS[key].doc
+        # the help text is the option's doc in the tab's words (labels for config keys)
+        assert tab.widgets[key].lines > 1 and tab.widgets[key].info == tab.wording.say(SPECS[key].doc)
+        assert "one per line" in tab.widgets[key].info
     _progress, plot, *_ = tab.poll({})
     assert VALIDATION_LINE in {c for _, c in plot.getcolors(WIDTH * HEIGHT)}

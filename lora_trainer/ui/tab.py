@@ -294,21 +294,27 @@ class TrainerTab:
 
     def _check_inputs(self, cfg: CommonConfig, base_model: str) -> None:
         """What would fail a run early, checked before saying it started (raises ConfigError, tab labels)."""
-        folder = cfg.train_data_dir
-        if not os.path.isdir(folder):
-            raise ConfigError(f'"Dataset folder" `{folder}` does not exist or is not a folder.')
-        try:
-            images = list_image_paths(folder)
-        except OSError as exc:
-            raise ConfigError(f'"Dataset folder" `{folder}` cannot be read: {exc}') from None
-        if not images:
-            raise ConfigError(
-                f'"Dataset folder" `{folder}` has no images: add .png, .jpg or .webp files '
-                "(sub-folders named like 10_style are read too)."
-            )
+        folders = [("Dataset folder", cfg.train_data_dir)] if cfg.train_data_dir else []
+        folders += [("Datasets", entry.image_dir) for entry in getattr(cfg, "datasets", None) or []]
+        for label, folder in folders:
+            self._check_folder(label, folder)
         typed = (base_model or "").strip()
         if self.base_model.visible and _looks_local(typed) and not os.path.exists(typed):
             raise ConfigError(f'"Base model" `{typed}` does not exist: give a diffusers folder or a checkpoint file.')
+
+    @staticmethod
+    def _check_folder(label: str, folder: str) -> None:
+        if not os.path.isdir(folder):
+            raise ConfigError(f'"{label}" `{folder}` does not exist or is not a folder.')
+        try:
+            images = list_image_paths(folder)
+        except OSError as exc:
+            raise ConfigError(f'"{label}" `{folder}` cannot be read: {exc}') from None
+        if not images:
+            raise ConfigError(
+                f'"{label}" `{folder}` has no images: add .png, .jpg or .webp files '
+                "(sub-folders named like 10_style are read too)."
+            )
 
     def _clear_old_states(self, cfg: CommonConfig) -> None:
         """Overwriting a LoRA: the earlier run's resumable states in the same folder go with it (a state this
