@@ -218,7 +218,8 @@ def test_lock_held_for_the_whole_run_and_progress_mirrored(host, tmp_path, monke
     assert job.status().state == FINISHED, job.status().message
     assert [locked for locked, _, _ in trainer.seen] == [True] * 4
     assert [no for _, no, _ in trainer.seen] == [1, 2, 3, 4]
-    assert trainer.seen[-1][2] == "Training LoRA cats: step 4/4, loss 0.2500"
+    assert trainer.seen[-1][2].startswith("Training LoRA cats (holds the GPU): step 4/4, loss 0.2500, ETA ")
+    assert "Cancel in the LoRA Trainer tab" in trainer.seen[-1][2]
     assert host.state.calls == [("begin", "lora_trainer"), ("end",)]
     assert not host.lock.locked()
     assert trainer.kwargs == {}  # the preview settings are the glue's, not the engine's

@@ -16,7 +16,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from lora_trainer.config import ImageConfig, resolved_output_name
-from lora_trainer.data.buckets import Bucket
+from lora_trainer.data.buckets import Bucket, cover_size, crop_left_top
 from lora_trainer.data.dataset import ImageCaptionDataset
 from lora_trainer.data.encoding_cache import EncodingCache
 from lora_trainer.errors import ConfigError
@@ -28,17 +28,19 @@ from lora_trainer.models.adapter import DiffusionAdapter, SizeCondition
 from lora_trainer.models.long_captions import cut_caption_lines
 from lora_trainer.train.callbacks import TrainingCallback
 from lora_trainer.train.encoding_pass import EncodingPass
+from lora_trainer.train.extras import training_extras
 from lora_trainer.train.loop import LoopEnd, StepBatches, TrainingLoop, TrainingTask
+from lora_trainer.train.loss_weights import batch_loss_weights
 from lora_trainer.train.run import TrainingResult
+from lora_trainer.train.sample_prompts import load_sample_prompts
 from lora_trainer.train.state import TrainingState, resume_hint, state_folder
 
 FINAL_DIFFUSERS_NAME = "pytorch_lora_weights.safetensors"
 
 
 def crop_offset(size, bucket: Bucket):
-    """Where ``resize_to_bucket`` crops, in resized pixels (SDXL's crop conditioning)."""
-    scale = max(bucket[0] / size[0], bucket[1] / size[1])
-    return (max(0, (round(size[0] * scale) - bucket[0]) // 2), max(0, (round(size[1] * scale) - bucket[1]) // 2))
+    """Where ``resize_to_bucket`` crops an image of ``size`` covering ``bucket``, in resized pixels."""
+    return crop_left_top(cover_size(size, bucket), bucket)
 
 
 def train_image(
@@ -87,6 +89,7 @@ class ImageTrainingSession(TrainingTask):
         self.dataset = ImageCaptionDataset(cfg)
         for line in self.dataset.summary_lines():
             self.log(line)
+        self.sample_prompts = load_sample_prompts(cfg.sample_prompts)  # a bad prompt file fails before the model
         self.loop.write_snapshot()
         if adapter is None:
             from lora_trainer.models.standalone import open_base_model
@@ -116,6 +119,7 @@ class ImageTrainingSession(TrainingTask):
             self.network = self._build_network()
             self._plan_steps()
             self._log_memory_estimate()
+            self.callbacks.callbacks[:0] = training_extras(self)  # samples, validation, retention
             with self.network.attached():
                 return self.loop.run()
         finally:
@@ -134,14 +138,14 @@ class ImageTrainingSession(TrainingTask):
     def _prepare_encodings(self) -> None:
         """Fill the latent/text caches with the encoders loaded, then free them before the UNet loads."""
         cfg, adapter, dataset = self.cfg, self.adapter, self.dataset
-        cache_dir = cfg.cache_dir or os.path.join(cfg.train_data_dir, ".lora_trainer_cache")
+        cache_dir = cfg.cache_dir or dataset.cache_root
         self.cache = EncodingCache(
             cache_dir if cfg.cache_to_disk else None,
             adapter.identity,
             writer=self.runtime.is_main_process,
             max_token_length=cfg.max_token_length,
         )
-        self.cache_latents = cfg.cache_latents and not cfg.random_flip
+        self.cache_latents = cfg.cache_latents and not dataset.any_flip
         self.cache_text = not cfg.train_text_encoder and dataset.captions_are_fixed()
         missing_latents = [
             s for s in dataset.samples if self.cache_latents and not self.cache.has(self.cache.latent_key(s))
@@ -184,10 +188,14 @@ class ImageTrainingSession(TrainingTask):
     def _batch_inputs(self, indices: Sequence[int], epoch: int, generator: torch.Generator):
         cfg, dataset, adapter, device = self.cfg, self.dataset, self.adapter, self.runtime.device
         samples = [dataset.samples[i] for i in indices]
+        flips = [False] * len(samples)
         if self.cache_latents:
             latents = torch.stack([self.cache.get(self.cache.latent_key(s))["latents"] for s in samples])
         else:
-            flips = [cfg.random_flip and bool(torch.rand((), generator=generator) < 0.5) for _ in samples]
+            flips = [
+                s.repeats > 0 and dataset.flips(s.index) and bool(torch.rand((), generator=generator) < 0.5)
+                for s in samples
+            ]
             pixels = torch.stack([dataset.pixels(s.index, flip) for s, flip in zip(samples, flips)])
             latents = adapter.encode_pixels(pixels)
         captions = [dataset.caption_for(s.index, epoch, cfg.seed) for s in samples]
@@ -195,17 +203,31 @@ class ImageTrainingSession(TrainingTask):
             entries = [self.cache.get(self.cache.text_key(c, cfg.clip_skip)) for c in captions]
             cond = {k: torch.stack([e[k] for e in entries]).to(device) for k in entries[0]}
         else:
-            with torch.set_grad_enabled(cfg.train_text_encoder):
+            with torch.set_grad_enabled(cfg.train_text_encoder and torch.is_grad_enabled()):
                 cond = adapter.encode_text(captions, cfg.clip_skip)
-        sizes = [SizeCondition(s.image.size, crop_offset(s.image.size, s.bucket), s.bucket) for s in samples]
-        return latents.to(device, torch.float32), cond, sizes
+        sizes = [SizeCondition(s.image.size, s.crop_left_top, s.bucket) for s in samples]
+        return latents.to(device, torch.float32), cond, sizes, batch_loss_weights(dataset, samples, flips)
 
-    def loss(self, micro_batch: Sequence[int], epoch: int, generator: torch.Generator) -> torch.Tensor:
-        """The family objective's loss on one micro-batch (its mean over the batch: one loss unit)."""
+    def loss(
+        self,
+        micro_batch: Sequence[int],
+        epoch: int,
+        generator: torch.Generator,
+        timesteps: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """The family objective's loss on one micro-batch (its mean over the batch: one loss unit), with the
+        batch's regularisation weights and loss masks; ``timesteps`` fixed instead of drawn (the validation
+        loss, in the objective's own units)."""
         adapter, runtime = self.adapter, self.runtime
-        latents, cond, sizes = self._batch_inputs(micro_batch, epoch, generator)
+        latents, cond, sizes, weights = self._batch_inputs(micro_batch, epoch, generator)
         with runtime.autocast():
-            return self.objective.loss(latents, lambda noisy, t: adapter.predict(noisy, t, cond, sizes), generator)
+            return self.objective.loss(
+                latents,
+                lambda noisy, t: adapter.predict(noisy, t, cond, sizes),
+                generator,
+                weights=weights,
+                timesteps=timesteps,
+            )
 
     # ------------------------------------------------------------ the loop
 
@@ -332,13 +354,17 @@ class ImageTrainingSession(TrainingTask):
         )
         return tensors, metadata
 
+    def _step_file(self, step: int) -> str:
+        """An intermediate save's path (the retention rules delete old ones by it)."""
+        return os.path.join(self.cfg.output_dir, f"{self.output_name}-step{step:08d}.safetensors")
+
     def save(self, step: int, final: bool) -> List[str]:
         """An intermediate ``<name>-stepNNNNNNNN.safetensors``, or the final ``<name>.safetensors`` and its
         diffusers-named copy; the named file first."""
         cfg = self.cfg
         tensors, metadata = self._lora_tensors_and_metadata(step, self.epoch)
         if not final:
-            path = os.path.join(cfg.output_dir, f"{self.output_name}-step{step:08d}.safetensors")
+            path = self._step_file(step)
             save_lora_file(path, tensors, metadata, self.adapter.family.lora_file_prefixes)
             return [path]
         named = os.path.join(cfg.output_dir, f"{self.output_name}.safetensors")

@@ -215,7 +215,16 @@ class TrainingLoop:
                 step += 1
                 end.step = step
                 end.losses.append(loss)
-                info = StepInfo(step, self.total, batches.epoch + 1, loss, lr, time.time() - t0, start_step=start)
+                info = StepInfo(
+                    step,
+                    self.total,
+                    batches.epoch + 1,
+                    loss,
+                    lr,
+                    time.time() - t0,
+                    start_step=start,
+                    epoch_finished=batches.epoch_finished,
+                )
                 self.callbacks.on_step_end(info)
                 saved_now = step < self.total and self._save_due(step, batches)
                 if saved_now:

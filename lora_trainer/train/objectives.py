@@ -12,12 +12,14 @@ the step's randomness comes from it, so a resumed run draws exactly the same noi
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from lora_trainer.train.diffusion_loss import denoising_loss
+from lora_trainer.train.loss_weights import LossWeights, weighted_sample_losses
+from lora_trainer.train.validation import validation_timesteps
 
 Predict = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -25,9 +27,26 @@ TIMESTEP_SAMPLINGS = ("sigmoid", "shift", "uniform", "flux_shift")
 
 
 class TrainingObjective:
-    """One training loss for a family; see the module docstring."""
+    """One training loss for a family; see the module docstring.
 
-    def loss(self, latents: torch.Tensor, predict: Predict, generator: torch.Generator) -> torch.Tensor:
+    ``loss`` takes the batch's ``weights`` (regularisation weights and loss masks, ``loss_weights.py``) and
+    optionally fixed ``timesteps`` (B,) in the objective's own units instead of drawn ones: the validation loss
+    measures at ``validation_timesteps()``.
+    """
+
+    def loss(
+        self,
+        latents: torch.Tensor,
+        predict: Predict,
+        generator: torch.Generator,
+        *,
+        weights: Optional[LossWeights] = None,
+        timesteps: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        raise NotImplementedError
+
+    def validation_timesteps(self) -> List[float]:
+        """The fixed timesteps of the validation loss (sd-scripts' four, evenly inside the schedule)."""
         raise NotImplementedError
 
 
@@ -47,7 +66,7 @@ class DdpmObjective(TrainingObjective):
         self.noise_offset = noise_offset
         self.min_snr_gamma = min_snr_gamma
 
-    def loss(self, latents: torch.Tensor, predict: Predict, generator: torch.Generator) -> torch.Tensor:
+    def loss(self, latents, predict, generator, *, weights=None, timesteps=None) -> torch.Tensor:
         return denoising_loss(
             latents,
             predict,
@@ -56,7 +75,12 @@ class DdpmObjective(TrainingObjective):
             generator,
             self.noise_offset,
             self.min_snr_gamma,
+            weights=weights,
+            timesteps=timesteps,
         )
+
+    def validation_timesteps(self) -> List[float]:
+        return validation_timesteps(len(self.alphas_cumprod))  # 200, 400, 600, 800 of 1000
 
 
 def sample_sigmas(
@@ -121,23 +145,30 @@ class FlowMatchingObjective(TrainingObjective):
         self.noise_offset = noise_offset
         self.tokens_per_latent_pixel = tokens_per_latent_pixel
 
-    def loss(self, latents: torch.Tensor, predict: Predict, generator: torch.Generator) -> torch.Tensor:
+    def loss(self, latents, predict, generator, *, weights=None, timesteps=None) -> torch.Tensor:
         noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
         if self.noise_offset > 0:
             offset = torch.randn(
                 (latents.shape[0], latents.shape[1], 1, 1), generator=generator, device=latents.device
             ).to(latents.dtype)
             noise = noise + self.noise_offset * offset
-        tokens = int(latents.shape[-2] * latents.shape[-1] * self.tokens_per_latent_pixel)
-        sigmas = sample_sigmas(
-            latents.shape[0],
-            generator,
-            latents.device,
-            self.sampling,
-            sigmoid_scale=self.sigmoid_scale,
-            shift=self.shift,
-            image_tokens=tokens,
-        )
+        if timesteps is None:
+            tokens = int(latents.shape[-2] * latents.shape[-1] * self.tokens_per_latent_pixel)
+            sigmas = sample_sigmas(
+                latents.shape[0],
+                generator,
+                latents.device,
+                self.sampling,
+                sigmoid_scale=self.sigmoid_scale,
+                shift=self.shift,
+                image_tokens=tokens,
+            )
+        else:
+            sigmas = timesteps.float()
         noisy, target = flow_matching_pair(latents, noise, sigmas)
         prediction = predict(noisy, sigmas).float()
-        return F.mse_loss(prediction, target.float(), reduction="none").mean(dim=tuple(range(1, latents.ndim))).mean()
+        return weighted_sample_losses(F.mse_loss(prediction, target.float(), reduction="none"), weights).mean()
+
+    def validation_timesteps(self) -> List[float]:
+        # sd-scripts measures Flux's validation loss at the same 200..800 of 1000, as noise levels t = T/1000.
+        return [t / 1000 for t in validation_timesteps(1000)]

@@ -37,7 +37,7 @@ from lora_trainer.hosts.webui.progress import (
 from lora_trainer.jobs import JobHooks, default_trainer
 from lora_trainer.lora.layer import is_lora_target
 from lora_trainer.train.callbacks import CallbackList, TrainingCallback
-from lora_trainer.ui.backend import WEBUI_SEND_PROMPT_JS, UiBackend
+from lora_trainer.ui.backend import WEBUI_REFRESH_LORAS_JS, WEBUI_SEND_PROMPT_JS, UiBackend
 from lora_trainer.ui.captioning import CaptionProgress
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,8 @@ BYTES_PER_TRAINED_PARAM = 16
 # promises); scaled by pixel count, batch size and architecture, divided when checkpointing recomputes them.
 ACTIVATION_GIB_PER_SD1_512_SAMPLE = 2.5
 CHECKPOINTING_DIVISOR = 4.0
+# The loaded weights' precision is the host's (its --precision / --no-half flags): the tab hides the option.
+HOST_DECIDED_OPTIONS = ("mixed_precision",)
 
 
 def activation_factor(arch: str) -> float:
@@ -165,10 +167,7 @@ class WebUIBackend(UiBackend):
             precision = host.facts(model).mixed_precision
             if precision != cfg.mixed_precision:
                 # The weights are the host's: their precision decides, not the form's option.
-                text += (
-                    f" Computing in the WebUI's precision ({precision}); the Mixed precision option "
-                    f"({cfg.mixed_precision}) does not apply to a loaded checkpoint."
-                )
+                text += f" Computing in the WebUI's precision ({precision})."
             return text
         except Exception:  # an estimate must never block a start
             log.exception("Memory estimate failed")
@@ -176,6 +175,12 @@ class WebUIBackend(UiBackend):
 
     def send_prompt_js(self) -> Optional[str]:
         return WEBUI_SEND_PROMPT_JS
+
+    def refresh_loras_js(self) -> Optional[str]:
+        return WEBUI_REFRESH_LORAS_JS
+
+    def hidden_options(self) -> Sequence[str]:
+        return HOST_DECIDED_OPTIONS
 
     # --- captioning: the host's interrogators first, then ours -------------------------------------------
     def captioner_choices(self) -> List[str]:

@@ -17,11 +17,13 @@ from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Seque
 from lora_trainer.config import CommonConfig, resolved_output_name
 from lora_trainer.errors import ConfigError
 from lora_trainer.train.callbacks import StepInfo, TrainingCallback
+from lora_trainer.ui.status_view import format_duration
 
 log = logging.getLogger(__name__)
 
 PREVIEW_FOLDER = "samples"  # inside the job folder; jobs.py scans the same folder name
 STATE_JOB_NAME = "lora_trainer"
+CANCEL_HINT = "Cancel in the LoRA Trainer tab (or Interrupt) frees it."
 
 
 @contextlib.contextmanager
@@ -58,7 +60,7 @@ class HostProgress(TrainingCallback):
         self._show(start_step, total_steps, "starting")
 
     def on_step_end(self, info: StepInfo) -> None:
-        self._show(info.step, info.total_steps, f"loss {info.loss:.4f}")
+        self._show(info.step, info.total_steps, f"loss {info.loss:.4f}, ETA {format_duration(info.eta_s)}")
 
     def _show(self, step: int, total: int, detail: str) -> None:
         state = self.state
@@ -66,7 +68,10 @@ class HostProgress(TrainingCallback):
         state.job_no = int(step)
         state.sampling_step = 0
         state.sampling_steps = 0
-        state.textinfo = f"Training LoRA {self.output_name}: step {step}/{total}, {detail}"
+        # What /sdapi/v1/progress and the host's progress bar show: generations wait for this run.
+        state.textinfo = (
+            f"Training LoRA {self.output_name} (holds the GPU): step {step}/{total}, {detail}. {CANCEL_HINT}"
+        )
 
     def should_stop(self) -> bool:
         return bool(getattr(self.state, "interrupted", False))
