@@ -19,6 +19,7 @@ from tiny_models import make_image_folder
 from lora_trainer.config import config_from_dict
 from lora_trainer.models.flux.names import diffusers_to_bfl
 from lora_trainer.models.flux.transformer import FluxParams, FluxTransformer, image_ids, pack_latents
+from lora_trainer.train.loss_weights import LossWeights
 from lora_trainer.train.objectives import FlowMatchingObjective, flow_matching_pair
 
 
@@ -97,6 +98,32 @@ def test_flow_matching_noises_and_targets_as_the_reference_formula():
     torch.testing.assert_close(seen["t"], t)
     torch.testing.assert_close(seen["x_t"], (1 - t.view(-1, 1, 1, 1)) * latents + t.view(-1, 1, 1, 1) * n)
     torch.testing.assert_close(loss, ((n - latents) ** 2).mean())
+
+
+def test_flow_matching_takes_fixed_validation_timesteps_and_loss_weights():
+    """The validation loss measures at fixed noise levels (sd-scripts' 200..800 of 1000 as t = 0.2..0.8), and
+    regularisation weights and loss masks weigh the flow loss per sample and per latent pixel."""
+    objective = FlowMatchingObjective("sigmoid")
+    assert objective.validation_timesteps() == [0.2, 0.4, 0.6, 0.8]
+    latents = torch.randn(2, 16, 4, 4)
+    seen = {}
+
+    def predict(x_t, t):
+        seen["t"] = t
+        return torch.zeros_like(x_t)
+
+    fixed = torch.full((2,), 0.4)
+    plain = objective.loss(latents, predict, torch.Generator().manual_seed(1), timesteps=fixed)
+    torch.testing.assert_close(seen["t"], fixed)
+    n = torch.randn(latents.shape, generator=torch.Generator().manual_seed(1))
+    per_sample = ((n - latents) ** 2).mean(dim=(1, 2, 3))
+    torch.testing.assert_close(plain, per_sample.mean())
+    mask = torch.zeros(2, 1, 4, 4)
+    mask[:, :, :2] = 1.0  # the top half counts
+    weights = LossWeights(torch.tensor([1.0, 0.5]), mask)
+    weighted = objective.loss(latents, predict, torch.Generator().manual_seed(1), timesteps=fixed, weights=weights)
+    masked = (((n - latents) ** 2) * mask).mean(dim=(1, 2, 3))
+    torch.testing.assert_close(weighted, (masked * torch.tensor([1.0, 0.5])).mean())
 
 
 def test_train_py_trains_from_the_webui_folders(webui, tmp_path):
