@@ -86,7 +86,7 @@ class TrainerTab:
     ) -> None:
         self.backend = backend
         self.runner = runner or JobRunner()
-        self.captions = captions or CaptionRunner(self.runner)  # excludes training while it captions
+        self.captions = captions or CaptionRunner(self.runner)  # caption jobs on the same runner
         self.config_cls = config_cls
         self.specs = form_fields(config_cls)
         self.yaml_dir: Optional[str] = None  # made on the first save: configs offered for download
@@ -275,8 +275,8 @@ class TrainerTab:
                         '"Overwrite an existing LoRA of the same name".'
                     )
             estimate = self.backend.estimate_memory(cfg)
-            with self.captions.training_start():  # refused while captioning rewrites the captions
-                self.runner.start(cfg, label=label, backend_kwargs=self.backend.make_backend_kwargs(cfg))
+            # refused while any job runs: captioning would rewrite the captions this run reads
+            self.runner.start(cfg, label=label, backend_kwargs=self.backend.make_backend_kwargs(cfg))
         except LoraTrainerError as exc:
             return f"**{label} not started:** {exc}"
         except Exception as exc:  # a bug must not leave the button dead without a word
