@@ -32,7 +32,7 @@ from lora_trainer.text.model import (
 from lora_trainer.text.tokenize import IGNORE_INDEX, tokenize_dataset
 from lora_trainer.train.callbacks import CallbackList, StepInfo, TensorBoardLogger, TrainingCallback
 from lora_trainer.train.optim import build_optimizer, build_scheduler
-from lora_trainer.train.run import TrainingResult
+from lora_trainer.train.result import TrainingResult
 from lora_trainer.train.state import (
     apply_config_rates,
     check_resumable,

@@ -27,7 +27,7 @@ from lora_trainer.models.long_captions import cut_caption_lines
 from lora_trainer.train.callbacks import CallbackList, StepInfo, TensorBoardLogger, TrainingCallback
 from lora_trainer.train.diffusion_loss import denoising_loss
 from lora_trainer.train.optim import build_optimizer, build_scheduler
-from lora_trainer.train.run import TrainingResult
+from lora_trainer.train.result import TrainingResult
 from lora_trainer.train.state import (
     apply_config_rates,
     check_resumable,

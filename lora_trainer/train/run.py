@@ -2,20 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import List, Optional
 
 from lora_trainer.config import CommonConfig
 from lora_trainer.train.callbacks import TrainingCallback
+from lora_trainer.train.result import TrainingResult
 
-
-@dataclass
-class TrainingResult:
-    status: str  # "finished", "cancelled" or "stopped"
-    step: int
-    output_files: List[str] = field(default_factory=list)  # the final LoRA / adapter paths written
-    message: str = ""
-    losses: List[float] = field(default_factory=list)
+__all__ = ["TrainingResult", "run_training"]  # TrainingResult is defined in train.result, kept importable here
 
 
 def run_training(
