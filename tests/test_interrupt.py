@@ -13,9 +13,9 @@ import threading
 
 import pytest
 import torch
-from image_fixtures import REPO, tiny_checkpoint
 from safetensors import safe_open
-from tiny_models import make_image_folder
+from support.image_fixtures import REPO, tiny_checkpoint
+from support.tiny_models import make_image_folder
 from waiting import CEILING_S
 
 from lora_trainer.io.atomic import atomic_directory, atomic_path

@@ -14,9 +14,9 @@ from collections import namedtuple
 
 import pytest
 import torch
+from support.captioners import write_test_images
 from waiting import CEILING_S
 
-from lora_trainer.caption.testing import write_test_images
 from lora_trainer.data.captions import read_metadata_csv
 from lora_trainer.hosts import webui
 from lora_trainer.jobs import JobRunner
