@@ -11,7 +11,7 @@ import os
 import random
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Dict, List, Tuple
+from typing import Dict, List
 
 import numpy as np
 import torch
@@ -228,7 +228,3 @@ class ImageCaptionDataset:
         if self.cfg.caption_dropout_rate > 0:
             variants.add("")
         return sorted(variants)
-
-
-def describe_bucket(bucket: Tuple[int, int]) -> str:
-    return f"{bucket[0]}x{bucket[1]}"

@@ -8,7 +8,6 @@ which the WebUI (and Forge, whose Linear looks its weights up by name) rely on.
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 from torch import nn
@@ -80,13 +79,6 @@ class LoRALayer(nn.Module):
         self._saved_forward = _MISSING
         self._base_forward = None
 
-    def merged_weight_delta(self) -> torch.Tensor:
-        """The dense weight change this LoRA applies (for checks and merging)."""
-        down = self.lora_down.weight.flatten(1)
-        up = self.lora_up.weight.flatten(1)
-        delta = (up @ down) * self.scale
-        return delta.view(self.base.weight.shape) if self.is_conv else delta
-
 
 def is_lora_target(module: nn.Module) -> bool:
     """Linears and 1x1 convolutions (SD1's proj_in/proj_out), by class name so host classes qualify too."""
@@ -95,7 +87,3 @@ def is_lora_target(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or (
         type(module).__name__ == "Linear" and hasattr(module, "in_features") and hasattr(module, "out_features")
     )
-
-
-def layer_dropout(value: Optional[float]) -> float:
-    return float(value or 0.0)

@@ -6,7 +6,6 @@ The trainer never knows which front end is listening: it calls ``on_step_end`` w
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -139,16 +138,3 @@ class TensorBoardLogger(TrainingCallback):
             self.writer.flush()
             self.writer.close()
             self.writer = None
-
-
-class LossHistory(TrainingCallback):
-    """Keeps (step, loss) pairs: the live loss plot and the tests read them."""
-
-    def __init__(self) -> None:
-        self.steps: List[int] = []
-        self.losses: List[float] = []
-        self.started = time.time()
-
-    def on_step_end(self, info):
-        self.steps.append(info.step)
-        self.losses.append(info.loss)
