@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Sequence, Tuple
 
@@ -22,8 +21,6 @@ from safetensors.torch import load_file, save_file
 
 from lora_trainer.errors import ConfigError
 from lora_trainer.io.atomic import atomic_directory
-
-STATE_DIR = re.compile(r"^state-(\d+)$")
 
 
 @dataclass
