@@ -35,11 +35,14 @@ import os
 import threading
 import time
 from dataclasses import dataclass, replace
-from typing import Any, Callable, ContextManager, Dict, Generic, List, Mapping, Optional, Tuple, TypeVar
+from typing import Any, Callable, ContextManager, Dict, Generic, List, Optional, Protocol, Tuple, TypeVar
 
 from lora_trainer.config import CommonConfig, resolved_output_name
 from lora_trainer.errors import LoraTrainerError, TrainingCancelled
+from lora_trainer.hub.progress import DownloadProgress
+from lora_trainer.train.backend import TrainingBackend
 from lora_trainer.train.callbacks import StepInfo, TrainingCallback
+from lora_trainer.train.result import TrainingResult
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +52,13 @@ TRAINING, CAPTIONING = "training", "captioning"  # the kinds of job the runner r
 PREVIEW_DIR = "samples"  # where trainers write preview images, relative to output_dir (sd-scripts' habit)
 PREVIEW_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 
-# trainer(cfg, callbacks=[...], **backend_kwargs) -> TrainingResult; run_training is the default.
-Trainer = Callable[..., Any]
+
+class Trainer(Protocol):
+    """What a training job calls: ``run_training`` by default, a host's wrapper around it, or a test's fake."""
+
+    def __call__(
+        self, cfg: CommonConfig, callbacks: List[TrainingCallback], backend: TrainingBackend
+    ) -> TrainingResult: ...
 
 
 class JobBusyError(LoraTrainerError):
@@ -204,11 +212,11 @@ class JobHooks:
     after_end: Optional[Callable[[JobStatus], None]] = None
 
 
-def default_trainer(cfg: CommonConfig, callbacks: List[TrainingCallback], **backend_kwargs: Any) -> Any:
+def default_trainer(cfg: CommonConfig, callbacks: List[TrainingCallback], backend: TrainingBackend) -> TrainingResult:
     """The engine's one entry point, imported only when a job starts (it pulls in torch)."""
     from lora_trainer.train.run import run_training
 
-    return run_training(cfg, callbacks=callbacks, **backend_kwargs)
+    return run_training(cfg, callbacks=callbacks, backend=backend)
 
 
 class _JobProgress(TrainingCallback):
@@ -220,7 +228,7 @@ class _JobProgress(TrainingCallback):
     def on_train_start(self, total_steps: int, start_step: int, summary: Dict[str, Any]) -> None:
         self.job._on_train_start(total_steps, start_step)
 
-    def on_download(self, progress: Any) -> None:
+    def on_download(self, progress: DownloadProgress) -> None:
         """A first-use download of the base model: its line (file, bytes of total) is the job's message."""
         self.job._update(message=progress.describe())
 
@@ -250,12 +258,12 @@ class TrainingJob(BackgroundJob[JobStatus]):
         job_id: int = 1,
         label: str = "Train",
         trainer: Optional[Trainer] = None,
-        backend_kwargs: Optional[Mapping[str, Any]] = None,
+        backend: Optional[TrainingBackend] = None,
         hooks: Optional[JobHooks] = None,
     ) -> None:
         self.cfg = cfg
-        self.trainer = trainer or default_trainer
-        self.backend_kwargs = dict(backend_kwargs or {})
+        self.trainer: Trainer = trainer or default_trainer
+        self.backend = backend or TrainingBackend()
         self.hooks = hooks or JobHooks()
         self._reported: set = set()  # files already passed to after_save
         # The loss history grows every step; it is kept in lists and copied into the snapshot only when read.
@@ -297,10 +305,10 @@ class TrainingJob(BackgroundJob[JobStatus]):
             self._update(message="Loading the model and data…")
             if self.hooks.before_start:
                 self.hooks.before_start(self.cfg)
-            result = self.trainer(self.cfg, callbacks=[_JobProgress(self)], **self.backend_kwargs)
+            result = self.trainer(self.cfg, callbacks=[_JobProgress(self)], backend=self.backend)
         self._finish_from_result(result)
 
-    def _finish_from_result(self, result: Any) -> None:
+    def _finish_from_result(self, result: TrainingResult) -> None:
         outputs = tuple(getattr(result, "output_files", None) or ())
         for path in outputs:
             self._report_saved(path)
@@ -413,7 +421,7 @@ class JobRunner:
             return job
 
     def start(
-        self, cfg: CommonConfig, *, label: str = "Train", backend_kwargs: Optional[Mapping[str, Any]] = None
+        self, cfg: CommonConfig, *, label: str = "Train", backend: Optional[TrainingBackend] = None
     ) -> TrainingJob:
         """Start training ``cfg``; ``JobBusyError`` while any job runs."""
         return self.submit(
@@ -423,7 +431,7 @@ class JobRunner:
                 job_id=job_id,
                 label=label,
                 trainer=self.trainer,
-                backend_kwargs=backend_kwargs,
+                backend=backend,
                 hooks=self._hooks_with_bookkeeping(),
             ),
         )
@@ -500,6 +508,7 @@ __all__ = [
     "JobHooks",
     "JobRunner",
     "JobStatus",
+    "Trainer",
     "TrainingJob",
     "default_trainer",
 ]

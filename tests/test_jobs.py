@@ -12,6 +12,7 @@ from lora_trainer import jobs
 from lora_trainer.config import config_from_dict
 from lora_trainer.errors import DatasetError
 from lora_trainer.jobs import JobBusyError, JobHooks, JobRunner, TrainingJob
+from lora_trainer.train.backend import TrainingBackend
 from lora_trainer.train.callbacks import StepInfo
 from lora_trainer.train.run import TrainingResult
 
@@ -73,7 +74,7 @@ def test_progress_snapshot_and_finish(tmp_path):
     trainer = FakeTrainer(steps=5)
     runner = JobRunner(trainer=trainer)
     assert runner.status().state == "idle"
-    runner.start(make_cfg(tmp_path), backend_kwargs={"runtime": "fake"})
+    runner.start(make_cfg(tmp_path), backend=TrainingBackend(runtime="fake"))
     assert runner.wait(CEILING_S)
     s = runner.status()
     assert s.state == "finished"
@@ -84,7 +85,7 @@ def test_progress_snapshot_and_finish(tmp_path):
     assert s.output_files == (str(tmp_path / "out" / "demo.safetensors"),)
     assert "demo.safetensors" in s.message
     assert runner.finished_files == list(s.output_files)
-    assert trainer.backend_kwargs == {"runtime": "fake"}
+    assert trainer.backend_kwargs == {"backend": TrainingBackend(runtime="fake")}
 
 
 def test_status_while_running_is_a_consistent_snapshot(tmp_path):

@@ -28,10 +28,12 @@ from dataclasses import dataclass, replace
 from typing import Any, Callable, ContextManager, Dict, Iterator, List, Mapping, Optional, Sequence
 
 from lora_trainer.caption.base import CallableCaptioner, Captioner, CaptionerUnavailable
-from lora_trainer.config import CommonConfig, ImageConfig, resolved_output_name
+from lora_trainer.config import CommonConfig, ImageConfig, lora_rank_of, resolved_output_name
 from lora_trainer.errors import ConfigError
 from lora_trainer.jobs import JobHooks, default_trainer
+from lora_trainer.train.backend import TrainingBackend
 from lora_trainer.train.callbacks import CallbackList, StepInfo, TrainingCallback
+from lora_trainer.train.result import TrainingResult
 from lora_trainer.ui.backend import WEBUI_SEND_PROMPT_JS, UiBackend
 from lora_trainer.ui.captioning import CaptionProgress
 
@@ -430,6 +432,14 @@ class HostPreviews(TrainingCallback):
             self.state.sampling_steps = 0
 
 
+@dataclass(frozen=True)
+class WebUITraining(TrainingBackend):
+    """What the WebUI hands a run: the engine's runtime and adapter, plus the preview settings its own trainer
+    wrapper (``WebUIBackend.train``) turns into preview images."""
+
+    preview: Optional[PreviewSettings] = None
+
+
 def render_host_preview(settings: PreviewSettings) -> List[Any]:
     """One txt2img with the host's pipeline, nothing written to its outputs. Call inside the queue lock."""
     from modules import processing, shared
@@ -723,7 +733,7 @@ def estimate_extra_memory(model: Any, cfg: CommonConfig) -> str:
     """The memory a run adds to the loaded checkpoint: LoRA weights, optimizer state, activations."""
     import torch
 
-    rank = cfg.lora_rank or 8
+    rank = lora_rank_of(cfg)
     te = isinstance(cfg, ImageConfig) and cfg.train_text_encoder
     params = 0
     for module in model.modules():
@@ -838,8 +848,9 @@ class WebUIBackend(UiBackend):
         return host_caption_session(label)
 
     # --- what the trainer gets ---------------------------------------------------------------------------
-    def make_backend_kwargs(self, cfg: CommonConfig, preview: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
-        """The runtime and the host-model adapter; refuses here (before any work) what cannot train."""
+    def training_backend(self, cfg: CommonConfig, preview: Optional[Mapping[str, object]] = None) -> WebUITraining:
+        """The runtime, the host-model adapter and the preview settings; refuses here (before any work) what
+        cannot train."""
         if cfg.task_type != "image-generation":
             raise ConfigError(
                 "The WebUI tab trains image LoRAs on the loaded checkpoint; text-generation "
@@ -867,17 +878,15 @@ class WebUIBackend(UiBackend):
             clip_skip_scope=host_clip_skip,
         )
         settings = PreviewSettings.from_mapping(preview) if preview is not None else self.default_preview()
-        return {
-            "runtime": LocalRuntime(facts.device, facts.mixed_precision),
-            "adapter": adapter,
-            "preview": settings.for_run(cfg),
-        }
+        return WebUITraining(
+            runtime=LocalRuntime(facts.device, facts.mixed_precision), adapter=adapter, preview=settings.for_run(cfg)
+        )
 
-    def train(self, cfg: CommonConfig, callbacks: List[TrainingCallback], **backend_kwargs: Any) -> Any:
+    def train(self, cfg: CommonConfig, callbacks: List[TrainingCallback], backend: TrainingBackend) -> TrainingResult:
         """The JobRunner's trainer: the engine plus the host progress and preview callbacks."""
         from modules import shared
 
-        preview: Optional[PreviewSettings] = backend_kwargs.pop("preview", None)
+        preview = backend.preview if isinstance(backend, WebUITraining) else None
         extra: List[TrainingCallback] = [HostProgress(shared.state, resolved_output_name(cfg))]
         if preview is not None and preview.every_n_steps > 0:
             extra.append(
@@ -889,9 +898,11 @@ class WebUIBackend(UiBackend):
                     state=shared.state,
                 )
             )
-        adapter = backend_kwargs.get("adapter")
+        adapter = backend.adapter
         try:
-            return default_trainer(cfg, callbacks=[*callbacks, *extra], **backend_kwargs)
+            # The engine gets the engine's part: the preview settings are this wrapper's.
+            engine = TrainingBackend(runtime=backend.runtime, adapter=backend.adapter)
+            return default_trainer(cfg, callbacks=[*callbacks, *extra], backend=engine)
         finally:
             # The host keeps generating with this model: put it back whatever the engine did or failed to do
             # (restore is idempotent; the engine calls it too on its normal paths).

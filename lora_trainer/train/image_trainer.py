@@ -14,11 +14,17 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from lora_trainer.config import ImageConfig, resolved_output_name, save_config_snapshot
+from lora_trainer.config import (
+    ImageConfig,
+    check_output_name,
+    lora_rank_of,
+    resolved_output_name,
+    save_config_snapshot,
+)
 from lora_trainer.data.buckets import Bucket
 from lora_trainer.data.dataset import ImageCaptionDataset
 from lora_trainer.data.encoding_cache import EncodingCache
-from lora_trainer.errors import ConfigError, LoraTrainerError, TrainingStopped
+from lora_trainer.errors import LoraTrainerError, TrainingStopped
 from lora_trainer.export.lora_file import SAVE_DTYPES, load_lora_file, save_lora_file
 from lora_trainer.export.metadata import lora_metadata
 from lora_trainer.lora.network import LoRANetwork, ranks_and_alphas
@@ -28,6 +34,7 @@ from lora_trainer.train.callbacks import CallbackList, StepInfo, TensorBoardLogg
 from lora_trainer.train.diffusion_loss import denoising_loss
 from lora_trainer.train.optim import build_optimizer, build_scheduler
 from lora_trainer.train.result import TrainingResult
+from lora_trainer.train.runtime import Runtime
 from lora_trainer.train.state import (
     apply_config_rates,
     check_resumable,
@@ -55,7 +62,7 @@ def step_seed(seed: int, micro_step: int, process: int) -> int:
 def train_image(
     cfg: ImageConfig,
     callbacks: Optional[List[TrainingCallback]] = None,
-    runtime=None,
+    runtime: Optional[Runtime] = None,
     adapter: Optional[DiffusionAdapter] = None,
     log=print,
 ) -> TrainingResult:
@@ -95,9 +102,8 @@ class ImageTrainingSession:
 
     def run(self, adapter: Optional[DiffusionAdapter]) -> TrainingResult:
         cfg, runtime = self.cfg, self.runtime
-        name = cfg.output_name
-        if name and (os.sep in name or "/" in name or name.startswith(".")):
-            raise ConfigError(f"output_name: {name!r} must be a plain file name (no folders, no leading dot).")
+        if cfg.output_name:
+            check_output_name(cfg.output_name)  # the rule every front end applies
         # The dataset is read before any model loads: an empty or broken folder fails in seconds.
         self.dataset = ImageCaptionDataset(cfg)
         for line in self.dataset.summary_lines():
@@ -173,7 +179,7 @@ class ImageTrainingSession:
 
     def _build_network(self) -> LoRANetwork:
         cfg = self.cfg
-        rank = cfg.lora_rank or 8
+        rank = lora_rank_of(cfg)
         alpha = cfg.lora_alpha if cfg.lora_alpha is not None else float(rank)
         targets = self.adapter.lora_targets(cfg.train_text_encoder, cfg.target_modules)
         ranks = alphas = None

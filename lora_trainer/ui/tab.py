@@ -36,6 +36,7 @@ from lora_trainer.ui.options import (
     quick_check_config,
     widget_values_from_mapping,
 )
+from lora_trainer.ui.start import start_training_run
 from lora_trainer.ui.status_view import TABLE_HEADERS, lora_table, main_lora_file, progress_text, try_it_prompt
 
 log = logging.getLogger(__name__)
@@ -267,23 +268,21 @@ class TrainerTab:
             if quick:  # its own name and folder: a quick check never touches the real run's files
                 quick_name = (cfg.output_name or "lora") + QUICK_CHECK_SUFFIX
                 cfg = quick_check_config(cfg, self.backend.default_output_dir(quick_name))
-            else:
-                target = self.backend.final_lora_path(cfg)
-                if os.path.exists(target) and not overwrite:
-                    raise ConfigError(
-                        f"{target} already exists. Choose another output name or tick "
-                        '"Overwrite an existing LoRA of the same name".'
-                    )
-            estimate = self.backend.estimate_memory(cfg)
-            # refused while any job runs: captioning would rewrite the captions this run reads
-            self.runner.start(cfg, label=label, backend_kwargs=self.backend.make_backend_kwargs(cfg))
+            started = start_training_run(
+                self.runner,
+                self.backend,
+                cfg,
+                label=label,
+                overwrite=quick or overwrite,  # a quick check replaces its own earlier one
+                how_to_overwrite='tick "Overwrite an existing LoRA of the same name"',
+            )
         except LoraTrainerError as exc:
             return f"**{label} not started:** {exc}"
         except Exception as exc:  # a bug must not leave the button dead without a word
             log.exception("Could not start training")
             return f"**{label} not started:** unexpected error {type(exc).__name__}: {exc}"
-        started = f"**{label} started:** {cfg.output_name} → `{cfg.output_dir}`."
-        return f"{started}\n\n{estimate}" if estimate else started
+        text = f"**{label} started:** {cfg.output_name} → `{cfg.output_dir}`."
+        return f"{text}\n\n{started.memory_estimate}" if started.memory_estimate else text
 
     def start_training(
         self, dataset: str, base_model: str, output_name: str, output_dir: str, overwrite: bool, *values: Any
