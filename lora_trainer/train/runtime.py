@@ -99,7 +99,8 @@ class LocalRuntime:
     def autocast(self) -> ContextManager[object]:
         if self.mixed_precision == "no":
             return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.dtype)
+        context: ContextManager[object] = torch.autocast(self.device.type, dtype=self.dtype)
+        return context
 
     def backward(self, loss: torch.Tensor) -> None:
         if self.scaler is not None:
@@ -125,7 +126,7 @@ class LocalRuntime:
         scale = self.scaler.get_scale()
         self.scaler.step(optimizer)
         self.scaler.update()
-        return self.scaler.get_scale() >= scale
+        return bool(self.scaler.get_scale() >= scale)
 
     def mean_across_processes(self, value: float) -> float:
         return value
