@@ -64,7 +64,7 @@ VIT_L_TEXT = dict(
 
 
 def build_checkpoint(path: str) -> None:
-    """A random full-size SD1.5 single file (fp16, like the usual downloads)."""
+    """A random full-size SD1.5 single file (fp16, like the usual downloads), written atomically."""
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from safetensors.torch import save_file
@@ -79,7 +79,8 @@ def build_checkpoint(path: str) -> None:
     )
     state = {k: v.half() for k, v in to_single_file_state(parts).items()}
     del parts, unet
-    save_file(state, path)
+    save_file(state, path + ".tmp")
+    os.replace(path + ".tmp", path)
 
 
 def make_images(folder: str, count: int) -> None:
@@ -124,12 +125,17 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--resolution", type=int, default=256)
     parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--build-checkpoint", metavar="PATH", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.build_checkpoint:
+        build_checkpoint(args.build_checkpoint)
+        return
     os.makedirs(args.workdir, exist_ok=True)
     checkpoint = os.path.join(args.workdir, "sd15_random.safetensors")
     if not os.path.exists(checkpoint):
         print("building a random full-size SD1.5 checkpoint ...", flush=True)
-        build_checkpoint(checkpoint)
+        # In a child process: the build's few GB would otherwise stay resident in this one for the whole run.
+        subprocess.run([sys.executable, os.path.abspath(__file__), "--build-checkpoint", checkpoint], check=True)
     data = os.path.join(args.workdir, "data")
     if not os.path.isdir(data):
         make_images(data, 8)
@@ -137,19 +143,20 @@ def main() -> None:
     python = sys.executable
     results = []
 
+    load_averages = [f"floor start {os.getloadavg()[0]:.2f}"]
     proc, rss, start = timed(
         [
             python,
             os.path.join(REPO, "bench", "floor_loop.py"),
             checkpoint,
-            str(args.steps),
-            str(args.resolution),
-            str(args.rank),
+            f"--steps={args.steps}",
+            f"--resolution={args.resolution}",
+            f"--rank={args.rank}",
         ],
         env,
     )
     lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    floor = summarise("floor", start, [line["time"] for line in lines], rss, args.warmup)
+    floor = summarise("floor", start, [line["time"] for line in lines if "step" in line], rss, args.warmup)
     results.append(floor)
 
     out = os.path.join(args.workdir, "out")
@@ -174,8 +181,10 @@ def main() -> None:
     shutil.rmtree(cache, ignore_errors=True)
     for name in ("ours (cold cache)", "ours (warm cache)"):
         shutil.rmtree(out, ignore_errors=True)
+        load_averages.append(f"{name} start {os.getloadavg()[0]:.2f}")
         proc, rss, start = timed([python, os.path.join(REPO, "train.py"), "--config", config_path], env)
         results.append(summarise(name, start, tensorboard_step_times(os.path.join(out, "logs")), rss, args.warmup))
+    load_averages.append(f"end {os.getloadavg()[0]:.2f}")
 
     print(
         f"\nSD1.5 architecture, random weights, {args.resolution} px, batch 1, 8 images, rank {args.rank}, "
@@ -191,6 +200,7 @@ def main() -> None:
             f"{r['first_step_s'] - floor['first_step_s']:12.1f} {r['peak_rss_mb']:12d} "
             f"{r['peak_rss_mb'] / floor['peak_rss_mb']:8.3f}"
         )
+    print(f"load average (1 min, {os.cpu_count()} CPUs): " + ", ".join(load_averages))
 
 
 if __name__ == "__main__":

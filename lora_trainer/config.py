@@ -21,9 +21,9 @@ import yaml
 from lora_trainer.errors import ConfigError
 from lora_trainer.hub.reference import as_hub_reference
 from lora_trainer.io.text_files import read_text
+from lora_trainer.lora.registry import DEFAULT_LORA_RANK, NETWORK_TYPE_NAMES
 
 TASK_TYPES = ("image-generation", "text-generation")
-DEFAULT_LORA_RANK = 8  # the rank (network dim) when lora_rank is left out, for every task: sd-scripts' and peft's
 OUTPUT_NAME_MAX_CHARS = 120
 # Letters (any script), digits, and _ first; then also spaces and . ( ) + -: no path separators, nothing that
 # ends the <lora:name:weight> prompt syntax (:, <, >), nothing a Windows file name refuses.
@@ -101,7 +101,8 @@ class CommonConfig:
     save_state: bool = option(True, "Write a resumable training state with each save.")
     resume: Optional[str] = option(None, "A training-state folder (output_dir/state-<step>) to continue from.")
     network_weights: Optional[str] = option(
-        None, "An existing LoRA to continue training from; its rank and alpha are kept."
+        None,
+        "An existing LoRA to continue training from; its network type, rank, alpha (and LoKr factors, DoRA) are kept.",
     )
     logging_dir: Optional[str] = option(None, "TensorBoard folder; defaults to output_dir/logs.")
     num_threads: Optional[int] = option(
@@ -154,6 +155,32 @@ class ImageConfig(CommonConfig):
         [],
         "Extra module-name substrings to train besides sd-scripts' default "
         "(attention and feed-forward linears of the transformer blocks).",
+    )
+    network_type: str = option(
+        "lora",
+        "Network type. lora: sd-scripts' LoRA. locon: LoRA also on the ResNet 3x3 convolutions (styles). "
+        "loha / lokr: Hadamard / Kronecker products (more capacity per parameter). dora: weight-decomposed "
+        "LoRA (magnitude + direction). All but lora are written as LyCORIS writes them (lycoris.kohya).",
+        choices=NETWORK_TYPE_NAMES,
+    )
+    conv_rank: Optional[int] = option(
+        None,
+        "Rank of the 3x3 convolution layers: locon trains them at lora_rank by default; set it to train them "
+        "with loha, lokr or dora too.",
+        minimum=1,
+        maximum=4096,
+    )
+    conv_alpha: Optional[float] = option(
+        None, "Alpha of the 3x3 convolution layers; defaults to the alpha/rank scale of the others.", minimum=0
+    )
+    factor: int = option(
+        -1,
+        "lokr: the Kronecker factor size (each weight splits into a small factor of at most this size and a "
+        "low-rank large one); -1 splits as evenly as possible.",
+        minimum=-1,
+    )
+    dora_wd: bool = option(
+        False, "DoRA weight decomposition on top of locon, loha or lokr (network_type dora is LoRA with it)."
     )
 
 
@@ -297,6 +324,24 @@ def _check_required(cfg: CommonConfig) -> None:
         raise ConfigError(
             f"min_bucket_reso ({cfg.min_bucket_reso}) must not exceed max_bucket_reso ({cfg.max_bucket_reso})."
         )
+    if isinstance(cfg, ImageConfig):
+        _check_network_options(cfg)
+
+
+def _check_network_options(cfg: ImageConfig) -> None:
+    """Options that only some network types take must not be set for the others (they would do nothing)."""
+    if cfg.network_type == "lora" and (cfg.conv_rank is not None or cfg.conv_alpha is not None):
+        raise ConfigError(
+            "conv_rank/conv_alpha: network_type lora trains no 3x3 convolutions; use network_type locon "
+            "(or loha, lokr, dora with conv_rank)."
+        )
+    if cfg.factor == 0 or (cfg.factor != -1 and cfg.network_type != "lokr"):
+        raise ConfigError(
+            f"factor: {cfg.factor} is not allowed; it is the lokr Kronecker factor size (-1 or at least 1) and "
+            f"network_type is {cfg.network_type}."
+        )
+    if cfg.dora_wd and cfg.network_type == "lora":
+        raise ConfigError("dora_wd: network_type lora with weight decomposition is network_type dora; choose that.")
 
 
 def load_config(

@@ -225,6 +225,10 @@ class _JobProgress(TrainingCallback):
     def __init__(self, job: "TrainingJob") -> None:
         self.job = job
 
+    def on_encode_progress(self, done: int, total: int, what: str) -> None:
+        if not self.job.cancel_requested:  # keep "Cancelling…" on screen once asked
+            self.job._update(message=f"Encoding {what} for the cache: {done}/{total}…")
+
     def on_train_start(self, total_steps: int, start_step: int, summary: Dict[str, Any]) -> None:
         self.job._on_train_start(total_steps, start_step)
 

@@ -428,6 +428,24 @@ def test_training_backend_builds_runtime_and_adapter(host, tmp_path, monkeypatch
     assert host.shared.opts.data["CLIP_stop_at_last_layers"] == 1
 
 
+def test_host_attention_is_swapped_only_without_loaded_hypernetworks(host, tmp_path, monkeypatch):
+    """The WebUI's hypernetworks run inside its own attention forward: with any loaded, the adapter keeps it."""
+    made = []
+
+    class FakeAdapter:
+        def __init__(self, model, **facts):
+            made.append(facts["fast_attention"])
+
+    fake_module = types.ModuleType("lora_trainer.hosts.ldm_adapter")
+    fake_module.LdmHostAdapter = FakeAdapter
+    monkeypatch.setitem(sys.modules, "lora_trainer.hosts.ldm_adapter", fake_module)
+    backend = webui.WebUIBackend()
+    backend.training_backend(make_cfg(tmp_path, backend))
+    sys.modules["modules.shared"].loaded_hypernetworks = [object()]
+    backend.training_backend(make_cfg(tmp_path, backend))
+    assert made == [True, False]
+
+
 def test_host_precision_maps_to_engine_precision():
     cuda = torch.device("cuda")
     facts = webui.HostFacts(device=cuda, dtype=torch.float16, lowvram=False, medvram=False, fp8=False)

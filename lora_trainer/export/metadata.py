@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Dict
+from typing import Dict, Mapping, Optional
 
 from lora_trainer.config import ImageConfig, resolved_output_name
 from lora_trainer.models.architecture import BASE_MODEL_VERSION, SD2
@@ -24,9 +24,11 @@ def lora_metadata(
     epoch: int,
     num_epochs: int,
     max_steps: int,
+    network: Optional[Mapping[str, str]] = None,
 ) -> Dict[str, str]:
     """``dataset`` carries the JSON-encoded ss_tag_frequency, ss_bucket_info and ss_dataset_dirs and
-    ss_num_train_images from the dataset summary."""
+    ss_num_train_images from the dataset summary; ``network`` the type's ``ss_network_module`` (and
+    ``ss_network_args``) from ``NetworkSpec.metadata()``, sd-scripts' plain LoRA when None."""
     unet_lr = cfg.unet_lr if cfg.unet_lr is not None else cfg.learning_rate
     te_lr = cfg.text_encoder_lr if cfg.text_encoder_lr is not None else cfg.learning_rate
     meta = {
@@ -69,5 +71,6 @@ def lora_metadata(
         "ss_gradient_checkpointing": cfg.gradient_checkpointing,
         "ss_max_grad_norm": cfg.max_grad_norm,
     }
+    meta.update(network or {})
     meta.update(dataset)
     return {k: (json.dumps(v) if isinstance(v, (dict, list)) else str(v)) for k, v in meta.items()}

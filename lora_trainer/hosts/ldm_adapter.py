@@ -25,9 +25,16 @@ from torch.utils.checkpoint import checkpoint
 from lora_trainer.errors import ConfigError, ModelLoadError
 from lora_trainer.export.kohya_names import text_lora_name, unet_lora_name_from_ldm
 from lora_trainer.hosts.fused_attention import QKV, projection_views, split_projection_forward
+from lora_trainer.hosts.host_attention import sdpa_forward, slow_attention_layers
 from lora_trainer.hosts.module_changes import ModuleChanges
 from lora_trainer.lora.layer import is_lora_target
-from lora_trainer.lora.targets import NEVER_TRAINED, TEXT_CONTAINERS, UNET_CONTAINERS, find_targets
+from lora_trainer.lora.targets import (
+    NEVER_TRAINED,
+    TEXT_CONTAINERS,
+    UNET_CONTAINERS,
+    UNET_CONV_CONTAINERS,
+    find_targets,
+)
 from lora_trainer.models.adapter import Conditioning, DiffusionAdapter, SizeCondition
 from lora_trainer.models.architecture import SD1, SD2, SDXL
 from lora_trainer.models.ldm_names import UNetLayout, UNetNameMap, open_clip_to_hf
@@ -160,9 +167,13 @@ class LdmHostAdapter(DiffusionAdapter):
         clip_skip_scope: Optional[ClipSkipScope] = None,
         model_name: Optional[str] = None,
         identity: Optional[str] = None,
+        fast_attention: bool = True,
     ):
         """``autocast``: the host's compute context (the WebUI's ``devices.autocast``). ``clip_skip_scope(n)``:
-        a context in which the host's prompt encoding stops n layers from the end (the WebUI's "Clip skip")."""
+        a context in which the host's prompt encoding stops n layers from the end (the WebUI's "Clip skip").
+        ``fast_attention``: run UNet attention layers whose host implementation is not fused through torch's
+        SDPA during training (``hosts/host_attention.py``); off where the host's own forward must run (the
+        WebUI's hypernetworks hook into it)."""
         if lowvram:
             raise ConfigError(
                 "The host runs with --lowvram, which moves model blocks between devices during every "
@@ -194,6 +205,7 @@ class LdmHostAdapter(DiffusionAdapter):
         )
         self._autocast = autocast or contextlib.nullcontext
         self._clip_skip_scope = clip_skip_scope
+        self.fast_attention = fast_attention
         self._changes = ModuleChanges()
         self._windows = 1  # prompt chunks of 77 per caption: max_token_length / 75
 
@@ -315,7 +327,8 @@ class LdmHostAdapter(DiffusionAdapter):
     # ------------------------------------------------------------ LoRA wiring
 
     def _begin_training(self) -> None:
-        """Freeze the host model and switch its own checkpointing off; recorded for ``restore``."""
+        """Freeze the host model, switch its own checkpointing off and its slow attention to SDPA; recorded for
+        ``restore``."""
         if not self._changes.empty:
             return
         self._changes.remember_modes(self.model)
@@ -324,8 +337,13 @@ class LdmHostAdapter(DiffusionAdapter):
             for flag in HOST_CHECKPOINT_FLAGS:
                 if module.__dict__.get(flag) is True:
                     self._changes.set_attribute(module, flag, False)
+        if self.fast_attention:
+            for _path, module in slow_attention_layers(self.unet):
+                self._changes.wrap_forward(module, lambda host, m=module: sdpa_forward(m, host))
 
-    def lora_targets(self, train_text_encoder: bool, extra: Sequence[str] = ()) -> List[Tuple[str, nn.Module]]:
+    def lora_targets(
+        self, train_text_encoder: bool, extra: Sequence[str] = (), conv: bool = False
+    ) -> List[Tuple[str, nn.Module]]:
         if train_text_encoder and self.medvram:
             raise ConfigError(
                 "Text-encoder training does not work under --medvram (the host moves the text "
@@ -334,7 +352,8 @@ class LdmHostAdapter(DiffusionAdapter):
             )
         self._begin_training()
         targets = [
-            (unet_lora_name_from_ldm(path, self.arch, self.names), module) for path, module in self._unet_modules(extra)
+            (unet_lora_name_from_ldm(path, self.arch, self.names), module)
+            for path, module in self._unet_modules(extra, conv)
         ]
         if train_text_encoder:
             for index, embedder in enumerate(text_embedders(self.model)):
@@ -344,15 +363,16 @@ class LdmHostAdapter(DiffusionAdapter):
                     self._changes.set_attribute(embedder, "is_trainable", True)
         return targets
 
-    def _unet_modules(self, extra: Sequence[str]) -> List[Tuple[str, nn.Module]]:
-        """The standard targets, plus modules whose diffusers-style path contains an ``extra`` substring (the
-        standalone engine matches ``target_modules`` against diffusers paths, so the host does too)."""
-        found = dict(find_targets(self.unet, UNET_CONTAINERS))
+    def _unet_modules(self, extra: Sequence[str], conv: bool = False) -> List[Tuple[str, nn.Module]]:
+        """The standard targets (with ``conv``, the convolution blocks' too), plus modules whose diffusers-style
+        path contains an ``extra`` substring (the standalone engine matches ``target_modules`` against diffusers
+        paths, so the host does too)."""
+        found = dict(find_targets(self.unet, UNET_CONTAINERS, conv_containers=UNET_CONV_CONTAINERS if conv else ()))
         if extra:
             find_targets(nn.Module(), (), extra)  # refuses substrings that name never-trained layers
             for path, module in self.unet.named_modules():
                 diffusers = self.names.to_diffusers(path) if path else None
-                if path in found or diffusers is None or not is_lora_target(module):
+                if path in found or diffusers is None or not is_lora_target(module, conv):
                     continue
                 if any(s in diffusers for s in extra) and not any(
                     diffusers.startswith(b) or f".{b}" in diffusers for b in NEVER_TRAINED

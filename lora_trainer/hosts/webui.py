@@ -298,6 +298,11 @@ class HostProgress(TrainingCallback):
         self.state = state
         self.output_name = output_name
 
+    def on_encode_progress(self, done: int, total: int, what: str) -> None:
+        state = self.state
+        state.job_count, state.job_no = max(int(total), 1), int(done)
+        state.textinfo = f"Training LoRA {self.output_name}: encoding {what} {done}/{total}"
+
     def on_train_start(self, total_steps: int, start_step: int, summary: Dict[str, Any]) -> None:
         self._show(start_step, total_steps, "starting")
 
@@ -863,7 +868,7 @@ class WebUIBackend(UiBackend):
         problem = model_refusal(model) or refusal(cfg, facts)
         if problem:
             raise ConfigError(problem)
-        from modules import devices
+        from modules import devices, shared
 
         from lora_trainer.hosts.ldm_adapter import LdmHostAdapter
 
@@ -876,6 +881,7 @@ class WebUIBackend(UiBackend):
             fp8=facts.fp8,
             autocast=devices.autocast,
             clip_skip_scope=host_clip_skip,
+            fast_attention=not getattr(shared, "loaded_hypernetworks", None),  # they hook the host's attention
         )
         settings = PreviewSettings.from_mapping(preview) if preview is not None else self.default_preview()
         return WebUITraining(

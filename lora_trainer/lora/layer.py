@@ -1,89 +1,78 @@
-"""One LoRA layer: ``y = base(x) + up(down(dropout(x))) * alpha / rank``.
+"""LoRA (and LoCon, and DoRA's low-rank part): ``ΔW = up · down · alpha / rank``.
 
-The base module is neither replaced nor renamed: we set an instance-level ``forward`` on it and remove it on
-detach, as sd-scripts does. That keeps the host's module tree, parameter names and state dict untouched,
-which the WebUI (and Forge, whose Linear looks its weights up by name) rely on.
+On a Linear or 1x1 convolution ``down`` is (rank, in) and ``up`` (out, rank); on a 3x3 convolution (LoCon)
+``down`` is a (rank, in, 3, 3) convolution with the base's stride and padding and ``up`` a 1x1 convolution,
+as sd-scripts and LyCORIS store them: ``<name>.lora_down.weight``, ``<name>.lora_up.weight``, ``<name>.alpha``
+(and ``<name>.dora_scale`` with weight decomposition).
 """
 
 from __future__ import annotations
 
 import math
+from typing import Dict, Mapping
 
 import torch
 from torch import nn
 
-_MISSING = object()
+from lora_trainer.lora.base import (
+    Geometry,
+    NetworkLayer,
+    alpha_from,
+    dora_magnitude,
+    is_lora_target,
+    required,
+)
+
+__all__ = ["LoRALayer", "is_lora_target"]
 
 
-class LoRALayer(nn.Module):
-    def __init__(self, name: str, base: nn.Module, rank: int, alpha: float, dropout: float = 0.0):
-        super().__init__()
-        self.name = name
-        self.is_conv = isinstance(base, nn.Conv2d)
-        if self.is_conv:
-            in_features, out_features = base.in_channels, base.out_channels
-            self.lora_down = nn.Conv2d(in_features, rank, 1, bias=False)
-            self.lora_up = nn.Conv2d(rank, out_features, 1, bias=False)
+class LoRALayer(NetworkLayer):
+    kind = "lora"
+    marker_suffixes = ("lora_down.weight",)
+    unsupported_suffixes = {"lora_mid.weight": "Tucker (use_tucker/use_cp)"}
+
+    def __init__(
+        self,
+        name: str,
+        base: nn.Module,
+        rank: int,
+        alpha: float,
+        dropout: float = 0.0,
+        weight_decompose: bool = False,
+    ):
+        super().__init__(name, base, rank, alpha, dropout, weight_decompose)
+        g = self.geometry
+        if g.is_conv:
+            self.lora_down = nn.Conv2d(g.in_features, rank, g.kernel, g.stride, g.padding, g.dilation, bias=False)
+            self.lora_up = nn.Conv2d(rank, g.out_features, 1, bias=False)
         else:
-            in_features, out_features = base.in_features, base.out_features
-            self.lora_down = nn.Linear(in_features, rank, bias=False)
-            self.lora_up = nn.Linear(rank, out_features, bias=False)
+            self.lora_down = nn.Linear(g.in_features, rank, bias=False)
+            self.lora_up = nn.Linear(rank, g.out_features, bias=False)
         # Kaiming-uniform down, zero up: the LoRA starts as an exact no-op (as in the LoRA paper and kohya).
         nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_up.weight)
-        self.rank = rank
-        self.alpha = float(alpha)
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.multiplier = 1.0
-        self._base = [base]  # a list, so the base is not registered as our submodule
-        self._saved_forward: object = _MISSING
-        self._base_forward = None
-
-    @property
-    def base(self) -> nn.Module:
-        return self._base[0]
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / self.rank
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
-        weight_dtype = self.lora_down.weight.dtype
-        h = self.lora_up(self.lora_down(self.dropout(x.to(weight_dtype))))
-        return h * (self.scale * self.multiplier)
+        return self.lora_up(self.lora_down(x)) * self.scale
 
-    def _forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        out = self._base_forward(x, *args, **kwargs)
-        return out + self.delta(x).to(out.dtype)
+    def delta_weight(self) -> torch.Tensor:
+        down = self.lora_down.weight.flatten(1)
+        up = self.lora_up.weight.flatten(1)
+        return ((up @ down) * self.scale).view(self.geometry.weight_shape)
 
-    @property
-    def attached(self) -> bool:
-        return self._base_forward is not None
+    def kohya_tensors(self) -> Dict[str, torch.Tensor]:
+        tensors = {"lora_down.weight": self.lora_down.weight, "lora_up.weight": self.lora_up.weight}
+        return self._common_tensors(tensors)
 
-    def attach(self) -> None:
-        if self.attached:
-            return
-        base = self.base
-        self._saved_forward = base.__dict__.get("forward", _MISSING)
-        self._base_forward = base.forward
-        base.forward = self._forward
+    def _load_kohya_tensors(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        self.lora_down.weight.copy_(tensors["lora_down.weight"].float())
+        self.lora_up.weight.copy_(tensors["lora_up.weight"].float())
 
-    def detach(self) -> None:
-        if not self.attached:
-            return
-        base = self.base
-        if self._saved_forward is _MISSING:
-            base.__dict__.pop("forward", None)
-        else:
-            base.forward = self._saved_forward
-        self._saved_forward = _MISSING
-        self._base_forward = None
-
-
-def is_lora_target(module: nn.Module) -> bool:
-    """Linears and 1x1 convolutions (SD1's proj_in/proj_out), by class name so host classes qualify too."""
-    if isinstance(module, nn.Conv2d):
-        return tuple(module.kernel_size) == (1, 1)
-    return isinstance(module, nn.Linear) or (
-        type(module).__name__ == "Linear" and hasattr(module, "in_features") and hasattr(module, "out_features")
-    )
+    @classmethod
+    def from_kohya(cls, name, base, tensors, source, dropout=0.0) -> "LoRALayer":
+        cls.refuse_unsupported(name, tensors, source)
+        rank = int(required(tensors, name, "lora_down.weight", source).shape[0])
+        decompose = dora_magnitude(tensors, Geometry.of(base), name, source)
+        layer = cls(name, base, rank, alpha_from(tensors, rank), dropout, weight_decompose=decompose)
+        layer.load_kohya_tensors(tensors, source)
+        return layer

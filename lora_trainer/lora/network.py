@@ -1,37 +1,82 @@
-"""A set of LoRA layers over named target modules, saved and loaded as kohya-format tensors."""
+"""A set of network layers (any registered type) over named target modules, saved and loaded as kohya-format
+tensors (``<kohya module name>.<suffix>``)."""
 
 from __future__ import annotations
 
 import contextlib
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from lora_trainer.errors import ModelLoadError
-from lora_trainer.lora.layer import LoRALayer
+from lora_trainer.lora.base import NetworkLayer, is_spatial_conv
+from lora_trainer.lora.registry import NetworkSpec, layer_class_for_tensors
 
 Target = Tuple[str, nn.Module]  # (kohya module name, module), e.g. ("lora_unet_..._to_q", Linear)
 
 
+def group_by_module(state: Mapping[str, torch.Tensor]) -> Dict[str, Dict[str, torch.Tensor]]:
+    """``{module name: {suffix: tensor}}`` from kohya keys (module names have no dots; suffixes may)."""
+    groups: Dict[str, Dict[str, torch.Tensor]] = {}
+    for key, value in state.items():
+        name, _, suffix = key.partition(".")
+        groups.setdefault(name, {})[suffix] = value
+    return groups
+
+
 class LoRANetwork(nn.Module):
+    """The layers of one training run, keyed by kohya module name; attach/detach them together."""
+
     def __init__(
         self,
         targets: Sequence[Target],
-        rank: int,
-        alpha: float,
+        rank: int = 8,
+        alpha: Optional[float] = None,
         dropout: float = 0.0,
-        ranks: Optional[Dict[str, int]] = None,
-        alphas: Optional[Dict[str, float]] = None,
+        *,
+        spec: Optional[NetworkSpec] = None,
     ):
+        """Layers of ``spec``'s type on every target (plain LoRA of ``rank``/``alpha`` when no spec is given).
+        3x3 convolutions get the spec's conv rank and alpha."""
         super().__init__()
-        if not targets:
-            raise ModelLoadError("no LoRA target modules were found in the model.")
-        self.layers = nn.ModuleDict()
+        spec = spec or NetworkSpec(rank=rank, alpha=float(rank if alpha is None else alpha), dropout=dropout)
+        cls = spec.type.layer_class()
+        layers = []
         for name, module in targets:
-            r = (ranks or {}).get(name, rank)
-            a = (alphas or {}).get(name, alpha)
-            self.layers[name] = LoRALayer(name, module, r, a, dropout)
+            spatial = is_spatial_conv(module)
+            if spatial and not spec.trains_convs:
+                raise ModelLoadError(f"{name} is a 3x3 convolution, but {spec.network_type} has no conv_rank.")
+            rank_here, alpha_here = spec.rank_and_alpha(spatial)
+            layers.append(cls(name, module, rank_here, alpha_here, **spec.layer_options()))
+        self._set_layers(layers)
+
+    def _set_layers(self, layers: Sequence[NetworkLayer]) -> None:
+        if not layers:
+            raise ModelLoadError("no LoRA target modules were found in the model.")
+        self.layers = nn.ModuleDict({layer.name: layer for layer in layers})
+
+    @classmethod
+    def from_kohya(
+        cls, targets: Sequence[Target], state: Mapping[str, torch.Tensor], source: str, dropout: float = 0.0
+    ) -> "LoRANetwork":
+        """The network a file describes, module by module (each keeps its own type, rank, alpha and factors).
+        Every target must be in the file and every module of the file among the targets."""
+        groups = group_by_module(state)
+        _check_same_modules([name for name, _ in targets], groups, source)
+        layers = []
+        for name, module in targets:
+            layer_cls = layer_class_for_tensors(groups[name])
+            if layer_cls is None:
+                raise ModelLoadError(
+                    f"{source}: {name} has tensors {sorted(groups[name])}, which are none of the network types "
+                    "lora-trainer trains (lora/locon/dora: lora_down/lora_up, loha: hada_*, lokr: lokr_*)."
+                )
+            layers.append(layer_cls.from_kohya(name, module, groups[name], source, dropout))
+        network = cls.__new__(cls)
+        nn.Module.__init__(network)
+        network._set_layers(layers)
+        return network
 
     def attach(self) -> None:
         for layer in self.layers.values():
@@ -62,45 +107,29 @@ class LoRANetwork(nn.Module):
         ]
 
     def kohya_state_dict(self, dtype: torch.dtype = torch.float32) -> Dict[str, torch.Tensor]:
-        """``<name>.lora_down.weight``, ``<name>.lora_up.weight`` and ``<name>.alpha`` for every layer."""
+        """Every layer's tensors under ``<name>.<suffix>`` (``lora_down.weight``, ``hada_w1_a``, ``alpha``...)."""
         out: Dict[str, torch.Tensor] = {}
         for name, layer in self.layers.items():
-            out[f"{name}.lora_down.weight"] = layer.lora_down.weight.detach().to("cpu", dtype).contiguous()
-            out[f"{name}.lora_up.weight"] = layer.lora_up.weight.detach().to("cpu", dtype).contiguous()
-            out[f"{name}.alpha"] = torch.tensor(layer.alpha, dtype=dtype)
+            for suffix, value in layer.kohya_tensors().items():
+                out[f"{name}.{suffix}"] = value.detach().to("cpu", dtype).contiguous()
         return out
 
-    def load_kohya_state_dict(self, state: Dict[str, torch.Tensor], source: str) -> None:
-        """Load weights saved by ``kohya_state_dict`` (from us or sd-scripts); every layer must be present."""
-        missing = [n for n in self.layers if f"{n}.lora_down.weight" not in state]
-        unknown = sorted({k.rsplit(".", 2)[0] for k in state if k.endswith(".lora_down.weight")} - set(self.layers))
-        if missing or unknown:
-            detail = f"missing {missing[0]}" if missing else f"it has {unknown[0]}, which this model lacks"
-            raise ModelLoadError(
-                f"{source} does not match this model and these target modules: {detail} "
-                f"({len(missing)} missing, {len(unknown)} unknown). Was it trained on another "
-                "architecture or with train_text_encoder set differently?"
-            )
-        with torch.no_grad():
-            for name, layer in self.layers.items():
-                down, up = state[f"{name}.lora_down.weight"], state[f"{name}.lora_up.weight"]
-                if down.shape != layer.lora_down.weight.shape or up.shape != layer.lora_up.weight.shape:
-                    raise ModelLoadError(
-                        f"{source}: {name} has shape {tuple(down.shape)} but the model needs "
-                        f"{tuple(layer.lora_down.weight.shape)}."
-                    )
-                layer.lora_down.weight.copy_(down.float())
-                layer.lora_up.weight.copy_(up.float())
-                if f"{name}.alpha" in state:
-                    layer.alpha = float(state[f"{name}.alpha"])
+    def load_kohya_state_dict(self, state: Mapping[str, torch.Tensor], source: str) -> None:
+        """Load weights saved by ``kohya_state_dict`` into this network; every layer must be present with the
+        shapes it has here."""
+        groups = group_by_module(state)
+        _check_same_modules(list(self.layers), groups, source)
+        for name, layer in self.layers.items():
+            layer.load_kohya_tensors(groups[name], source)
 
 
-def ranks_and_alphas(state: Dict[str, torch.Tensor]) -> Tuple[Dict[str, int], Dict[str, float]]:
-    """Per-module rank and alpha of a kohya LoRA file (a missing alpha means alpha = rank, scale 1)."""
-    ranks, alphas = {}, {}
-    for key, value in state.items():
-        if key.endswith(".lora_down.weight"):
-            name = key[: -len(".lora_down.weight")]
-            ranks[name] = int(value.shape[0])
-            alphas[name] = float(state[f"{name}.alpha"]) if f"{name}.alpha" in state else float(value.shape[0])
-    return ranks, alphas
+def _check_same_modules(names: Sequence[str], groups: Mapping[str, Mapping], source: str) -> None:
+    missing = [n for n in names if n not in groups]
+    unknown = sorted(set(groups) - set(names))
+    if missing or unknown:
+        detail = f"missing {missing[0]}" if missing else f"it has {unknown[0]}, which this model lacks"
+        raise ModelLoadError(
+            f"{source} does not match this model and these target modules: {detail} "
+            f"({len(missing)} missing, {len(unknown)} unknown). Was it trained on another "
+            "architecture or with train_text_encoder or the network type's convolutions set differently?"
+        )

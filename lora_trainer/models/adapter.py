@@ -49,6 +49,9 @@ class DiffusionAdapter:
     model_name: str
     identity: str  # changes when the weights on disk change; keys the disk caches
     device: torch.device
+    # The autocast dtype of the no-grad encoding pass that fills the caches (None: run the encoders as they
+    # are). Cached outputs are never trained through, so bf16/fp16 is close enough where it is faster.
+    encoding_autocast: Optional[torch.dtype] = None
 
     def load(self, *, unet: bool, vae: bool, text_encoders: bool) -> None:
         """Make the named parts available (no-op where the host already holds them)."""
@@ -85,7 +88,10 @@ class DiffusionAdapter:
     ) -> torch.Tensor:
         raise NotImplementedError
 
-    def lora_targets(self, train_text_encoder: bool, extra: Sequence[str] = ()) -> List[Tuple[str, nn.Module]]:
+    def lora_targets(
+        self, train_text_encoder: bool, extra: Sequence[str] = (), conv: bool = False
+    ) -> List[Tuple[str, nn.Module]]:
+        """(kohya name, module) of every module to adapt; ``conv`` adds the UNet's convolution blocks (LoCon)."""
         raise NotImplementedError
 
     def text_encoder_modules(self) -> List[nn.Module]:

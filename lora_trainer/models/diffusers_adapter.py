@@ -13,7 +13,7 @@ from torch import nn
 
 from lora_trainer.export.kohya_names import text_lora_name, unet_lora_name
 from lora_trainer.hub.progress import DownloadCallback
-from lora_trainer.lora.targets import TEXT_CONTAINERS, UNET_CONTAINERS, find_targets
+from lora_trainer.lora.targets import TEXT_CONTAINERS, UNET_CONTAINERS, UNET_CONV_CONTAINERS, find_targets
 from lora_trainer.models.adapter import Conditioning, DiffusionAdapter, SizeCondition
 from lora_trainer.models.architecture import SDXL
 from lora_trainer.models.ldm_names import UNetNameMap
@@ -25,6 +25,7 @@ from lora_trainer.models.long_captions import (
     split_into_windows,
     window_count,
 )
+from lora_trainer.models.precision import encoding_autocast_dtype
 
 
 def file_identity(path: str) -> str:
@@ -59,6 +60,7 @@ class DiffusersAdapter(DiffusionAdapter):
         self.path = path
         self.device = device
         self.dtype = dtype  # the frozen base's storage dtype; LoRA weights stay fp32
+        self.encoding_autocast = encoding_autocast_dtype(device, dtype)
         self._prediction_override = prediction_type
         probe = load_stable_diffusion(
             path, load_unet=False, load_vae=False, load_text_encoders=False, prediction_type=prediction_type
@@ -85,7 +87,8 @@ class DiffusersAdapter(DiffusionAdapter):
         if not (want_unet or want_vae or want_text):
             return
         if want_vae:
-            # The VAE encodes in fp32: fp16 SD VAEs overflow to NaN at training resolutions.
+            # fp32 weights: fp16 SD VAEs overflow to NaN at training resolutions. The encoding pass autocasts
+            # the compute to bf16/fp16 where faster and re-encodes in fp32 where that overflows.
             self.vae = load_stable_diffusion(
                 self.path, load_unet=False, load_vae=True, load_text_encoders=False, dtype=torch.float32
             ).vae.to(self.device)
@@ -178,10 +181,13 @@ class DiffusersAdapter(DiffusionAdapter):
 
     # ------------------------------------------------------------ LoRA wiring
 
-    def lora_targets(self, train_text_encoder: bool, extra: Sequence[str] = ()) -> List[Tuple[str, nn.Module]]:
+    def lora_targets(
+        self, train_text_encoder: bool, extra: Sequence[str] = (), conv: bool = False
+    ) -> List[Tuple[str, nn.Module]]:
+        conv_containers = UNET_CONV_CONTAINERS if conv else ()
         targets = [
             (unet_lora_name(path, self.arch, self.names), module)
-            for path, module in find_targets(self.unet, UNET_CONTAINERS, extra)
+            for path, module in find_targets(self.unet, UNET_CONTAINERS, extra, conv_containers)
         ]
         if train_text_encoder:
             for index, te in enumerate(self.text_encoders):

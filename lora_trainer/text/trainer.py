@@ -30,7 +30,7 @@ from lora_trainer.text.model import (
 )
 from lora_trainer.text.tokenize import IGNORE_INDEX, tokenize_dataset
 from lora_trainer.train.callbacks import CallbackList, StepInfo, TensorBoardLogger, TrainingCallback
-from lora_trainer.train.optim import build_optimizer, build_scheduler
+from lora_trainer.train.optim import build_optimizer, build_scheduler, load_optimizer_state
 from lora_trainer.train.result import TrainingResult
 from lora_trainer.train.runtime import Runtime
 from lora_trainer.train.state import (
@@ -298,7 +298,7 @@ def _resume(cfg: TextConfig, named, optimizer, scheduler, fixed: dict) -> int:
     with torch.no_grad():
         for name, param in own.items():
             param.copy_(state.weights[name].to(param.dtype))
-    optimizer.load_state_dict(state.optimizer)
+    load_optimizer_state(optimizer, state.optimizer)
     scheduler.load_state_dict(state.scheduler)
     for line in describe_rate_changes(apply_config_rates(optimizer, scheduler, rates), state.step):
         print(line, flush=True)

@@ -37,6 +37,10 @@ class StepInfo:
 class TrainingCallback:
     """Override what you need; every hook is optional."""
 
+    def on_encode_progress(self, done: int, total: int, what: str) -> None:
+        """Progress of the encoding pass before training: ``done`` of ``total`` ``what`` ("latents" of images,
+        "captions") encoded; called with done=0 when a part starts."""
+
     def on_train_start(self, total_steps: int, start_step: int, summary: Dict[str, Any]) -> None: ...
 
     def on_download(self, progress: DownloadProgress) -> None:
@@ -58,6 +62,10 @@ class TrainingCallback:
 class CallbackList(TrainingCallback):
     def __init__(self, callbacks: Sequence[Optional[TrainingCallback]]) -> None:
         self.callbacks = [c for c in callbacks if c is not None]
+
+    def on_encode_progress(self, done: int, total: int, what: str) -> None:
+        for c in self.callbacks:
+            c.on_encode_progress(done, total, what)
 
     def on_train_start(self, total_steps: int, start_step: int, summary: Dict[str, Any]) -> None:
         for c in self.callbacks:
@@ -93,11 +101,29 @@ class TqdmProgress(TrainingCallback):
     """A terminal progress bar with loss and learning rate."""
 
     def __init__(self) -> None:
-        self.bar: Any = None  # a tqdm bar once training starts
+        self.bar: Any = None  # tqdm bars, made when their part starts
+        self.encode_bar: Any = None
+
+    def on_encode_progress(self, done: int, total: int, what: str) -> None:
+        from tqdm.auto import tqdm
+
+        if self.encode_bar is None or self.encode_bar.desc != f"encoding {what}":
+            self._close_encode_bar()
+            unit = "image" if what == "latents" else "caption"
+            self.encode_bar = tqdm(total=total, desc=f"encoding {what}", unit=unit, dynamic_ncols=True)
+        self.encode_bar.update(done - self.encode_bar.n)
+        if done >= total:
+            self._close_encode_bar()
+
+    def _close_encode_bar(self) -> None:
+        if self.encode_bar is not None:
+            self.encode_bar.close()
+            self.encode_bar = None
 
     def on_train_start(self, total_steps: int, start_step: int, summary: Dict[str, Any]) -> None:
         from tqdm.auto import tqdm
 
+        self._close_encode_bar()
         self.bar = tqdm(total=total_steps, initial=start_step, desc="training", unit="step", dynamic_ncols=True)
 
     def on_step_end(self, info: StepInfo) -> None:
@@ -110,6 +136,7 @@ class TqdmProgress(TrainingCallback):
             self.bar.write(f"saved {path} (step {step})")
 
     def on_train_end(self, info: Optional[StepInfo], status: str) -> None:
+        self._close_encode_bar()
         if self.bar is not None:
             self.bar.close()
 

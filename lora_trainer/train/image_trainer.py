@@ -17,7 +17,6 @@ import torch
 from lora_trainer.config import (
     ImageConfig,
     check_output_name,
-    lora_rank_of,
     resolved_output_name,
     save_config_snapshot,
 )
@@ -25,14 +24,16 @@ from lora_trainer.data.buckets import Bucket
 from lora_trainer.data.dataset import ImageCaptionDataset
 from lora_trainer.data.encoding_cache import EncodingCache
 from lora_trainer.errors import LoraTrainerError, TrainingStopped
-from lora_trainer.export.lora_file import SAVE_DTYPES, load_lora_file, save_lora_file
+from lora_trainer.export.lora_file import SAVE_DTYPES, save_lora_file
 from lora_trainer.export.metadata import lora_metadata
-from lora_trainer.lora.network import LoRANetwork, ranks_and_alphas
+from lora_trainer.lora.factory import build_network
+from lora_trainer.lora.network import LoRANetwork
 from lora_trainer.models.adapter import DiffusionAdapter, SizeCondition
 from lora_trainer.models.long_captions import cut_caption_lines
 from lora_trainer.train.callbacks import CallbackList, StepInfo, TensorBoardLogger, TrainingCallback
 from lora_trainer.train.diffusion_loss import denoising_loss
-from lora_trainer.train.optim import build_optimizer, build_scheduler
+from lora_trainer.train.encoding_pass import EncodingPass
+from lora_trainer.train.optim import build_optimizer, build_scheduler, load_optimizer_state
 from lora_trainer.train.result import TrainingResult
 from lora_trainer.train.runtime import Runtime
 from lora_trainer.train.state import (
@@ -164,38 +165,27 @@ class ImageTrainingSession:
         ]
         if missing_latents or missing_text:
             adapter.load(unet=False, vae=bool(missing_latents), text_encoders=bool(missing_text))
-            if missing_latents:
-                self.log(f"caching latents of {len(missing_latents)} images")
-            for sample in missing_latents:
-                latents = adapter.encode_pixels(dataset.pixels(sample.index).unsqueeze(0))[0]
-                self.cache.put(self.cache.latent_key(sample), {"latents": latents})
-            with torch.no_grad():
-                for caption in missing_text:
-                    cond = adapter.encode_text([caption], cfg.clip_skip)
-                    self.cache.put(self.cache.text_key(caption, cfg.clip_skip), {k: v[0] for k, v in cond.items()})
+            self.log(f"encoding {len(missing_latents)} images and {len(missing_text)} captions for the caches")
+            encoder = EncodingPass(adapter, self.callbacks.on_encode_progress, self.callbacks.should_stop, self.log)
+            encoder.latents(
+                missing_latents,
+                dataset.pixels,
+                lambda sample, latents: self.cache.put(self.cache.latent_key(sample), {"latents": latents}),
+            )
+            encoder.captions(
+                missing_text,
+                cfg.clip_skip,
+                lambda c, entry: self.cache.put(self.cache.text_key(c, cfg.clip_skip), entry),
+            )
         # What the steps still need: the VAE only without latent caching, the encoders only when not cached.
         adapter.release(vae=self.cache_latents, text_encoders=self.cache_text)
         adapter.load(unet=True, vae=not self.cache_latents, text_encoders=not self.cache_text)
 
     def _build_network(self) -> LoRANetwork:
         cfg = self.cfg
-        rank = lora_rank_of(cfg)
-        alpha = cfg.lora_alpha if cfg.lora_alpha is not None else float(rank)
-        targets = self.adapter.lora_targets(cfg.train_text_encoder, cfg.target_modules)
-        ranks = alphas = None
-        initial = None
-        if cfg.network_weights:
-            # Incremental training keeps the file's own rank and alpha for every module.
-            initial, _meta = load_lora_file(cfg.network_weights)
-            ranks, alphas = ranks_and_alphas(initial)
-            rank = max(ranks.values())
-            alpha = next(iter(alphas.values()))
         torch.manual_seed(cfg.seed)  # LoRA down-projections start the same on every process
-        network = LoRANetwork(targets, rank, alpha, cfg.lora_dropout or 0.0, ranks=ranks, alphas=alphas)
-        if initial is not None:
-            network.load_kohya_state_dict(initial, cfg.network_weights)
-            self.log(f"continuing from {cfg.network_weights} (rank {rank}, alpha {alpha})")
-        self.rank, self.alpha = rank, alpha
+        network, self.network_spec = build_network(cfg, self.adapter, self.log)
+        self.rank, self.alpha = self.network_spec.rank, self.network_spec.alpha
         network.to(self.runtime.device)
         if cfg.gradient_checkpointing:
             self.adapter.enable_gradient_checkpointing(cfg.train_text_encoder)
@@ -268,7 +258,7 @@ class ImageTrainingSession:
         check_resumable(cfg.resume, state, self._resume_settings(), shapes)
         rates = list(self.scheduler.base_lrs)  # the config's, before the state's replace them
         self.network.load_kohya_state_dict(state.weights, cfg.resume)
-        self.optimizer.load_state_dict(state.optimizer)
+        load_optimizer_state(self.optimizer, state.optimizer)
         self.scheduler.load_state_dict(state.scheduler)
         for line in describe_rate_changes(apply_config_rates(self.optimizer, self.scheduler, rates), state.step):
             self.log(line)
@@ -279,7 +269,14 @@ class ImageTrainingSession:
 
     def _resume_settings(self) -> dict:
         """What a training state records and a resumed run must match (see ``state.check_resumable``)."""
-        return {"lora_rank": self.rank, "lora_alpha": self.alpha, "base_model": self.adapter.model_name}
+        return {
+            "lora_rank": self.rank,
+            "lora_alpha": self.alpha,
+            "base_model": self.adapter.model_name,
+            # The type and its options (as ss_network_args records them: conv rank/alpha, factor, DoRA).
+            "network_type": self.network_spec.network_type,
+            "network_args": self.network_spec.network_args(),
+        }
 
     def _optimizer_step(self, group: List[List[int]], epoch: int, step: int) -> float:
         """One optimizer step over ``group`` (the gradient-accumulation micro-batches); returns the mean loss."""
@@ -396,6 +393,7 @@ class ImageTrainingSession:
             prediction_type=adapter.prediction_type,
             rank=self.rank,
             alpha=self.alpha,
+            network=self.network_spec.metadata(),
             dataset=self.dataset.metadata(),
             started_at=self.started_at,
             step=step,

@@ -2,8 +2,8 @@
 step counters and RNG states. Written as a whole folder and renamed into place, so a crash mid-save leaves
 the previous state intact.
 
-The rules of resuming, shared by the image and text routes: what shapes the LoRA (rank, alpha, the trained
-modules, the base model) must be as the state recorded it, else the run is refused naming each difference;
+The rules of resuming, shared by the image and text routes: what shapes the LoRA (rank, alpha, network type, the
+trained modules, the base model) must be as the state recorded it, else the run is refused naming each difference;
 the learning rates are the config's, applied at the schedule's saved position (``apply_config_rates``).
 """
 
@@ -101,10 +101,10 @@ def check_resumable(
 ) -> None:
     """Refuse ``state`` when this run's LoRA differs from the one it holds.
 
-    ``settings``: what the state records and must match (``lora_rank``, ``lora_alpha``, ``base_model``; a
-    state written before they were recorded is checked on its weights alone). ``shapes``: this run's
-    trainable tensors by the names the state stores them under. Raises ``ConfigError`` naming every setting
-    that differs, with the state's value and the config's.
+    ``settings``: what the state records and must match (``lora_rank``, ``lora_alpha``, ``base_model``; the
+    image route's ``network_type`` and ``network_args`` too; a state written before they were recorded is
+    checked on its weights alone). ``shapes``: this run's trainable tensors by the names the state stores them
+    under. Raises ``ConfigError`` naming every setting that differs, with the state's value and the config's.
     """
     problems = [
         f"{key} is {state.info[key]!r} in the state but {value!r} in this config"
@@ -129,7 +129,7 @@ def check_resumable(
     if problems:
         raise ConfigError(
             f"resume: {folder} cannot continue under this config: {'; '.join(problems)}. Rank, alpha, "
-            "target modules and base model cannot change on resume: set them back, or start a new run "
+            "network type, target modules and base model cannot change on resume: set them back, or start a new run "
             "without resume."
         )
 

@@ -28,6 +28,7 @@ BASIC_KEYS = (
     "resolution",
     "lora_rank",
     "lora_alpha",
+    "network_type",
     "batch_size",
     "epochs",
     "max_train_steps",

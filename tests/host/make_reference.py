@@ -1,6 +1,6 @@
 """Writes what the host tests compare against, with the main environment (it has diffusers; the host one has
 not): tiny SD1 and SD2-v single-file checkpoints, and the LoRA files the standalone engine trains on them
-(UNet and text encoder). Usage: ``.venv/bin/python tests/host/make_reference.py OUTPUT_DIR``."""
+(UNet and text encoder; and LoCon, UNet only). Usage: ``.venv/bin/python tests/host/make_reference.py OUTPUT_DIR``."""
 
 from __future__ import annotations
 
@@ -99,6 +99,18 @@ def main(out: str) -> None:
         result = train(cfg)
         assert result.status == "finished", result.message
         print(f"{arch}: {result.output_files[-1]}")
+        # LoCon: the convolution blocks' names (ResBlock/Downsample/Upsample in the host's model).
+        locon = image_config(
+            os.path.join(out, f"work_{arch}_locon"),
+            checkpoint,
+            network_type="locon",
+            max_train_steps=1,
+            output_name=f"standalone_{arch}_locon",
+            output_dir=os.path.join(out, f"standalone_{arch}_locon"),
+        )
+        result = train(locon)
+        assert result.status == "finished", result.message
+        print(f"{arch} locon: {result.output_files[-1]}")
 
 
 if __name__ == "__main__":

@@ -136,6 +136,53 @@ def test_trains_on_the_live_model_with_the_standalone_keys(arch, reference_dir, 
     assert no_partial_files(cfg.output_dir)
 
 
+@pytest.mark.parametrize("kind", ["lora", "locon", "loha", "lokr", "dora"])
+def test_every_network_type_trains_on_the_live_model_and_restores_it(kind, reference_dir, work_dir, tmp_path):
+    """SD2: ldm's UNet and open_clip's fused attention (split into q/k/v views, which LoHa, LoKr and DoRA must
+    read the weight of). Each type trains through the host's own modules, then the model is bit-exact again."""
+    model = host_model("sd2", work_dir, reference_dir)
+    before, prediction = snapshot(model), fixed_prediction(model)
+    cfg = image_config(
+        tmp_path,
+        "host",
+        network_type=kind,
+        train_text_encoder=kind != "locon",
+        gradient_checkpointing=True,
+        max_train_steps=2,
+        learning_rate=1e-2,
+        lora_alpha=2.0,
+        output_name=f"host_{kind}",
+    )
+    with LdmHostAdapter(model, device=CPU, model_name="tiny_sd2") as adapter:
+        result = run(cfg, adapter)
+    assert result.status == "finished", result.message
+    tensors = load_file(os.path.join(cfg.output_dir, f"host_{kind}.safetensors"))
+    if kind == "locon":
+        reference = os.path.join(reference_dir, "standalone_sd2_locon", "standalone_sd2_locon.safetensors")
+        assert tensors.keys() == load_file(reference).keys()
+    # What starts at zero (LoRA up, LoHa w2_a, LoKr w2_b) moved: gradients reached every layer family.
+    zero_initialised = ("lora_up.weight", "hada_w2_a", "lokr_w2_b", "lokr_w2")
+    started_at_zero = {k: v for k, v in tensors.items() if k.endswith(zero_initialised)}
+    assert started_at_zero and [k for k, v in started_at_zero.items() if not v.abs().sum() > 0] == []
+    assert_restored(model, before)
+    assert torch.equal(fixed_prediction(model), prediction)
+
+
+@pytest.mark.parametrize("arch", ["sd1", "sdxl"])
+def test_locon_on_the_live_model_writes_the_standalone_keys(arch, reference_dir, work_dir, tmp_path):
+    model = host_model(arch, work_dir, reference_dir)
+    before = snapshot(model)
+    cfg = image_config(tmp_path, "host", network_type="locon", max_train_steps=1, output_name=f"host_{arch}_locon")
+    with LdmHostAdapter(model, device=CPU) as adapter:
+        result = run(cfg, adapter)
+    assert result.status == "finished", result.message
+    reference = os.path.join(reference_dir, f"standalone_{arch}_locon", f"standalone_{arch}_locon.safetensors")
+    keys = load_file(os.path.join(cfg.output_dir, f"host_{arch}_locon.safetensors")).keys()
+    assert keys == load_file(reference).keys()
+    assert any("_in_layers_2." in k or "_resnets_0_conv1." in k for k in keys)
+    assert_restored(model, before)
+
+
 def test_sd2_text_targets_skip_the_unused_last_layer(work_dir):
     model = build_ldm("sd2", work_dir)
     adapter = LdmHostAdapter(model, device=CPU)

@@ -1,0 +1,128 @@
+"""The encoding pass before training: VAE latents of the images and text-encoder outputs of the captions, in
+batches, with progress, in the adapter's fastest precision.
+
+Images are grouped by bucket (one tensor shape per batch) and batched up to a pixel budget, so a batch of
+large images is as heavy as one of small ones and the pass never needs more memory than a few megapixels of
+VAE activations. The next batch's images are decoded in a background thread while the current one encodes.
+When the adapter asks for reduced precision (``DiffusionAdapter.encoding_autocast``) and a batch comes out
+non-finite (fp16 VAEs overflow on some images), that batch and the rest of the pass run in fp32.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from itertools import groupby
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+from lora_trainer.data.dataset import Sample
+from lora_trainer.errors import TrainingCancelled
+from lora_trainer.models.adapter import Conditioning, DiffusionAdapter
+
+PIXELS_PER_BATCH = 1024 * 1024  # 16 images of 256x256, 4 of 512x512, 1 of 1024x1024 per VAE call
+CAPTIONS_PER_BATCH = 32
+
+Progress = Callable[[int, int, str], None]  # (done, total, what) with what "latents" or "captions"
+
+
+def latent_batches(samples: Sequence[Sample], pixels_per_batch: int) -> List[List[Sample]]:
+    """``samples`` grouped by bucket (in bucket order, dataset order within one) and cut into batches of at most
+    ``pixels_per_batch`` pixels (at least one image each)."""
+    per_batch = {}
+    batches: List[List[Sample]] = []
+    for bucket, group in groupby(sorted(samples, key=lambda s: (s.bucket, s.index)), key=lambda s: s.bucket):
+        size = per_batch.setdefault(bucket, max(1, pixels_per_batch // (bucket[0] * bucket[1])))
+        group = list(group)
+        batches += [group[i : i + size] for i in range(0, len(group), size)]
+    return batches
+
+
+def _finite(value) -> bool:
+    tensors = value.values() if isinstance(value, dict) else [value]
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+class EncodingPass:
+    """Encodes what the caches miss. ``progress(done, total, what)`` is called after each batch (and once with
+    done=0 before the first); ``should_stop()`` is asked between batches and raises ``TrainingCancelled``."""
+
+    def __init__(
+        self,
+        adapter: DiffusionAdapter,
+        progress: Optional[Progress] = None,
+        should_stop: Callable[[], bool] = lambda: False,
+        log: Callable[[str], None] = lambda _message: None,
+    ):
+        self.adapter = adapter
+        self.progress = progress or (lambda done, total, what: None)
+        self.should_stop = should_stop
+        self.log = log
+        self.autocast_dtype = getattr(adapter, "encoding_autocast", None)
+
+    def _run(self, encode: Callable, *args):
+        """``encode(*args)`` in the pass's precision; again in fp32 (for good) if reduced precision gave inf/NaN."""
+        if self.autocast_dtype is not None:
+            with torch.no_grad(), torch.autocast(self.adapter.device.type, dtype=self.autocast_dtype):
+                value = encode(*args)
+            if _finite(value):
+                return value
+            self.log(f"encoding in {self.autocast_dtype} overflowed; encoding the rest in fp32")
+            self.autocast_dtype = None
+        with torch.no_grad():
+            return encode(*args)
+
+    def _check_stop(self, what: str) -> None:
+        if self.should_stop():
+            raise TrainingCancelled(f"Cancelled while encoding {what}; nothing was trained.")
+
+    def latents(
+        self,
+        samples: Sequence[Sample],
+        pixels: Callable[[int], torch.Tensor],
+        store: Callable[[Sample, torch.Tensor], None],
+        pixels_per_batch: Optional[int] = None,
+    ) -> None:
+        """Encode ``samples`` (``pixels(index)`` -> (3, H, W) in [-1, 1]); ``store(sample, latents)`` gets each
+        sample's fp32 (4, H/8, W/8) latents on the CPU. ``pixels_per_batch`` defaults to ``PIXELS_PER_BATCH``."""
+        batches = latent_batches(samples, pixels_per_batch or PIXELS_PER_BATCH)
+        total, done = len(samples), 0
+        self.progress(0, total, "latents")
+
+        def load(batch: List[Sample]) -> torch.Tensor:
+            return torch.stack([pixels(s.index) for s in batch])
+
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="lora-trainer-images") as loader:
+            upcoming = loader.submit(load, batches[0]) if batches else None
+            for i, batch in enumerate(batches):
+                images = upcoming.result()
+                upcoming = loader.submit(load, batches[i + 1]) if i + 1 < len(batches) else None
+                self._check_stop("latents")
+                latents = self._run(self.adapter.encode_pixels, images).float().cpu()
+                for sample, latent in zip(batch, latents):
+                    store(sample, latent)
+                done += len(batch)
+                self.progress(done, total, "latents")
+
+    def captions(
+        self,
+        captions: Sequence[str],
+        clip_skip: int,
+        store: Callable[[str, Dict[str, torch.Tensor]], None],
+        per_batch: int = CAPTIONS_PER_BATCH,
+    ) -> None:
+        """Encode ``captions``; ``store(caption, entry)`` gets each caption's fp32 conditioning tensors (no batch
+        dimension) on the CPU."""
+        total = len(captions)
+        self.progress(0, total, "captions")
+        for start in range(0, total, per_batch):
+            chunk = list(captions[start : start + per_batch])
+            self._check_stop("captions")
+            cond: Conditioning = self._run(self.adapter.encode_text, chunk, clip_skip)
+            cond = {k: v.float().cpu() for k, v in cond.items()}
+            for j, caption in enumerate(chunk):
+                store(caption, {k: v[j] for k, v in cond.items()})
+            self.progress(start + len(chunk), total, "captions")
+
+
+__all__ = ["CAPTIONS_PER_BATCH", "PIXELS_PER_BATCH", "EncodingPass", "latent_batches"]
