@@ -104,7 +104,7 @@ def clip_text_config(hidden: int, layers: int, act: str, projection: Optional[in
 @dataclass(frozen=True)
 class ModelCase:
     name: str
-    arch: str  # tests/tiny_models.py's family name
+    arch: str  # tests/support/tiny_models.py's family name
     resolution: int
     vram_goal_gb: float
     gradient_checkpointing: bool  # what a user of this model on a consumer GPU runs with

@@ -28,13 +28,40 @@ OUTPUT_NAME_MAX_CHARS = 120
 # Letters (any script), digits, and _ first; then also spaces and . ( ) + -: no path separators, nothing that
 # ends the <lora:name:weight> prompt syntax (:, <, >), nothing a Windows file name refuses.
 _SAFE_OUTPUT_NAME = re.compile(r"^\w[\w .()+\-]*$")
+PROMPT_FILE_EXTENSIONS = (".txt", ".json", ".toml")  # sd-scripts' prompt files
+# sd-scripts' sample_sampler names (the k_ ones are aliases of the plain ones).
+SAMPLE_SAMPLERS = (
+    "ddim",
+    "pndm",
+    "lms",
+    "euler",
+    "euler_a",
+    "heun",
+    "dpm_2",
+    "dpm_2_a",
+    "dpmsolver",
+    "dpmsolver++",
+    "dpmsingle",
+    "k_lms",
+    "k_euler",
+    "k_euler_a",
+    "k_dpm_2",
+    "k_dpm_2_a",
+)
 
 
 def option(
-    default: Any, doc: str, *, choices: tuple = (), minimum: float | None = None, maximum: float | None = None
+    default: Any,
+    doc: str,
+    *,
+    choices: tuple = (),
+    minimum: float | None = None,
+    maximum: float | None = None,
+    lines: bool = False,
 ) -> Any:
-    """A config field with its documentation and allowed values."""
-    meta = {"doc": doc, "choices": choices, "minimum": minimum, "maximum": maximum}
+    """A config field with its documentation and allowed values. ``lines``: a list of text that a single
+    string gives one item per line (prompts hold commas), where other lists split a string at commas."""
+    meta = {"doc": doc, "choices": choices, "minimum": minimum, "maximum": maximum, "lines": lines}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -125,7 +152,18 @@ class ImageConfig(CommonConfig):
     min_bucket_reso: int = option(256, "Smallest bucket side.", minimum=64)
     max_bucket_reso: int = option(1024, "Largest bucket side.", minimum=64)
     bucket_reso_steps: int = option(64, "Bucket sides are multiples of this.", minimum=8)
+    bucket_no_upscale: bool = option(
+        False,
+        "Never upscale (sd-scripts' bucket_no_upscale): an image within the resolution's area gets a bucket of "
+        "its own size, each side cut down to a multiple of bucket_reso_steps (cropped, not resized); a larger one "
+        "is scaled down to the area first. min_bucket_reso and max_bucket_reso do not apply.",
+    )
     random_flip: bool = option(False, "Randomly flip images horizontally (disables latent caching).")
+    masked_loss: bool = option(
+        False,
+        "Weight the loss per pixel: by a mask image of the same name in a masks/ folder beside the image (white "
+        "counts fully, black not at all), else by the image's alpha channel; images with neither count everywhere.",
+    )
     train_text_encoder: bool = option(False, "Also train LoRA on the text encoder(s).")
     unet_lr: Optional[float] = option(None, "UNet learning rate; defaults to learning_rate.", minimum=0)
     text_encoder_lr: Optional[float] = option(None, "Text-encoder learning rate; defaults to learning_rate.", minimum=0)
@@ -148,9 +186,84 @@ class ImageConfig(CommonConfig):
     caption_dropout_rate: float = option(
         0.0, "Probability of training a sample with an empty caption.", minimum=0, maximum=1
     )
+    caption_tag_dropout_rate: float = option(
+        0.0,
+        "Probability of leaving out each tag (comma-separated part) not held in place by keep_tokens or "
+        "keep_tokens_separator, drawn anew every epoch.",
+        minimum=0,
+        maximum=1,
+    )
+    keep_tokens_separator: str = option(
+        "",
+        "A separator such as |||: tags before it stay first and tags after a second one stay last, whatever "
+        "shuffling and tag dropout do (instead of keep_tokens); the separator itself is removed.",
+    )
+    caption_prefix: str = option(
+        "", "Text put before every caption with a space (end it with a comma to make it a tag of its own)."
+    )
+    caption_suffix: str = option(
+        "", "Text put after every caption with a space (start it with a comma to make it a tag of its own)."
+    )
+    secondary_separator: str = option(
+        "",
+        "A separator such as ;;; that binds words into one tag for shuffling and dropout "
+        "(red hair;;;long hair); replaced by a comma afterwards.",
+    )
     cache_latents: bool = option(True, "Encode each image once and reuse its latents (off with random_flip).")
     cache_to_disk: bool = option(True, "Keep cached latents and text embeddings on disk between runs.")
-    cache_dir: Optional[str] = option(None, "Disk cache folder; defaults to train_data_dir/.lora_trainer_cache.")
+    cache_dir: Optional[str] = option(
+        None, "Disk cache folder; defaults to .lora_trainer_cache in train_data_dir (or the first datasets folder)."
+    )
+    datasets: List[DatasetEntry] = option(
+        [],
+        "More image folders in one run (sd-scripts' dataset subsets), each a folder or a mapping of per-folder "
+        "options; train_data_dir, when set, is one more folder with the top-level options. In the tab, one per "
+        "line: a folder, or a mapping such as {image_dir: /path/reg, is_reg: true, num_repeats: 2}.",
+    )
+    prior_loss_weight: float = option(
+        1.0, "Loss weight of regularisation images (datasets entries with is_reg: true).", minimum=0
+    )
+    validation_split: float = option(
+        0.0,
+        "Fraction of each training folder held out for the validation loss (regularisation folders are not split).",
+        minimum=0,
+        maximum=0.9,
+    )
+    validation_seed: Optional[int] = option(
+        None, "Seed of the validation split and of the validation noise; defaults to seed."
+    )
+    validate_every_n_steps: Optional[int] = option(
+        None, "Measure the validation loss every N steps (as well as every validate_every_n_epochs).", minimum=1
+    )
+    validate_every_n_epochs: Optional[int] = option(
+        None, "Measure the validation loss every N epochs; unset, at every epoch's end.", minimum=1
+    )
+    max_validation_steps: Optional[int] = option(
+        None, "Validation batches per measurement; unset, all of them.", minimum=1
+    )
+    sample_prompts: List[str] = option(
+        [],
+        "Sample images during training: prompts in sd-scripts' format (a prompt, then --n negative prompt, --w "
+        "width, --h height, --s steps, --l guidance scale, --d seed, --ss sampler), one per line, or a .txt, "
+        ".json or .toml prompt file. Written to output_dir/samples and TensorBoard, the LoRA at strength 1.",
+        lines=True,
+    )
+    sample_every_n_steps: Optional[int] = option(None, "Sample images every N steps.", minimum=1)
+    sample_every_n_epochs: Optional[int] = option(
+        None, "Sample images every N epochs (instead of sample_every_n_steps).", minimum=1
+    )
+    sample_at_first: bool = option(False, "Also sample images before the first step.")
+    sample_sampler: str = option(
+        "ddim", "Sampler of the sample images (a prompt's --ss overrides it).", choices=SAMPLE_SAMPLERS
+    )
+    save_last_n_steps: Optional[int] = option(
+        None,
+        "Keep only the step saves (LoRA and state) of the last N steps; older ones are deleted after each save.",
+        minimum=1,
+    )
+    save_last_n_epochs: Optional[int] = option(
+        None, "Keep only the last N epoch saves (LoRA and state); older ones are deleted after each save.", minimum=1
+    )
     target_modules: List[str] = option(
         [],
         "Extra module-name substrings to train besides sd-scripts' default "
@@ -202,6 +315,62 @@ class TextConfig(CommonConfig):
     )
 
 
+# The options a datasets entry may set for its own folder; unset, they take the top-level value.
+FOLDER_OPTION_KEYS = (
+    "caption_extension",
+    "resolution",
+    "random_flip",
+    "masked_loss",
+    "shuffle_caption",
+    "keep_tokens",
+    "keep_tokens_separator",
+    "caption_dropout_rate",
+    "caption_tag_dropout_rate",
+    "caption_prefix",
+    "caption_suffix",
+    "secondary_separator",
+)
+
+
+def _folder_option() -> Any:
+    """A datasets-entry field that defaults to the top-level option of its name (documented and checked there)."""
+    return field(default=None, metadata={"doc": "", "inherited": True})
+
+
+@dataclass
+class DatasetEntry:
+    """One folder of ``datasets:`` (sd-scripts' dataset subset); see ``FOLDER_OPTION_KEYS`` for the rest."""
+
+    image_dir: str = option("", "The folder of images (required); kohya N_name sub-folders repeat N times.")
+    metadata_path: Optional[str] = option(
+        None, "CSV of filename,prompt rows; defaults to image_dir/metadata.csv when present, else sidecar files."
+    )
+    num_repeats: Optional[int] = option(
+        None, "Times each image is seen per epoch; unset, the N of its N_name folder, else 1.", minimum=1
+    )
+    is_reg: bool = option(
+        False,
+        "Regularisation (class) images for prior preservation: balanced against the training images as "
+        "sd-scripts does (repeated or left out until both count the same per epoch), loss times prior_loss_weight.",
+    )
+    is_val: bool = option(False, "Validation images: never trained on; the validation loss is measured on them.")
+    class_tokens: Optional[str] = option(
+        None, "Caption of the images that have none (sd-scripts' class_tokens); unset, their N_name folder's name."
+    )
+    caption_extension: Optional[str] = _folder_option()
+    resolution: Optional[int] = _folder_option()
+    random_flip: Optional[bool] = _folder_option()
+    masked_loss: Optional[bool] = _folder_option()
+    shuffle_caption: Optional[bool] = _folder_option()
+    keep_tokens: Optional[int] = _folder_option()
+    keep_tokens_separator: Optional[str] = _folder_option()
+    caption_dropout_rate: Optional[float] = _folder_option()
+    caption_tag_dropout_rate: Optional[float] = _folder_option()
+    caption_prefix: Optional[str] = _folder_option()
+    caption_suffix: Optional[str] = _folder_option()
+    secondary_separator: Optional[str] = _folder_option()
+
+
 CONFIG_CLASSES: Dict[str, Type[CommonConfig]] = {"image-generation": ImageConfig, "text-generation": TextConfig}
 PATH_KEYS = (
     "base_model",
@@ -215,7 +384,7 @@ PATH_KEYS = (
 )
 
 
-def fields_of(cls: Type[CommonConfig]) -> Dict[str, dataclasses.Field]:
+def fields_of(cls: type) -> Dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(cls)}
 
 
@@ -229,8 +398,11 @@ def _coerce(key: str, value: Any, annotation: Any, f: dataclasses.Field) -> Any:
         annotation = next(a for a in args if a is not type(None))
         origin = typing.get_origin(annotation)
     if origin in (list, List):
+        if typing.get_args(annotation) == (DatasetEntry,):
+            return _dataset_entries(key, value)
         if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
+            parts = value.splitlines() if f.metadata.get("lines") else value.split(",")
+            value = [v.strip() for v in parts if v.strip()]
         if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
             raise ConfigError(f"{key}: expected a list of strings, got {value!r}.")
         return list(value)
@@ -276,6 +448,70 @@ def _coerce(key: str, value: Any, annotation: Any, f: dataclasses.Field) -> Any:
     raise ConfigError(f"{key}: unsupported option type {annotation!r}.")  # pragma: no cover
 
 
+def _dataset_entries(key: str, value: Any) -> List[DatasetEntry]:
+    """``datasets:`` as entries: a list of folders and/or mappings of per-folder options (one alone is a list)."""
+    if value is None:
+        return []
+    if isinstance(value, (str, Mapping)):
+        value = [value]
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(
+            f"{key}: expected a list of folders or of mappings such as {{image_dir: ...}}, got {value!r}."
+        )
+    return [_dataset_entry(f"{key}[{i}]", item) for i, item in enumerate(value)]
+
+
+def _dataset_entry(key: str, raw: Any) -> DatasetEntry:
+    if isinstance(raw, str):
+        raw = {"image_dir": raw}
+    if not isinstance(raw, Mapping):
+        raise ConfigError(
+            f"{key}: expected a folder or a mapping such as {{image_dir: ..., is_reg: true}}, got {raw!r}."
+        )
+    own, top = fields_of(DatasetEntry), fields_of(ImageConfig)
+    hints = typing.get_type_hints(DatasetEntry)
+    values: Dict[str, Any] = {}
+    for name, value in raw.items():
+        if name not in own:
+            near = difflib.get_close_matches(str(name), list(own), n=1, cutoff=0.6)
+            hint = f" Did you mean {near[0]!r}?" if near else f" Per-folder keys: {', '.join(own)}."
+            if name in top:
+                hint = " It is a top-level option only." + hint
+            raise ConfigError(f"Unknown key {key}.{name}.{hint}")
+        spec = top[name] if own[name].metadata.get("inherited") else own[name]
+        values[name] = _coerce(f"{key}.{name}", value, hints[name], spec)
+    if not values.get("image_dir"):
+        raise ConfigError(f"{key}: image_dir is required (the folder of images).")
+    return DatasetEntry(**values)
+
+
+def _resolve_paths(values: Dict[str, Any], known: Mapping[str, dataclasses.Field], base_dir: str | None) -> None:
+    """Relative paths against ``base_dir`` (the current directory when None); a Hub ``base_model`` stays as is."""
+
+    def resolve(path: str) -> str:
+        return os.path.normpath(os.path.join(base_dir or os.getcwd(), os.path.expanduser(path)))
+
+    for key in PATH_KEYS:
+        if key in known and values.get(key):
+            if key == "base_model" and as_hub_reference(values[key], base_dir) is not None:
+                continue  # a Hub id, not a path
+            values[key] = resolve(values[key])
+    if values.get("datasets"):
+        values["datasets"] = [
+            dataclasses.replace(
+                e, image_dir=resolve(e.image_dir), metadata_path=e.metadata_path and resolve(e.metadata_path)
+            )
+            for e in values["datasets"]
+        ]
+    if values.get("sample_prompts"):
+        values["sample_prompts"] = [resolve(p) if is_prompt_file(p) else p for p in values["sample_prompts"]]
+
+
+def is_prompt_file(item: str) -> bool:
+    """Whether a ``sample_prompts`` item names a prompt file rather than being a prompt."""
+    return item.lower().endswith(PROMPT_FILE_EXTENSIONS) and " --" not in item
+
+
 def config_from_dict(
     raw: Mapping[str, Any], *, base_dir: str | None = None, default_base_model: str | None = None
 ) -> CommonConfig:
@@ -306,20 +542,21 @@ def config_from_dict(
         values[key] = _coerce(key, value, hints[key], known[key])
     if default_base_model and cls is ImageConfig and not values.get("base_model"):
         values["base_model"] = default_base_model
-    for key in PATH_KEYS:
-        if key in known and values.get(key):
-            if key == "base_model" and as_hub_reference(values[key], base_dir) is not None:
-                continue  # a Hub id, not a path
-            values[key] = os.path.normpath(os.path.join(base_dir or os.getcwd(), os.path.expanduser(values[key])))
+    _resolve_paths(values, known, base_dir)
     cfg = cls(**values)
     _check_required(cfg)
+    if isinstance(cfg, ImageConfig):
+        _check_data_options(cfg)
     return cfg
 
 
 def _check_required(cfg: CommonConfig) -> None:
-    for key in ("base_model", "train_data_dir", "output_dir"):
+    for key in ("base_model", "output_dir"):
         if not getattr(cfg, key):
             raise ConfigError(f"{key} is required: set it in the config.")
+    if not cfg.train_data_dir and not (isinstance(cfg, ImageConfig) and cfg.datasets):
+        more = " (or list folders in datasets)" if isinstance(cfg, ImageConfig) else ""
+        raise ConfigError(f"train_data_dir is required: set it in the config{more}.")
     if isinstance(cfg, ImageConfig) and cfg.min_bucket_reso > cfg.max_bucket_reso:
         raise ConfigError(
             f"min_bucket_reso ({cfg.min_bucket_reso}) must not exceed max_bucket_reso ({cfg.max_bucket_reso})."
@@ -344,6 +581,36 @@ def _check_network_options(cfg: ImageConfig) -> None:
         raise ConfigError("dora_wd: network_type lora with weight decomposition is network_type dora; choose that.")
 
 
+def _check_data_options(cfg: ImageConfig) -> None:
+    """Options that only make sense together: folders, regularisation/validation roles, samples, validation."""
+    roles = [("train_data_dir", cfg.train_data_dir, False, False)] if cfg.train_data_dir else []
+    roles += [(f"datasets[{i}]", e.image_dir, e.is_reg, e.is_val) for i, e in enumerate(cfg.datasets)]
+    seen: Dict[str, str] = {}
+    for key, folder, is_reg, is_val in roles:
+        if is_reg and is_val:
+            raise ConfigError(
+                f"{key}: is_reg and is_val are both set; a folder is either regularisation or validation."
+            )
+        if folder in seen:
+            raise ConfigError(f"{key}: the folder {folder} is also {seen[folder]}; list each folder once.")
+        seen[folder] = key
+    if not any(not is_reg and not is_val for *_, is_reg, is_val in roles):
+        raise ConfigError("datasets: every folder is marked is_reg or is_val; at least one must hold training images.")
+    scheduled = cfg.sample_every_n_steps or cfg.sample_every_n_epochs or cfg.sample_at_first
+    if scheduled and not cfg.sample_prompts:
+        raise ConfigError("sample_every_n_steps/sample_every_n_epochs/sample_at_first need sample_prompts.")
+    if cfg.sample_prompts and not scheduled:
+        raise ConfigError(
+            "sample_prompts: say when to sample with sample_every_n_steps, sample_every_n_epochs or sample_at_first."
+        )
+    has_validation = cfg.validation_split > 0 or any(e.is_val for e in cfg.datasets)
+    for key in ("validate_every_n_steps", "validate_every_n_epochs", "max_validation_steps"):
+        if getattr(cfg, key) is not None and not has_validation:
+            raise ConfigError(
+                f"{key}: there are no validation images; set validation_split or add a datasets entry with is_val."
+            )
+
+
 def load_config(
     path: str, overrides: Mapping[str, Any] | None = None, *, default_base_model: str | None = None
 ) -> CommonConfig:
@@ -361,8 +628,20 @@ def load_config(
     return config_from_dict(raw, default_base_model=default_base_model)
 
 
+def dataset_entry_to_dict(entry: DatasetEntry) -> Dict[str, Any]:
+    """The options an entry sets (what differs from the field defaults), as a YAML mapping."""
+    return {
+        f.name: getattr(entry, f.name)
+        for f in dataclasses.fields(DatasetEntry)
+        if f.name == "image_dir" or getattr(entry, f.name) != f.default
+    }
+
+
 def config_to_dict(cfg: CommonConfig) -> Dict[str, Any]:
-    return dataclasses.asdict(cfg)
+    data = dataclasses.asdict(cfg)
+    if isinstance(cfg, ImageConfig):
+        data["datasets"] = [dataset_entry_to_dict(e) for e in cfg.datasets]
+    return data
 
 
 def save_config_snapshot(cfg: CommonConfig, path: str) -> None:

@@ -41,7 +41,7 @@ from lora_trainer.config import CommonConfig, resolved_output_name
 from lora_trainer.errors import LoraTrainerError, TrainingCancelled
 from lora_trainer.hub.progress import DownloadProgress
 from lora_trainer.train.backend import TrainingBackend
-from lora_trainer.train.callbacks import StepInfo, TrainingCallback
+from lora_trainer.train.callbacks import VALIDATION_LOSS, StepInfo, TrainingCallback
 from lora_trainer.train.result import TrainingResult
 
 log = logging.getLogger(__name__)
@@ -176,6 +176,8 @@ class JobStatus:
     epoch: int = 0
     loss_steps: Tuple[int, ...] = ()
     losses: Tuple[float, ...] = ()
+    validation_steps: Tuple[int, ...] = ()  # the steps where the validation loss was measured
+    validation_losses: Tuple[float, ...] = ()
     lr: float = 0.0
     it_per_s: float = 0.0
     eta_s: Optional[float] = None
@@ -343,8 +345,15 @@ class TrainingJob(BackgroundJob[JobStatus]):
             s = self._status
             self._loss_steps.append(info.step)
             self._losses.append(float(info.loss))
+            validation: Dict[str, Any] = {}
+            if VALIDATION_LOSS in info.extra:  # a few measurements per run: kept in the snapshot itself
+                validation = {
+                    "validation_steps": s.validation_steps + (info.step,),
+                    "validation_losses": s.validation_losses + (float(info.extra[VALIDATION_LOSS]),),
+                }
             self._status = replace(
                 s,
+                **validation,
                 step=info.step,
                 total=info.total_steps or s.total,
                 epoch=info.epoch,

@@ -1,4 +1,4 @@
-"""AUTOMATIC1111 WebUI entry point: registers the LoRA Trainer tab, its settings and its REST routes.
+"""WebUI entry point (AUTOMATIC1111, the Forge line): registers the LoRA Trainer tab, its settings, its REST routes.
 
 The host imports every file in ``scripts/`` at start-up, so this one stays thin and cheap: it imports only
 the WebUI's callback registry, and builds the backend, the job runner, the tab and the routes when the host
@@ -73,8 +73,10 @@ def caption_runner() -> Any:
 
 
 def on_ui_tabs() -> List[Tuple[Any, str, str]]:
+    from lora_trainer.hosts.webui.facts import ensure_host_temp_dir
     from lora_trainer.ui.tab import build_tab
 
+    ensure_host_temp_dir()
     backend, runner = backend_and_runner()
     return [(build_tab(backend, runner, caption_runner()), backend.title, "lora_trainer")]
 

@@ -120,8 +120,12 @@ def open_page(browser, url):
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
+    from PIL import Image
+
     root = tmp_path_factory.mktemp("browser")
     (root / "data").mkdir()
+    Image.new("RGB", (32, 32), (30, 120, 200)).save(root / "data" / "a.png")  # the tab checks the folder first
+    (root / "model").mkdir()
     trainer = GatedTrainer()
     with serve(root, JobRunner(trainer=trainer)) as url:
         yield url, root, trainer

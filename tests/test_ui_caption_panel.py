@@ -226,7 +226,8 @@ def test_captioning_is_refused_while_training_runs(tmp_path):
     data = tmp_path / "data"
     write_test_images(str(data), 1)
     values = [s.default for s in tab.specs]
-    assert "started" in tab.start_training(str(data), str(tmp_path / "model"), "busy", "", False, *values)
+    (tmp_path / "model").mkdir()
+    assert "Train started" in tab.start_training(str(data), str(tmp_path / "model"), "busy", "", False, *values)
     refused = tab.caption_panel.start_captioning(*run_args(data))
     assert "not started" in refused and "training run is in progress" in refused
     release.set()
@@ -245,6 +246,7 @@ def test_training_and_saving_are_refused_while_captioning_runs(tmp_path):
     assert "started" in tab.caption_panel.start_captioning(*run_args(data))
     assert tab.backend.captioning.wait(CEILING_S)  # the first image is being captioned, held by the gate
     values = [s.default for s in tab.specs]
+    (tmp_path / "model").mkdir()
     refused = tab.start_training(str(data), str(tmp_path / "model"), "x", "", False, *values)
     assert "not started" in refused and "Captioning is running" in refused
     assert tab.runner.status().state == "idle"
@@ -255,6 +257,23 @@ def test_training_and_saving_are_refused_while_captioning_runs(tmp_path):
     progress = finish(tab)[0]
     assert progress.startswith("Stopped (stub): 1/3 images") and "saved" in progress
     assert list(read_metadata_csv(str(data / "metadata.csv"))) == ["000.png"]  # the image in progress is kept
+
+
+def test_a_folder_with_captions_fills_the_grid_when_entered(tmp_path):
+    from lora_trainer.caption.editing import save_caption_rows
+
+    tab = make_tab(tmp_path)
+    panel = tab.caption_panel
+    data = tmp_path / "data"
+    write_test_images(str(data), 2)
+    keep = panel.load_existing_captions(str(data), False, "")
+    assert all(isinstance(v, dict) for v in keep)  # no metadata.csv yet: nothing to show
+    save_caption_rows(str(data), [("000.png", "tok, a cat"), ("001.png", "tok, a dog")], sidecar=False)
+    grid, gallery, folder = panel.load_existing_captions(str(data), False, "")
+    assert compat.table_rows(grid) == [["000.png", "tok, a cat"], ["001.png", "tok, a dog"]]
+    assert len(gallery) == 2 and folder == str(data)
+    again = panel.load_existing_captions(str(data), False, str(data))  # already shown: unsaved edits stay
+    assert all(isinstance(v, dict) for v in again)
 
 
 def test_a_captioners_first_use_download_shows_in_the_panels_progress(tmp_path):

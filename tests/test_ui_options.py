@@ -147,12 +147,36 @@ def test_lora_table_lists_runs_but_not_states(tmp_path):
     (tmp_path / "run" / "state-10").mkdir(parents=True)
     (tmp_path / "run" / "state-10" / "weights.safetensors").write_bytes(b"x")
     (tmp_path / "run" / "run.safetensors").write_bytes(b"x" * 10)
+    (tmp_path / "run" / "run-step00000010.safetensors").write_bytes(b"x")  # an intermediate save: run details
     (tmp_path / "top.safetensors").write_bytes(b"x")
     (tmp_path / "run" / DIFFUSERS_COPY_NAME).write_bytes(b"x")  # the unnamed diffusers copy is not listed
     (tmp_path / "notes.txt").write_text("x")
     rows = lora_table(str(tmp_path))
     assert sorted(r[0] for r in rows) == ["run", "top"]
     assert lora_table(str(tmp_path / "missing")) == []
+
+
+def test_lora_table_shows_top_tags_and_base_model_from_the_files_metadata(tmp_path):
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    from lora_trainer.ui.status_view import TABLE_HEADERS, LoraCatalog
+
+    tags = {"10_cats": {"mycat": 12, "cat": 9, "sitting": 2}, "1_more": {"cat": 4, "grass": 3}}
+    metadata = {
+        "ss_tag_frequency": json.dumps(tags),
+        "ss_sd_model_name": "/models/Stable-diffusion/v1-5.safetensors",
+        "ss_base_model_version": "sd_v1",
+    }
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "cats.safetensors"), metadata=metadata)
+    (tmp_path / "broken.safetensors").write_bytes(b"\xff" * 16)  # unreadable header: listed, columns blank
+    catalog = LoraCatalog()
+    rows = {r[0]: dict(zip(TABLE_HEADERS, r, strict=True)) for r in catalog.rows(str(tmp_path))}
+    assert rows["cats"]["Trigger words / top tags"] == "cat, mycat, grass, sitting"
+    assert rows["cats"]["Base model"] == "v1-5.safetensors (sd_v1)"
+    assert rows["broken"]["Trigger words / top tags"] == "" and rows["broken"]["Base model"] == ""
 
 
 def test_loss_plot_renders_empty_flat_and_long_runs():
@@ -185,3 +209,14 @@ def test_diffusers_copy_name_matches_the_image_trainer():
     from lora_trainer.train.image_trainer import FINAL_DIFFUSERS_NAME
 
     assert DIFFUSERS_COPY_NAME == FINAL_DIFFUSERS_NAME
+
+
+def test_tab_wording_replaces_config_identifiers_only():
+    from lora_trainer.ui.wording import TabWording
+
+    words = TabWording.for_fields(options.form_fields())
+    assert words.say("train_data_dir not found: /d/x") == '"Dataset folder" not found: /d/x'
+    assert words.say("defaults to learning_rate; see unet_lr.") == 'defaults to "Learning rate"; see "UNet LR".'
+    plain = "Training resolution (the bucket area is resolution squared); the same seed gives the same LoRA."
+    assert words.say(plain) == plain  # one-word keys are ordinary words in prose
+    assert words.say("my_train_data_dir_v2.yaml") == "my_train_data_dir_v2.yaml"

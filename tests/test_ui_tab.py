@@ -15,6 +15,7 @@ from lora_trainer.train.callbacks import StepInfo  # noqa: E402
 from lora_trainer.train.run import TrainingResult  # noqa: E402
 from lora_trainer.ui import gradio_compat as compat  # noqa: E402
 from lora_trainer.ui.backend import StandaloneBackend, UiBackend  # noqa: E402
+from lora_trainer.ui.status_view import TABLE_HEADERS  # noqa: E402
 from lora_trainer.ui.tab import TrainerTab, build_tab  # noqa: E402
 
 
@@ -46,9 +47,19 @@ def tab(tmp_path):
     return TrainerTab(StandaloneBackend(str(tmp_path / "loras")), JobRunner(trainer=RecordingTrainer()))
 
 
-def form(tab, tmp_path, name="style", overwrite=False, **changes):
+def form(tab, tmp_path, name="style", overwrite=False, data=None, model=None, **changes):
+    """The form's values; a dataset folder with one image and a model folder exist unless given."""
+    from PIL import Image
+
+    if data is None:
+        data = tmp_path / "data"
+        data.mkdir(exist_ok=True)
+        Image.new("RGB", (8, 8)).save(data / "a.png")
+    if model is None:
+        model = tmp_path / "model"
+        model.mkdir(exist_ok=True)
     values = [changes.get(s.key, s.default) for s in tab.specs]
-    return [str(tmp_path / "data"), str(tmp_path / "model"), name, "", overwrite, *values]
+    return [str(data), str(model), name, "", overwrite, *values]
 
 
 def elem_ids(blocks):
@@ -85,14 +96,21 @@ def test_train_poll_shows_progress_plot_previews_files_and_try_it(tab, tmp_path)
     notice = tab.start_training(*form(tab, tmp_path))
     assert "started" in notice
     assert tab.runner.wait(CEILING_S)
-    progress, plot, gallery, table, try_it, _model, seen = tab.poll({})
+    progress, plot, gallery, table, try_it, _model, published, seen = tab.poll({})
     assert "Finished" in progress and "step 2/2" in progress
+    lora = os.path.join(str(tmp_path / "loras"), "style", "style.safetensors")
+    assert f"Your LoRA: {lora}" in progress and "Type <lora:style:0.8> in a prompt" in progress
     assert plot.size == (640, 240)
     assert len(gallery) == 1 and gallery[0][1] == "p.png"
-    assert table[0][0] == "style" and table[0][-1].endswith("style.safetensors")
+    rows = compat.table_rows(table)
+    assert list(table.columns) == TABLE_HEADERS
+    assert len(rows) == 1 and rows[0][0] == "style" and rows[0][-1] == lora
     assert try_it == "<lora:style:0.8>"
+    assert published == "1:style.safetensors"
     again = tab.poll(seen)  # nothing changed: every output is left alone
     assert all(isinstance(v, dict) for v in again[:-1])
+    restarted = TrainerTab(StandaloneBackend(str(tmp_path / "loras")), JobRunner())  # the same list after a restart
+    assert compat.table_rows(restarted.poll({})[3]) == rows
 
 
 def test_a_blank_base_model_trains_the_default_hub_model_in_the_standalone_app(tab, tmp_path):
@@ -101,7 +119,7 @@ def test_a_blank_base_model_trains_the_default_hub_model_in_the_standalone_app(t
     args = form(tab, tmp_path)
     args[1] = ""  # the Base model box left empty
     assert "started" in tab.start_training(*args)
-    assert tab.runner.wait(5)
+    assert tab.runner.wait(CEILING_S)
     assert tab.runner.trainer.configs[-1].base_model == DEFAULT_BASE_MODEL
     assert DEFAULT_BASE_MODEL in tab.base_model.placeholder
 
@@ -133,9 +151,39 @@ def test_second_train_while_running_is_refused(tmp_path):
 
 
 def test_invalid_form_is_reported_not_started(tab, tmp_path):
-    assert "max_train_steps" in tab.start_training(*form(tab, tmp_path, max_train_steps="lots"))
+    refused = tab.start_training(*form(tab, tmp_path, max_train_steps="lots"))
+    assert '"Max train steps"' in refused and "max_train_steps" not in refused  # the tab's label, not the key
     assert "Output name" in tab.start_training(*form(tab, tmp_path, name="../x"))
     assert tab.runner.status().state == "idle"
+
+
+def test_inputs_are_checked_before_anything_starts(tab, tmp_path):
+    missing = tab.start_training(*form(tab, tmp_path, data=tmp_path / "nowhere"))
+    assert missing.startswith("**Train not started:**") and '"Dataset folder"' in missing
+    assert "train_data_dir" not in missing and "GiB" not in missing
+    (tmp_path / "empty").mkdir()
+    assert "has no images" in tab.start_training(*form(tab, tmp_path, data=tmp_path / "empty"))
+    no_model = tab.start_quick_check(*form(tab, tmp_path, model=tmp_path / "gone.safetensors"))
+    assert "not started" in no_model and '"Base model"' in no_model
+    assert tab.runner.status().state == "idle"
+
+
+def test_the_tab_keeps_caches_out_of_the_dataset_and_overwrite_drops_old_states(tab, tmp_path):
+    tab.start_training(*form(tab, tmp_path))
+    tab.runner.wait(CEILING_S)
+    cfg = tab.runner.trainer.configs[-1]
+    assert cfg.cache_dir == os.path.join(cfg.output_dir, "cache")
+    os.makedirs(os.path.join(cfg.output_dir, "state-00000002"))
+    assert "started" in tab.start_training(*form(tab, tmp_path, overwrite=True))
+    tab.runner.wait(CEILING_S)
+    assert not os.path.exists(os.path.join(cfg.output_dir, "state-00000002"))
+    assert not os.path.exists(tmp_path / "data" / ".lora_trainer_cache")
+
+
+def test_help_texts_use_the_tabs_labels(tab):
+    info = {key: widget.info for key, widget in tab.widgets.items()}
+    assert '"Max train steps"' in info["epochs"] and "max_train_steps" not in info["epochs"]
+    assert all("train_data_dir" not in (text or "") for text in info.values())
 
 
 def test_quick_check_runs_small_under_its_own_name(tab, tmp_path):
@@ -176,7 +224,7 @@ def _write(path, text):
 
 
 def test_pick_lora_fills_try_it(tab):
-    rows = [["a", 0.1, "t", "/x/a.safetensors"], ["b", 0.1, "t", "/x/b.safetensors"]]
+    rows = [["a", "", "", 0.1, "t", "/x/a.safetensors"], ["b", "", "", 0.1, "t", "/x/b.safetensors"]]
     assert tab.pick_lora(rows, types.SimpleNamespace(index=[1, 0])) == "<lora:b:0.8>"
     assert isinstance(tab.pick_lora(rows, types.SimpleNamespace(index=[5, 0])), dict)
 
@@ -202,6 +250,12 @@ class HostBackend(UiBackend):
     def send_prompt_js(self):
         return "(prompt) => { console.log(prompt); return []; }"
 
+    def refresh_loras_js(self):
+        return "(published) => []"
+
+    def hidden_options(self):
+        return ("mixed_precision",)
+
 
 def test_host_backend_names_the_loaded_model_and_passes_its_kwargs(tmp_path):
     seen = {}
@@ -216,6 +270,8 @@ def test_host_backend_names_the_loaded_model_and_passes_its_kwargs(tmp_path):
     tab.start_training(*form(tab, tmp_path))
     tab.runner.wait(CEILING_S)
     assert seen == {"adapter": "adapter", "base_model": "/models/tiny.safetensors"}
+    assert tab.widgets["mixed_precision"].visible is False  # the host's precision decides
+    assert tab.widgets["resolution"].visible is not False
 
 
 def test_compat_helpers():

@@ -205,7 +205,7 @@ class ScriptedTrainer:
 
 
 def runner_for(backend, trainer, monkeypatch):
-    monkeypatch.setattr(webui, "default_trainer", trainer)
+    monkeypatch.setattr(webui.backend, "default_trainer", trainer)
     return JobRunner(trainer=backend.train, hooks=backend.job_hooks())
 
 
@@ -219,7 +219,8 @@ def test_lock_held_for_the_whole_run_and_progress_mirrored(host, tmp_path, monke
     assert job.status().state == FINISHED, job.status().message
     assert [locked for locked, _, _ in trainer.seen] == [True] * 4
     assert [no for _, no, _ in trainer.seen] == [1, 2, 3, 4]
-    assert trainer.seen[-1][2] == "Training LoRA cats: step 4/4, loss 0.2500"
+    assert trainer.seen[-1][2].startswith("Training LoRA cats (holds the GPU): step 4/4, loss 0.2500, ETA ")
+    assert "Cancel in the LoRA Trainer tab" in trainer.seen[-1][2]
     assert host.state.calls == [("begin", "lora_trainer"), ("end",)]
     assert not host.lock.locked()
     assert trainer.kwargs == {"backend": TrainingBackend()}  # the preview settings are the glue's, not the engine's
@@ -547,3 +548,52 @@ def test_adapter_restored_even_when_the_engine_fails_early(host, tmp_path, monke
     job = runner.start(make_cfg(tmp_path, backend), backend=webui.WebUITraining(adapter=Adapter()))
     assert job.wait(CEILING_S) and job.status().state == FAILED
     assert restored == [True] and not host.lock.locked()
+
+
+def test_lowvram_trains_from_the_checkpoint_file_with_the_model_unloaded(host, tmp_path, monkeypatch):
+    """In place is refused (--lowvram): the host's model is unloaded through its own API, the engine trains from
+    the checkpoint file the WebUI has loaded, the model is loaded again, and the LoRA is published."""
+    pytest.importorskip("diffusers")  # the engine's own loader (absent from AUTOMATIC1111's environment)
+    checkpoint = tmp_path / "random_sd15.safetensors"
+    checkpoint.write_bytes(b"stands in for the file the WebUI loaded")
+    host.model.sd_checkpoint_info.filename = str(checkpoint)
+    host.cmd_opts.lowvram = True
+    events = []
+    sd_models = sys.modules["modules.sd_models"]
+    monkeypatch.setattr(sd_models, "unload_model_weights", lambda *a, **k: events.append("unload"), raising=False)
+    monkeypatch.setattr(sd_models, "reload_model_weights", lambda *a, **k: events.append("reload"), raising=False)
+    backend = webui.WebUIBackend()
+    assert "--lowvram" in backend.describe_model() and "checkpoint file" in backend.describe_model()
+    cfg = make_cfg(tmp_path, backend, base_model=backend.resolve_base_model(""))
+    made_backend = backend.training_backend(cfg)
+    assert not made_backend.plan.in_place and made_backend.adapter is None
+    assert "checkpoint file" in backend.estimate_memory(cfg)
+
+    class FromFile(ScriptedTrainer):
+        def __call__(self, cfg, callbacks, **kwargs):
+            self.during = (list(events), cfg.base_model)
+            return super().__call__(cfg, callbacks, **kwargs)
+
+    trainer = FromFile(host)
+    job = runner_for(backend, trainer, monkeypatch).start(cfg, backend=made_backend)
+    assert job.wait(10) and job.status().state == FINISHED, job.status().message
+    assert trainer.during == (["unload"], str(checkpoint)) and events == ["unload", "reload"]
+    engine = trainer.kwargs["backend"]
+    assert set(trainer.kwargs) == {"backend"} and engine.runtime is not None
+    assert engine.adapter is None  # no adapter: the engine loads the file itself
+    assert open(os.path.join(host.cmd_opts.lora_dir, "cats.safetensors"), "rb").read() == b"final weights"
+    assert host.networks.listed == 1 and not host.lock.locked()
+
+
+def test_reforge_and_forge_classic_train_from_the_checkpoint_file(host, tmp_path):
+    """An AUTOMATIC1111-style model carrying Forge's objects (reForge, Forge Classic) is driven by the engine's own
+    loader from the file, never refused when that loader and the file are there."""
+    pytest.importorskip("diffusers")
+    checkpoint = tmp_path / "model.safetensors"
+    checkpoint.write_bytes(b"stands in for the file the WebUI loaded")
+    host.model.sd_checkpoint_info.filename = str(checkpoint)
+    host.model.forge_objects = object()
+    backend = webui.WebUIBackend()
+    text = backend.describe_model()
+    assert "reForge or Forge Classic" in text and "checkpoint file" in text and "Cannot train" not in text
+    assert not backend.training_backend(make_cfg(tmp_path, backend)).plan.in_place

@@ -193,6 +193,22 @@ def test_existing_lora_needs_overwrite(tmp_path):
     assert runner.wait(CEILING_S)
 
 
+def test_overwrite_drops_the_old_runs_states_and_a_refusal_keeps_them(tmp_path):
+    """The start path the tab shares: overwriting a LoRA removes the earlier run's resumable states with it."""
+    client, runner, backend, trainer = make_client(tmp_path)
+    os.makedirs(backend.lora_dir())
+    open(os.path.join(backend.lora_dir(), "cats.safetensors"), "wb").close()
+    state = os.path.join(backend.default_output_dir("cats"), "state-00000002")
+    os.makedirs(state)
+    assert client.post(P + "/train", json=body(tmp_path)).status_code == 409
+    assert os.path.isdir(state)
+    r = client.post(P + "/train", json={**body(tmp_path), "overwrite": True})
+    assert r.status_code == 200 and os.path.normpath(r.json()["output_dir"]) == os.path.dirname(state)
+    assert not os.path.exists(state)
+    trainer.gate.release(3)
+    assert runner.wait(CEILING_S)
+
+
 @pytest.mark.parametrize(
     "payload, fragment",
     [

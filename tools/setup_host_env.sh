@@ -3,7 +3,9 @@
 #   .venv-host   AUTOMATIC1111 WebUI 1.10 pins: transformers 4.30.2, safetensors 0.4.2, pydantic 1.x, gradio 3.41.2,
 #                open_clip_torch 2.20.0, and the real `ldm` package (stable-diffusion-sdkit, installed without its
 #                stale pins). No diffusers, no peft, as in the host.
-#   .venv-forge  Forge pins for UI construction: gradio 4.40, diffusers 0.31, transformers 4.46, peft 0.13.2.
+#   .venv-forge  Forge Neo's pins for the code that runs inside it (its requirements.txt): gradio 4.40.0,
+#                fastapi 0.127.1, pydantic 2.10.6, transformers 4.57.6, diffusers 0.37.1, peft 0.17.1,
+#                huggingface-hub 0.36.2, safetensors 0.8.0, numpy 2.3.5. No open_clip, as in Neo.
 # torch is the machine's local 2.14.1 wheel: the WebUI's torch 2.1.2 cannot be had offline here.
 # Usage: tools/setup_host_env.sh [host|forge|all]   (default: all). Offline-safe: PyPI and local wheels only.
 set -euo pipefail
@@ -32,8 +34,9 @@ setup_host() {
 setup_forge() {
     make_venv .venv-forge
     local pip=(.venv-forge/bin/python -m pip install -q)
-    "${pip[@]}" "${TORCH[@]}" gradio==4.40.0 diffusers==0.31.0 transformers==4.46.3 peft==0.13.2 \
-        safetensors pyyaml tqdm pillow pytest==9.2.0
+    "${pip[@]}" "${TORCH[@]}" gradio==4.40.0 fastapi==0.127.1 pydantic==2.10.6 pydantic-core==2.27.2 \
+        httpx==0.28.1 huggingface-hub==0.36.2 diffusers==0.37.1 transformers==4.57.6 peft==0.17.1 \
+        safetensors==0.8.0 numpy==2.3.5 pyyaml tqdm pillow pytest==9.2.0
     "${pip[@]}" --no-deps -e .
 }
 

@@ -22,7 +22,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 REPEAT_FOLDER = re.compile(r"^(\d+)_(.+)$")
-SKIPPED_FOLDERS = {".lora_trainer_cache", "__pycache__"}
+# masks/ holds the loss masks of the images beside it (masked_loss), never training images.
+SKIPPED_FOLDERS = {".lora_trainer_cache", "__pycache__", "masks"}
 EXIF_ORIENTATION = 0x0112
 # 8-bit modes PIL converts to RGB correctly by itself (CMYK, YCbCr, LAB and HSV through its colour maths).
 PLAIN_MODES = ("1", "L", "P", "RGB", "RGBX", "CMYK", "YCbCr", "LAB", "HSV")
@@ -194,6 +195,22 @@ def scan_images(folder: str) -> Tuple[List[ImageFile], List[RejectedImage]]:
         name = os.path.relpath(path, folder).replace(os.sep, "/")
         usable.append(ImageFile(path=path, name=name, repeats=repeats, size=size, orientation=orientation))
     return usable, rejected
+
+
+def load_alpha(path: str) -> Optional[Image.Image]:
+    """The alpha channel of ``path`` as displayed (EXIF orientation applied), an 8-bit "L" image; None when the
+    image has no transparency. Raises ``ValueError`` like ``open_image``."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            if image.mode not in ALPHA_MODES and not (image.mode == "P" and "transparency" in image.info):
+                return None
+            oriented = ImageOps.exif_transpose(image) if exif_orientation(image) != 1 else image
+            return oriented.convert("RGBA").getchannel("A")
+    except UnidentifiedImageError:
+        raise ValueError("not a readable image (unknown or corrupt format)") from None
+    except (OSError, SyntaxError) as exc:
+        raise ValueError(f"corrupt or truncated image: {exc}") from None
 
 
 def load_rgb(path: str) -> Image.Image:

@@ -135,6 +135,28 @@ def weights_fingerprint(model: nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
+def ldm_unet_targets(
+    unet: nn.Module, names: UNetNameMap, extra: Sequence[str] = (), conv: bool = False
+) -> List[Tuple[str, nn.Module]]:
+    """(ldm path, module) of an ldm-named UNet's standard LoRA targets (with ``conv``, the convolution blocks'
+    too, as LoCon trains them), plus modules whose diffusers-style path contains an ``extra`` substring (the
+    standalone engine matches ``target_modules`` against diffusers paths, so a host model does too), in model
+    order."""
+    found = dict(find_targets(unet, UNET_CONTAINERS, conv_containers=UNET_CONV_CONTAINERS if conv else ()))
+    if extra:
+        find_targets(nn.Module(), (), extra)  # refuses substrings that name never-trained layers
+        for path, module in unet.named_modules():
+            diffusers = names.to_diffusers(path) if path else None
+            if path in found or diffusers is None or not is_lora_target(module, conv):
+                continue
+            if any(s in diffusers for s in extra) and not any(
+                diffusers.startswith(b) or f".{b}" in diffusers for b in NEVER_TRAINED
+            ):
+                found[path] = module
+    order = {path: i for i, (path, _) in enumerate(unet.named_modules())}
+    return sorted(found.items(), key=lambda item: order[item[0]])
+
+
 def _checkpointed(forward: Callable) -> Callable:
     """``forward`` under non-reentrant ``torch.utils.checkpoint`` (it keeps the graph to LoRA weights that are
     not among the block's inputs or parameters, which the host's reentrant helpers drop)."""
@@ -364,22 +386,7 @@ class LdmHostAdapter(DiffusionAdapter):
         return targets
 
     def _unet_modules(self, extra: Sequence[str], conv: bool = False) -> List[Tuple[str, nn.Module]]:
-        """The standard targets (with ``conv``, the convolution blocks' too), plus modules whose diffusers-style
-        path contains an ``extra`` substring (the standalone engine matches ``target_modules`` against diffusers
-        paths, so the host does too)."""
-        found = dict(find_targets(self.unet, UNET_CONTAINERS, conv_containers=UNET_CONV_CONTAINERS if conv else ()))
-        if extra:
-            find_targets(nn.Module(), (), extra)  # refuses substrings that name never-trained layers
-            for path, module in self.unet.named_modules():
-                diffusers = self.names.to_diffusers(path) if path else None
-                if path in found or diffusers is None or not is_lora_target(module, conv):
-                    continue
-                if any(s in diffusers for s in extra) and not any(
-                    diffusers.startswith(b) or f".{b}" in diffusers for b in NEVER_TRAINED
-                ):
-                    found[path] = module
-        order = {path: i for i, (path, _) in enumerate(self.unet.named_modules())}
-        return sorted(found.items(), key=lambda item: order[item[0]])
+        return ldm_unet_targets(self.unet, self.names, extra, conv)
 
     def _text_targets(self, embedder: nn.Module, index: int) -> List[Tuple[str, nn.Module]]:
         clip = open_clip_model(embedder)
@@ -432,4 +439,4 @@ class LdmHostAdapter(DiffusionAdapter):
         self._changes.undo()
 
 
-__all__ = ["LdmHostAdapter", "host_architecture", "ldm_unet_layout", "text_embedders", "unwrapped"]
+__all__ = ["LdmHostAdapter", "host_architecture", "ldm_unet_layout", "ldm_unet_targets", "text_embedders", "unwrapped"]

@@ -49,6 +49,8 @@ class DiffusionAdapter:
     model_name: str
     identity: str  # changes when the weights on disk change; keys the disk caches
     device: torch.device
+    latent_channels: int = 4
+    renders_samples: bool = False  # decode_latents works: the trainer can render sample images
     # The autocast dtype of the no-grad encoding pass that fills the caches (None: run the encoders as they
     # are). Cached outputs are never trained through, so bf16/fp16 is close enough where it is faster.
     encoding_autocast: Optional[torch.dtype] = None
@@ -63,6 +65,11 @@ class DiffusionAdapter:
         raise NotImplementedError
 
     def encode_text(self, captions: Sequence[str], clip_skip: int) -> Conditioning:
+        raise NotImplementedError
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """(B, C, h, w) latents (scaled as ``encode_pixels`` returns them) -> (B, 3, 8h, 8w) pixels in about
+        [-1, 1]; loads the VAE when it is not loaded. Backends with ``renders_samples`` implement it."""
         raise NotImplementedError
 
     def set_max_token_length(self, max_token_length: int) -> None:

@@ -43,6 +43,8 @@ def file_identity(path: str) -> str:
 
 
 class DiffusersAdapter(DiffusionAdapter):
+    renders_samples = True
+
     def __init__(
         self,
         path: str,
@@ -124,6 +126,12 @@ class DiffusersAdapter(DiffusionAdapter):
         # The distribution's mean, not a sample: cached latents are then deterministic across runs/processes.
         latents = self.vae.encode(pixels.to(self.device, torch.float32)).latent_dist.mode()
         return latents * self.vae_scaling_factor
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        if self.vae is None:  # released after the latent cache was filled: sample images bring it back
+            self.load(unet=False, vae=True, text_encoders=False)
+        return self.vae.decode(latents.to(self.device, torch.float32) / self.vae_scaling_factor).sample
 
     def set_max_token_length(self, max_token_length: int) -> None:
         self.windows = window_count(max_token_length)

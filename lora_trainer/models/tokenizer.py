@@ -11,6 +11,7 @@ import gzip
 import json
 import os
 from functools import lru_cache
+from typing import List, Optional
 
 from lora_trainer.errors import ModelLoadError
 from lora_trainer.io.atomic import atomic_write_text
@@ -47,13 +48,19 @@ def open_clip_bpe_path() -> str:
     return path
 
 
-def write_clip_tokenizer_files(folder: str) -> str:
-    """Write vocab.json, merges.txt and tokenizer_config.json for the CLIP BPE tokenizer into ``folder``."""
+def write_clip_tokenizer_files(folder: str, merges: Optional[List[str]] = None) -> str:
+    """Write vocab.json, merges.txt and tokenizer_config.json for the CLIP BPE tokenizer into ``folder``.
+
+    ``merges``: the BPE merges ("a b" lines, in rank order) when they come from elsewhere than open_clip's
+    vocabulary file (a host that ships a CLIP tokenizer but not open_clip)."""
     os.makedirs(folder, exist_ok=True)
     if os.path.isfile(os.path.join(folder, "tokenizer_config.json")):
         return folder
-    with gzip.open(open_clip_bpe_path(), "rt", encoding="utf-8") as fh:
-        merges = fh.read().split("\n")[1 : MERGES_USED + 1]
+    if merges is None:
+        with gzip.open(open_clip_bpe_path(), "rt", encoding="utf-8") as fh:
+            merges = fh.read().split("\n")[1 : MERGES_USED + 1]
+    if len(merges) != MERGES_USED:
+        raise ModelLoadError(f"a CLIP vocabulary has {MERGES_USED} BPE merges; this one has {len(merges)}.")
     pairs = [tuple(m.split()) for m in merges]
     vocab = list(_bytes_to_unicode().values())
     vocab = vocab + [v + "</w>" for v in vocab] + ["".join(p) for p in pairs]

@@ -12,6 +12,9 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
 if TYPE_CHECKING:
     from lora_trainer.hub.progress import DownloadProgress
 
+# The ``StepInfo.extra`` key of the validation loss (``validation.py``), which the tab plots beside the loss.
+VALIDATION_LOSS = "loss/validation"
+
 
 @dataclass
 class StepInfo:
@@ -21,8 +24,10 @@ class StepInfo:
     loss: float
     lr: float
     elapsed_s: float  # since this run (or resume) started
+    # Metrics beside the loss; a callback may add one (the validation loss) for the callbacks after it.
     extra: Dict[str, float] = field(default_factory=dict)
     start_step: int = 0  # the step this run resumed from: rates count only steps done in this run
+    epoch_finished: bool = False  # this step ended ``epoch``
 
     @property
     def it_per_s(self) -> float:
@@ -142,7 +147,7 @@ class TqdmProgress(TrainingCallback):
 
 
 class TensorBoardLogger(TrainingCallback):
-    """Scalars (loss, lr) for ``tensorboard --logdir output_dir/logs``."""
+    """Scalars (loss, lr, ``StepInfo.extra``) and sample images for ``tensorboard --logdir output_dir/logs``."""
 
     def __init__(self, logdir: str) -> None:
         self.logdir = logdir
@@ -162,6 +167,21 @@ class TensorBoardLogger(TrainingCallback):
         self.writer.add_scalar("lr", info.lr, info.step)
         for key, value in info.extra.items():
             self.writer.add_scalar(key, value, info.step)
+
+    def on_preview(self, paths: List[str], step: int) -> None:
+        """Sample images, one image tag per prompt position (``samples/0``, ...), with a slider over steps."""
+        if self.writer is None:
+            return
+        import numpy as np
+        from PIL import Image
+
+        for index, path in enumerate(paths):
+            try:
+                with Image.open(path) as image:
+                    pixels = np.asarray(image.convert("RGB"))
+            except OSError:  # removed or unreadable: the image is still on disk or was never written
+                continue
+            self.writer.add_image(f"samples/{index}", pixels, step, dataformats="HWC")
 
     def on_train_end(self, info: Optional[StepInfo], status: str) -> None:
         if self.writer is not None:

@@ -7,6 +7,8 @@ from typing import Callable, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from lora_trainer.train.loss_weights import LossWeights, weighted_sample_losses
+
 
 def add_noise(
     latents: torch.Tensor,
@@ -57,15 +59,21 @@ def denoising_loss(
     generator: torch.Generator,
     noise_offset: float = 0.0,
     min_snr_gamma: Optional[float] = None,
+    weights: Optional[LossWeights] = None,
+    timesteps: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """One training loss: sample timesteps and noise from ``generator``, call ``predict(noisy, t)``."""
-    timesteps = torch.randint(
-        0, alphas_cumprod.shape[0], (latents.shape[0],), generator=generator, device=latents.device
-    )
+    """One training loss: sample timesteps and noise from ``generator``, call ``predict(noisy, t)``.
+
+    ``weights``: regularisation weights and loss masks (``loss_weights``). ``timesteps``: (B,) given instead
+    of drawn (the validation loss is measured at fixed ones)."""
+    if timesteps is None:
+        timesteps = torch.randint(
+            0, alphas_cumprod.shape[0], (latents.shape[0],), generator=generator, device=latents.device
+        )
     noisy, noise = add_noise(latents, timesteps, alphas_cumprod, generator, noise_offset)
     prediction = predict(noisy, timesteps).float()
     target = diffusion_target(latents, noise, timesteps, alphas_cumprod, prediction_type).float()
-    per_sample = F.mse_loss(prediction, target, reduction="none").mean(dim=(1, 2, 3))
+    per_sample = weighted_sample_losses(F.mse_loss(prediction, target, reduction="none"), weights)
     if min_snr_gamma:
         per_sample = per_sample * min_snr_weights(timesteps, alphas_cumprod, min_snr_gamma, prediction_type)
     return per_sample.mean()

@@ -20,7 +20,7 @@ from lora_trainer.config import (
     resolved_output_name,
     save_config_snapshot,
 )
-from lora_trainer.data.buckets import Bucket
+from lora_trainer.data.buckets import Bucket, cover_size, crop_left_top
 from lora_trainer.data.dataset import ImageCaptionDataset
 from lora_trainer.data.encoding_cache import EncodingCache
 from lora_trainer.errors import LoraTrainerError, TrainingStopped
@@ -33,9 +33,12 @@ from lora_trainer.models.long_captions import cut_caption_lines
 from lora_trainer.train.callbacks import CallbackList, StepInfo, TensorBoardLogger, TrainingCallback
 from lora_trainer.train.diffusion_loss import denoising_loss
 from lora_trainer.train.encoding_pass import EncodingPass
+from lora_trainer.train.extras import training_extras
+from lora_trainer.train.loss_weights import batch_loss_weights
 from lora_trainer.train.optim import build_optimizer, build_scheduler, load_optimizer_state
 from lora_trainer.train.result import TrainingResult
 from lora_trainer.train.runtime import Runtime
+from lora_trainer.train.sample_prompts import load_sample_prompts
 from lora_trainer.train.state import (
     apply_config_rates,
     check_resumable,
@@ -51,9 +54,8 @@ FINAL_DIFFUSERS_NAME = "pytorch_lora_weights.safetensors"
 
 
 def crop_offset(size, bucket: Bucket):
-    """Where ``resize_to_bucket`` crops, in resized pixels (SDXL's crop conditioning)."""
-    scale = max(bucket[0] / size[0], bucket[1] / size[1])
-    return (max(0, (round(size[0] * scale) - bucket[0]) // 2), max(0, (round(size[1] * scale) - bucket[1]) // 2))
+    """Where ``resize_to_bucket`` crops an image of ``size`` covering ``bucket``, in resized pixels."""
+    return crop_left_top(cover_size(size, bucket), bucket)
 
 
 def step_seed(seed: int, micro_step: int, process: int) -> int:
@@ -109,6 +111,7 @@ class ImageTrainingSession:
         self.dataset = ImageCaptionDataset(cfg)
         for line in self.dataset.summary_lines():
             self.log(line)
+        self.sample_prompts = load_sample_prompts(cfg.sample_prompts)  # a bad prompt file fails before the model
         if runtime.is_main_process:
             os.makedirs(cfg.output_dir, exist_ok=True)
             save_config_snapshot(cfg, os.path.join(cfg.output_dir, "config.yaml"))
@@ -138,6 +141,7 @@ class ImageTrainingSession:
         try:  # whatever fails from here on, the model (the host's, in the WebUI) is handed back as it was
             self._prepare_encodings()
             self.network = self._build_network()
+            self.callbacks.callbacks[:0] = training_extras(self)  # samples, validation, retention
             with self.network.attached():
                 return self._train_loop()
         finally:
@@ -146,14 +150,14 @@ class ImageTrainingSession:
     def _prepare_encodings(self) -> None:
         """Fill the latent/text caches with the encoders loaded, then free them before the UNet loads."""
         cfg, adapter, dataset = self.cfg, self.adapter, self.dataset
-        cache_dir = cfg.cache_dir or os.path.join(cfg.train_data_dir, ".lora_trainer_cache")
+        cache_dir = cfg.cache_dir or dataset.cache_root
         self.cache = EncodingCache(
             cache_dir if cfg.cache_to_disk else None,
             adapter.identity,
             writer=self.runtime.is_main_process,
             max_token_length=cfg.max_token_length,
         )
-        self.cache_latents = cfg.cache_latents and not cfg.random_flip
+        self.cache_latents = cfg.cache_latents and not dataset.any_flip
         self.cache_text = not cfg.train_text_encoder and dataset.captions_are_fixed()
         missing_latents = [
             s for s in dataset.samples if self.cache_latents and not self.cache.has(self.cache.latent_key(s))
@@ -196,10 +200,14 @@ class ImageTrainingSession:
     def _batch_inputs(self, indices: Sequence[int], epoch: int, generator: torch.Generator):
         cfg, dataset, adapter, device = self.cfg, self.dataset, self.adapter, self.runtime.device
         samples = [dataset.samples[i] for i in indices]
+        flips = [False] * len(samples)
         if self.cache_latents:
             latents = torch.stack([self.cache.get(self.cache.latent_key(s))["latents"] for s in samples])
         else:
-            flips = [cfg.random_flip and bool(torch.rand((), generator=generator) < 0.5) for _ in samples]
+            flips = [
+                s.repeats > 0 and dataset.flips(s.index) and bool(torch.rand((), generator=generator) < 0.5)
+                for s in samples
+            ]
             pixels = torch.stack([dataset.pixels(s.index, flip) for s, flip in zip(samples, flips)])
             latents = adapter.encode_pixels(pixels)
         captions = [dataset.caption_for(s.index, epoch, cfg.seed) for s in samples]
@@ -207,17 +215,15 @@ class ImageTrainingSession:
             entries = [self.cache.get(self.cache.text_key(c, cfg.clip_skip)) for c in captions]
             cond = {k: torch.stack([e[k] for e in entries]).to(device) for k in entries[0]}
         else:
-            with torch.set_grad_enabled(cfg.train_text_encoder):
+            with torch.set_grad_enabled(cfg.train_text_encoder and torch.is_grad_enabled()):
                 cond = adapter.encode_text(captions, cfg.clip_skip)
-        sizes = [SizeCondition(s.image.size, crop_offset(s.image.size, s.bucket), s.bucket) for s in samples]
-        return latents.to(device, torch.float32), cond, sizes
+        sizes = [SizeCondition(s.image.size, s.crop_left_top, s.bucket) for s in samples]
+        return latents.to(device, torch.float32), cond, sizes, batch_loss_weights(dataset, samples, flips)
 
-    def _micro_step_loss(self, indices, epoch: int, micro_step: int) -> torch.Tensor:
+    def _loss(self, indices, epoch: int, generator: torch.Generator, timesteps=None) -> torch.Tensor:
+        """The batch's loss; ``timesteps`` fixed instead of drawn (the validation loss)."""
         cfg, adapter, runtime = self.cfg, self.adapter, self.runtime
-        seed = step_seed(cfg.seed, micro_step, runtime.process_index)
-        torch.manual_seed(seed)  # LoRA dropout
-        generator = torch.Generator(device=runtime.device).manual_seed(seed)
-        latents, cond, sizes = self._batch_inputs(indices, epoch, generator)
+        latents, cond, sizes, weights = self._batch_inputs(indices, epoch, generator)
         with runtime.autocast():
             return denoising_loss(
                 latents,
@@ -227,7 +233,16 @@ class ImageTrainingSession:
                 generator,
                 cfg.noise_offset,
                 cfg.min_snr_gamma,
+                weights=weights,
+                timesteps=timesteps,
             )
+
+    def _micro_step_loss(self, indices, epoch: int, micro_step: int) -> torch.Tensor:
+        cfg, runtime = self.cfg, self.runtime
+        seed = step_seed(cfg.seed, micro_step, runtime.process_index)
+        torch.manual_seed(seed)  # LoRA dropout
+        generator = torch.Generator(device=runtime.device).manual_seed(seed)
+        return self._loss(indices, epoch, generator)
 
     # ------------------------------------------------------------ the loop
 
@@ -315,6 +330,7 @@ class ImageTrainingSession:
                     loss_value = self._optimizer_step(group, epoch, step)
                     step, batch_offset = step + 1, batch_offset + len(group)
                     losses.append(loss_value)
+                    finished_epoch = epoch + 1 if batch_offset >= len(batches) else None
                     info = StepInfo(
                         step,
                         total_steps,
@@ -323,9 +339,9 @@ class ImageTrainingSession:
                         self.scheduler.get_last_lr()[0],
                         time.time() - t0,
                         start_step=start_step,
+                        epoch_finished=finished_epoch is not None,
                     )
                     self.callbacks.on_step_end(info)
-                    finished_epoch = epoch + 1 if batch_offset >= len(batches) else None
                     if step < total_steps and self._save_due(step, finished_epoch):
                         self._save(step, epoch, batch_offset)
                     if runtime.broadcast_flag(self.callbacks.should_stop()):

@@ -8,7 +8,7 @@ from disk with the standard engine path; the WebUI glue subclasses ``UiBackend``
 from __future__ import annotations
 
 import os
-from typing import Any, ContextManager, List, Mapping, Optional
+from typing import Any, ContextManager, List, Mapping, Optional, Sequence
 
 from lora_trainer.config import CommonConfig, lora_rank_of, resolved_output_name
 from lora_trainer.train.backend import TrainingBackend
@@ -17,7 +17,9 @@ from lora_trainer.ui.options import final_lora_path
 
 MODEL_WEIGHT_EXTENSIONS = (".safetensors", ".ckpt", ".bin", ".pt", ".pth")
 # For a WebUI backend's send_prompt_js: javascript/lora_trainer.js, which the host injects into its page.
+# Both return [] (no outputs): a value returned by an output-less event's JS is an error in gradio 3.41's page.
 WEBUI_SEND_PROMPT_JS = "(prompt) => loraTrainerSendToTxt2img(prompt)"
+WEBUI_REFRESH_LORAS_JS = "(published) => loraTrainerRefreshLoras(published)"
 # The caption panel's choice that captions with the model at the "Model path" box, its kind told by its files.
 LOCAL_CAPTIONER = "local model path"
 
@@ -68,6 +70,15 @@ class UiBackend:
     def send_prompt_js(self) -> Optional[str]:
         """JavaScript ``(prompt) => ...`` that sends the "Try it" prompt to the host's txt2img, or None."""
         return None
+
+    def refresh_loras_js(self) -> Optional[str]:
+        """JavaScript ``(published) => ...`` run in the page when a run's LoRA was published, so the host's
+        own Lora list shows it (None: nothing to refresh)."""
+        return None
+
+    def hidden_options(self) -> Sequence[str]:
+        """Config keys whose widgets the tab hides because the host decides them (its precision, say)."""
+        return ()
 
     # --- captioning (the caption panel) --------------------------------------------------------------------
     def captioner_choices(self) -> List[str]:

@@ -188,6 +188,13 @@ class CaptionPanel:
             outputs=[self.grid, self.notice],
             inputs=[self.grid, self.find, self.replacement, self.regex, self.case],
         )
+        # A folder that already has captions fills the grid as soon as it is entered (no "Load captions").
+        for event in (self.dataset.submit, self.dataset.blur):
+            event(
+                self.load_existing_captions,
+                inputs=[self.dataset, self.sidecar, self.grid_folder],
+                outputs=[self.grid, self.gallery, self.grid_folder],
+            )
         self.finished_run.change(
             self.show_finished_run, inputs=[self.finished_run], outputs=[self.grid, self.gallery, self.grid_folder]
         )
@@ -289,6 +296,24 @@ class CaptionPanel:
             return [compat.no_change(), compat.no_change(), compat.no_change(), f"**Not loaded:** {exc}"]
         count = len(compat.table_rows(grid))
         return [grid, gallery, loaded, f"Loaded {count} image(s) from `{loaded}`."]
+
+    def load_existing_captions(self, folder: str, sidecar: bool, grid_folder: str) -> List[Any]:
+        """The grid for a newly entered folder that already has captions (metadata.csv, or .txt sidecars when
+        "Also read and write a .txt" is ticked); left alone otherwise, and for the folder already shown (its
+        unsaved edits stay)."""
+        from lora_trainer.data.captions import METADATA_FILENAME
+
+        keep = [compat.no_change()] * 3
+        folder = (folder or "").strip()
+        if not folder or not os.path.isdir(folder) or os.path.abspath(folder) == os.path.abspath(grid_folder or ""):
+            return keep
+        try:
+            has_sidecars = sidecar and any(name.lower().endswith(".txt") for name in os.listdir(folder))
+            if not (os.path.isfile(os.path.join(folder, METADATA_FILENAME)) or has_sidecars):
+                return keep
+            return list(self._grid_for(folder, sidecar))
+        except (OSError, LoraTrainerError):  # unreadable: "Load captions" says why
+            return keep
 
     def save_captions(self, folder: str, grid_folder: str, table: Any, sidecar: bool) -> str:
         from lora_trainer.caption.editing import save_caption_rows

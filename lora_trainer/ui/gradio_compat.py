@@ -29,6 +29,12 @@ def no_change() -> Any:
     return gr.update()
 
 
+def in_page_hidden() -> Any:
+    """``visible`` for a component that page scripts use but users never see: 3.x/4.x keep a ``visible=False``
+    component in the page (hidden); from 5.x only ``"hidden"`` does (False leaves it out of the page)."""
+    return "hidden" if gradio_major() >= 5 else False
+
+
 def js_kwargs(code: Optional[str]) -> Dict[str, str]:
     """Client-side JavaScript for an event: ``_js=`` in 3.x, ``js=`` from 4.0."""
     if not code:

@@ -12,11 +12,14 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Type
 
+import yaml
+
 from lora_trainer.config import (  # noqa: F401 (check_output_name: the form's check, kept importable here)
     CommonConfig,
     ImageConfig,
     check_output_name,
     config_from_dict,
+    dataset_entry_to_dict,
     resolved_output_name,
 )
 from lora_trainer.errors import ConfigError
@@ -59,6 +62,9 @@ QUICK_CHECK_STEPS = 4
 QUICK_CHECK_RESOLUTION = 256
 QUICK_CHECK_RANK = 4
 QUICK_CHECK_SUFFIX = "_quickcheck"
+# The tab's encoding cache, inside the run's output folder (the REST API uses the same name): the tab never
+# writes into the user's dataset folder unless "Cache dir" says so.
+CACHE_SUBFOLDER = "cache"
 
 
 @dataclass(frozen=True)
@@ -74,6 +80,8 @@ class FormField:
     optional: bool = False  # blank / "auto" means None (the engine's default)
     integer: bool = False
     advanced: bool = False
+    lines: bool = False  # a list edited one item per line (prompts, folders), not comma-separated
+    mappings: bool = False  # a line may be a YAML mapping of the item's options ({image_dir: ..., is_reg: true})
 
 
 def label_for(key: str) -> str:
@@ -95,6 +103,12 @@ def _field_default(f: dataclasses.Field) -> Any:
     if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
         return f.default_factory()  # type: ignore[misc]
     return None
+
+
+def _item_is_dataclass(annotation: Any) -> bool:
+    """Whether ``annotation`` is ``List[<dataclass>]`` (``datasets``: its items may be mappings)."""
+    args = typing.get_args(annotation)
+    return typing.get_origin(annotation) in (list, List) and bool(args) and dataclasses.is_dataclass(args[0])
 
 
 def form_fields(cls: Type[CommonConfig] = ImageConfig) -> List[FormField]:
@@ -123,6 +137,13 @@ def form_fields(cls: Type[CommonConfig] = ImageConfig) -> List[FormField]:
             )
         elif annotation in (int, float) and not optional:
             spec = FormField(kind="number", default=_field_default(f), integer=annotation is int, **common)
+        elif f.metadata.get("lines") or _item_is_dataclass(annotation):  # one item per line
+            if _item_is_dataclass(annotation):  # name the keys a mapping line may hold
+                common["doc"] += (
+                    " Keys: " + ", ".join(f.name for f in dataclasses.fields(typing.get_args(annotation)[0])) + "."
+                )
+            spec = FormField(kind="text", default="", lines=True, mappings=_item_is_dataclass(annotation), **common)
+            spec = dataclasses.replace(spec, default=to_widget(_field_default(f), spec))
         else:  # text, optional numbers (blank = default) and lists (comma-separated)
             spec = FormField(kind="text", default=to_widget(_field_default(f)), integer=annotation is int, **common)
         result.append(spec)
@@ -131,8 +152,44 @@ def form_fields(cls: Type[CommonConfig] = ImageConfig) -> List[FormField]:
     return result
 
 
+def _line_of(item: Any) -> str:
+    """One item of a one-per-line list as its line: text as it is, a folder entry as its folder when it sets
+    nothing else, else as a one-line YAML mapping."""
+    if dataclasses.is_dataclass(item):
+        item = dataset_entry_to_dict(item)
+    if isinstance(item, Mapping):
+        if set(item) == {"image_dir"}:
+            return str(item["image_dir"])
+        return yaml.safe_dump([dict(item)], default_flow_style=True, width=10**6, sort_keys=False).strip()[1:-1]
+    return str(item)
+
+
+def _items_of(spec: FormField, text: str) -> List[Any]:
+    """A one-per-line widget's text as list items; with ``spec.mappings`` a line in braces is a YAML mapping."""
+    items: List[Any] = []
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line:
+            continue
+        if spec.mappings and line.startswith("{"):
+            try:
+                item = yaml.safe_load(line)
+            except yaml.YAMLError as exc:
+                raise ConfigError(
+                    f"{spec.label}, line {number}: {line!r} is not a YAML mapping such as "
+                    f"{{image_dir: /path, is_reg: true}} ({exc})."
+                ) from None
+            items.append(item)
+        else:
+            items.append(line)
+    return items
+
+
 def to_widget(value: Any, spec: Optional[FormField] = None) -> Any:
     """A config value as the widget shows it."""
+    if spec is not None and spec.lines:
+        items = [] if value is None else [value] if isinstance(value, (str, Mapping)) else list(value)
+        return "\n".join(_line_of(item) for item in items)
     if spec is not None and spec.kind == "checkbox":
         return bool(value)
     if spec is not None and spec.kind == "number":
@@ -152,6 +209,8 @@ def from_widget(spec: FormField, value: Any) -> Any:
         return None
     if spec.kind == "number" and isinstance(value, float) and spec.integer and value == int(value):
         return int(value)
+    if spec.lines and isinstance(value, str):
+        return _items_of(spec, value)
     if spec.kind == "text" and isinstance(value, str):
         value = value.strip()
         if spec.optional and not value:
@@ -181,8 +240,6 @@ def build_config(
     """Validate the form into a config (raises ConfigError naming the option at fault); an empty base model
     of an image run becomes ``default_base_model`` when given."""
     name = check_output_name(request.output_name)
-    if not (request.train_data_dir or "").strip():
-        raise ConfigError("Dataset folder is required: the folder with your training images.")
     raw: Dict[str, Any] = {
         "task_type": "image-generation" if cls is ImageConfig else "text-generation",
         "train_data_dir": request.train_data_dir.strip(),
@@ -192,6 +249,11 @@ def build_config(
     }
     for spec, value in zip(specs, values, strict=True):
         raw[spec.key] = from_widget(spec, value)
+    if not raw["train_data_dir"] and not raw.get("datasets"):
+        raise ConfigError(
+            "Dataset folder is required: the folder with your training images (or list folders under Advanced "
+            "options, Datasets)."
+        )
     return config_from_dict(raw, default_base_model=default_base_model)
 
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import re
+import struct
 import time
-from typing import Iterable, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from lora_trainer.jobs import CANCELLED, FAILED, FINISHED, IDLE, RUNNING, JobStatus
 
@@ -17,7 +20,12 @@ STATE_PREFIX = "state-"  # resumable training states, not LoRAs
 # The image trainer also writes each LoRA under diffusers' default name (image_trainer.FINAL_DIFFUSERS_NAME);
 # that copy has no alias of its own, so it is not listed.
 DIFFUSERS_COPY_NAME = "pytorch_lora_weights.safetensors"
-TABLE_HEADERS = ["LoRA", "Size (MB)", "Modified", "File"]
+TABLE_HEADERS = ["LoRA", "Trigger words / top tags", "Base model", "Size (MB)", "Modified", "File"]
+# The engine's intermediate saves (image_trainer: <name>-step00000100.safetensors) stay run details: they are
+# not in the host's Lora folder, so their <lora:...> tag would do nothing there.
+STEP_SAVE = re.compile(r"-step\d+$")
+TOP_TAGS = 5
+MAX_HEADER_BYTES = 100 * 2**20  # a safetensors JSON header larger than this is not a LoRA's
 
 STATE_TITLES = {IDLE: "Idle", RUNNING: "Running", FINISHED: "Finished", CANCELLED: "Cancelled", FAILED: "Failed"}
 
@@ -91,18 +99,85 @@ def find_lora_files(folder: str, depth: int = LIST_DEPTH) -> List[str]:
     return found
 
 
-def lora_table(folder: str, extra: Iterable[str] = ()) -> List[List[object]]:
-    """Rows for the finished-files table, newest first: files in ``folder`` plus ``extra`` (this session's runs)."""
-    paths = {os.path.abspath(p) for p in find_lora_files(folder)}
-    paths.update(os.path.abspath(p) for p in extra if os.path.isfile(p) and os.path.basename(p) != DIFFUSERS_COPY_NAME)
-    rows = []
-    for path in paths:
-        try:
-            stat = os.stat(path)
-        except OSError:  # deleted between listing and stat
-            continue
-        name = os.path.splitext(os.path.basename(path))[0]
-        modified = time.strftime("%Y-%m-%d %H:%M", time.localtime(stat.st_mtime))
-        rows.append((stat.st_mtime, [name, round(stat.st_size / 2**20, 2), modified, path]))
-    rows.sort(key=lambda r: r[0], reverse=True)
-    return [row for _, row in rows]
+def read_metadata(path: str) -> Dict[str, str]:
+    """The ``__metadata__`` of a safetensors file (its JSON header only, no tensors); {} when unreadable.
+
+    Format: 8-byte little-endian header length, then that many bytes of JSON (huggingface/safetensors)."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+            if len(head) != 8:
+                return {}
+            (size,) = struct.unpack("<Q", head)
+            if not 0 < size <= MAX_HEADER_BYTES:
+                return {}
+            header = json.loads(fh.read(size).decode("utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return {}
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    return {str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {}
+
+
+def top_tags(metadata: Dict[str, str], count: int = TOP_TAGS) -> str:
+    """The most frequent caption tags of the training set (sd-scripts' ``ss_tag_frequency``: JSON
+    ``{dataset folder: {tag: count}}``), comma-separated; the first is usually the trigger word."""
+    try:
+        folders = json.loads(metadata.get("ss_tag_frequency") or "{}")
+    except ValueError:
+        return ""
+    totals: Dict[str, float] = {}
+    if isinstance(folders, dict):
+        for tags in folders.values():
+            if isinstance(tags, dict):
+                for tag, n in tags.items():
+                    if isinstance(n, (int, float)):
+                        key = str(tag).strip()
+                        totals[key] = totals.get(key, 0) + n
+    ranked = sorted(totals.items(), key=lambda item: -item[1])  # stable: ties keep their first-seen order
+    return ", ".join(tag for tag, _n in ranked[:count] if tag)
+
+
+def base_model_name(metadata: Dict[str, str]) -> str:
+    """The checkpoint a LoRA was trained on (``ss_sd_model_name``; its file name when it is a path) and its
+    family (``ss_base_model_version``)."""
+    name = os.path.basename(metadata.get("ss_sd_model_name", "").rstrip("/\\"))
+    family = metadata.get("ss_base_model_version", "")
+    return f"{name} ({family})" if name and family else name or family
+
+
+class LoraCatalog:
+    """Rows for the "Finished LoRA files" table: one per LoRA the user can use, newest first.
+
+    A LoRA is usable where the host's Lora list finds it: the files in the Lora folder and its subfolders
+    (the standalone app's run folders), less training states, logs, caches, the diffusers-named copy and
+    intermediate step saves. Headers are read once per file version (path, size, mtime), not on every poll.
+    """
+
+    def __init__(self) -> None:
+        self._columns: Dict[Tuple[str, int, int], Tuple[str, str]] = {}
+
+    def rows(self, folder: str) -> List[List[object]]:
+        found = []
+        for path in find_lora_files(folder):
+            if STEP_SAVE.search(os.path.splitext(os.path.basename(path))[0]):
+                continue
+            try:
+                stat = os.stat(path)
+            except OSError:  # deleted between listing and stat
+                continue
+            key = (os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
+            if key not in self._columns:
+                metadata = read_metadata(path)
+                self._columns[key] = (top_tags(metadata), base_model_name(metadata))
+            tags, base = self._columns[key]
+            name = os.path.splitext(os.path.basename(path))[0]
+            modified = time.strftime("%Y-%m-%d %H:%M", time.localtime(stat.st_mtime))
+            row = [name, tags, base, round(stat.st_size / 2**20, 2), modified, os.path.abspath(path)]
+            found.append((stat.st_mtime, row))
+        found.sort(key=lambda r: r[0], reverse=True)
+        return [row for _, row in found]
+
+
+def lora_table(folder: str) -> List[List[object]]:
+    """The table's rows for ``folder`` (a fresh catalog: no header cache)."""
+    return LoraCatalog().rows(folder)

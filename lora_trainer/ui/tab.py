@@ -7,6 +7,7 @@ differences go through ``gradio_compat``; host differences through the ``UiBacke
 
 # No ``from __future__ import annotations`` here: gradio finds the ``evt: gr.SelectData`` argument of a handler
 # by its annotation, and not every supported gradio version resolves annotations written as strings.
+import dataclasses
 import logging
 import os
 import tempfile
@@ -17,7 +18,7 @@ import yaml
 from PIL import Image
 
 from lora_trainer.config import CommonConfig, ImageConfig, save_config_snapshot
-from lora_trainer.data.images import open_image
+from lora_trainer.data.images import list_image_paths, open_image
 from lora_trainer.errors import ConfigError, LoraTrainerError
 from lora_trainer.io.text_files import read_text
 from lora_trainer.jobs import FINISHED, JobRunner, JobStatus
@@ -27,6 +28,7 @@ from lora_trainer.ui.caption_panel import CaptionPanel
 from lora_trainer.ui.captioning import CaptionRunner
 from lora_trainer.ui.loss_plot import render_loss_plot
 from lora_trainer.ui.options import (
+    CACHE_SUBFOLDER,
     QUICK_CHECK_SUFFIX,
     FormField,
     FormRequest,
@@ -37,7 +39,14 @@ from lora_trainer.ui.options import (
     widget_values_from_mapping,
 )
 from lora_trainer.ui.start import start_training_run
-from lora_trainer.ui.status_view import TABLE_HEADERS, lora_table, main_lora_file, progress_text, try_it_prompt
+from lora_trainer.ui.status_view import (
+    TABLE_HEADERS,
+    LoraCatalog,
+    main_lora_file,
+    progress_text,
+    try_it_prompt,
+)
+from lora_trainer.ui.wording import TabWording
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +54,7 @@ POLL_SECONDS = 1.0
 OPTIONS_PER_ROW = 4
 PREVIEW_HEIGHT = 260  # pixels, about the loss plot's height
 PREVIEWS_SHOWN = 8  # the newest previews; older ones stay on disk
+LIST_LINES = 3  # visible lines of a one-item-per-line option (sample_prompts, datasets)
 ELEM = "lora_trainer_"  # elem_id prefix: stable selectors for CSS, the WebUI's JS and browser tests
 
 
@@ -52,15 +62,19 @@ def _rows(items: Sequence[FormField], size: int) -> List[Sequence[FormField]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
-def _make_widget(spec: FormField) -> Any:
-    """The gradio component of one generated option."""
-    common = {"label": spec.label, "info": spec.doc, "elem_id": f"{ELEM}opt_{spec.key}"}
+def _make_widget(spec: FormField, wording: TabWording, visible: bool = True) -> Any:
+    """The gradio component of one generated option (its help text in the tab's words)."""
+    common: Dict[str, Any] = {"label": spec.label, "info": wording.say(spec.doc), "elem_id": f"{ELEM}opt_{spec.key}"}
+    if not visible:
+        common["visible"] = False
     if spec.kind == "checkbox":
         return gr.Checkbox(value=spec.default, **common)
     if spec.kind == "dropdown":
         return gr.Dropdown(choices=list(spec.choices), value=spec.default, **common)
     if spec.kind == "number":
         return gr.Number(value=spec.default, precision=0 if spec.integer else None, **common)
+    if spec.lines:  # prompts, folders: one per line
+        return gr.Textbox(value=spec.default, lines=LIST_LINES, max_lines=4 * LIST_LINES, **common)
     return gr.Textbox(value=spec.default, placeholder="default" if spec.optional else None, max_lines=1, **common)
 
 
@@ -90,6 +104,10 @@ class TrainerTab:
         self.captions = captions or CaptionRunner(self.runner)  # caption jobs on the same runner
         self.config_cls = config_cls
         self.specs = form_fields(config_cls)
+        self.wording = TabWording.for_fields(self.specs)
+        self.hidden = set(backend.hidden_options())  # options the host decides (its precision, say)
+        self.catalog = LoraCatalog()
+        self._published: Dict[int, str] = {}  # job id -> the LoRA file the user will use (Lora folder)
         self.yaml_dir: Optional[str] = None  # made on the first save: configs offered for download
         self.blocks = self._build()
 
@@ -103,6 +121,7 @@ class TrainerTab:
                     elem_id=f"{ELEM}dataset",
                     max_lines=1,
                     placeholder="/path/to/images (captions: .txt beside each image or metadata.csv)",
+                    info="More folders (regularisation, validation, own repeats): Advanced options, Datasets.",
                 )
                 self.output_name = gr.Textbox(
                     label="Output name",
@@ -129,7 +148,7 @@ class TrainerTab:
             for row in _rows(basic, OPTIONS_PER_ROW):
                 with gr.Row():
                     for spec in row:
-                        self.widgets[spec.key] = _make_widget(spec)
+                        self.widgets[spec.key] = _make_widget(spec, self.wording, spec.key not in self.hidden)
             with gr.Accordion("Advanced options", open=False, elem_id=f"{ELEM}advanced"):
                 self.output_dir = gr.Textbox(
                     label="Output folder",
@@ -140,7 +159,7 @@ class TrainerTab:
                 for row in _rows(advanced, OPTIONS_PER_ROW):
                     with gr.Row():
                         for spec in row:
-                            self.widgets[spec.key] = _make_widget(spec)
+                            self.widgets[spec.key] = _make_widget(spec, self.wording, spec.key not in self.hidden)
             with gr.Accordion("Load / save config (YAML)", open=False, elem_id=f"{ELEM}yaml"):
                 with gr.Row():
                     self.yaml_upload = gr.File(
@@ -181,6 +200,7 @@ class TrainerTab:
             self.lora_list = gr.Dataframe(
                 label="Finished LoRA files (select one to try it)",
                 elem_id=f"{ELEM}lora_list",
+                value=compat.table_value(TABLE_HEADERS, []),  # column names, not "1 2 3", while empty
                 **compat.dataframe_kwargs(TABLE_HEADERS),
             )
             with gr.Row():
@@ -192,6 +212,9 @@ class TrainerTab:
                 if send_js:
                     send = gr.Button("Send to txt2img", elem_id=f"{ELEM}send_to_txt2img")
                     send.click(None, inputs=[self.try_it], outputs=None, **compat.js_kwargs(send_js))
+            # Set by the poll once a run's LoRA is published; its change event makes the host's page list it
+            # (the host's own Lora refresh, done in the browser: backend.refresh_loras_js).
+            self.published = gr.Textbox("", visible=compat.in_page_hidden(), elem_id=f"{ELEM}published")
             self.seen = gr.State({})
             self._wire(blocks)
         return blocks
@@ -226,11 +249,23 @@ class TrainerTab:
             ],
         )
         self.lora_list.select(self.pick_lora, inputs=[self.lora_list], outputs=[self.try_it])
+        refresh_js = self.backend.refresh_loras_js()
+        if refresh_js:
+            self.published.change(None, inputs=[self.published], outputs=None, **compat.js_kwargs(refresh_js))
         compat.poll(self.poll, inputs=[self.seen], outputs=self.poll_outputs, seconds=POLL_SECONDS, blocks=blocks)
 
     @property
     def poll_outputs(self) -> List[Any]:
-        return [self.progress, self.loss_plot, self.gallery, self.lora_list, self.try_it, self.model_info, self.seen]
+        return [
+            self.progress,
+            self.loss_plot,
+            self.gallery,
+            self.lora_list,
+            self.try_it,
+            self.model_info,
+            self.published,
+            self.seen,
+        ]
 
     # --- handlers ------------------------------------------------------------------------------------------
     def _config_from_form(
@@ -243,7 +278,7 @@ class TrainerTab:
             output_name=name,
             output_dir=output_dir,
         )
-        return build_config(
+        cfg = build_config(
             request,
             self.specs,
             values,
@@ -251,6 +286,34 @@ class TrainerTab:
             cls=self.config_cls,
             default_base_model=self.backend.default_base_model(),
         )
+        if isinstance(cfg, ImageConfig) and not cfg.cache_dir:
+            # Never write into the user's dataset folder unless asked: the cache lives with the run.
+            cfg = dataclasses.replace(cfg, cache_dir=os.path.join(cfg.output_dir, CACHE_SUBFOLDER))
+        return cfg
+
+    def _check_inputs(self, cfg: CommonConfig, base_model: str) -> None:
+        """What would fail a run early, checked before saying it started (raises ConfigError, tab labels)."""
+        folders = [("Dataset folder", cfg.train_data_dir)] if cfg.train_data_dir else []
+        folders += [("Datasets", entry.image_dir) for entry in getattr(cfg, "datasets", None) or []]
+        for label, folder in folders:
+            self._check_folder(label, folder)
+        typed = (base_model or "").strip()
+        if self.base_model.visible and _looks_local(typed) and not os.path.exists(typed):
+            raise ConfigError(f'"Base model" `{typed}` does not exist: give a diffusers folder or a checkpoint file.')
+
+    @staticmethod
+    def _check_folder(label: str, folder: str) -> None:
+        if not os.path.isdir(folder):
+            raise ConfigError(f'"{label}" `{folder}` does not exist or is not a folder.')
+        try:
+            images = list_image_paths(folder)
+        except OSError as exc:
+            raise ConfigError(f'"{label}" `{folder}` cannot be read: {exc}') from None
+        if not images:
+            raise ConfigError(
+                f'"{label}" `{folder}` has no images: add .png, .jpg or .webp files '
+                "(sub-folders named like 10_style are read too)."
+            )
 
     def _start(
         self,
@@ -265,6 +328,7 @@ class TrainerTab:
         label = "Quick check" if quick else "Train"
         try:
             cfg = self._config_from_form(dataset, base_model, output_name, output_dir, values)
+            self._check_inputs(cfg, base_model)
             if quick:  # its own name and folder: a quick check never touches the real run's files
                 quick_name = (cfg.output_name or "lora") + QUICK_CHECK_SUFFIX
                 cfg = quick_check_config(cfg, self.backend.default_output_dir(quick_name))
@@ -275,13 +339,15 @@ class TrainerTab:
                 label=label,
                 overwrite=quick or overwrite,  # a quick check replaces its own earlier one
                 how_to_overwrite='tick "Overwrite an existing LoRA of the same name"',
+                drop_old_states=not quick,  # overwriting a LoRA drops its earlier run's states
             )
+            self._published[started.job.status().job_id] = started.lora_file
         except LoraTrainerError as exc:
-            return f"**{label} not started:** {exc}"
+            return f"**{label} not started:** {self.wording.say(str(exc))}"
         except Exception as exc:  # a bug must not leave the button dead without a word
             log.exception("Could not start training")
             return f"**{label} not started:** unexpected error {type(exc).__name__}: {exc}"
-        text = f"**{label} started:** {cfg.output_name} → `{cfg.output_dir}`."
+        text = f"**{label} started:** {cfg.output_name}; the LoRA will be `{started.lora_file}`."
         return f"{text}\n\n{started.memory_estimate}" if started.memory_estimate else text
 
     def start_training(
@@ -358,28 +424,71 @@ class TrainerTab:
                 seen[key] = marker
                 out.append(make())
 
-        text = progress_text(status)
+        text = progress_text(self._shown_status(status))
         send("progress", text, lambda: text)
-        send("plot", (status.job_id, len(status.losses)), lambda: render_loss_plot(status.loss_steps, status.losses))
+        send(
+            "plot",
+            (status.job_id, len(status.losses), len(status.validation_losses)),
+            lambda: render_loss_plot(
+                status.loss_steps, status.losses, validation=(status.validation_steps, status.validation_losses)
+            ),
+        )
         send("previews", (status.job_id, status.previews), lambda: _load_previews(status.previews))
-        rows = lora_table(self.backend.lora_dir(), self.runner.finished_files)
-        send("files", rows, lambda: rows)
+        rows = self.catalog.rows(self.backend.lora_dir())
+        send("files", rows, lambda: compat.table_value(TABLE_HEADERS, rows))
         out.append(self._try_it_update(status, seen))
         model_text = self.backend.describe_model()
         send("model", model_text, lambda: compat.update(value=model_text or ""))
+        published = self._published_marker(status)
+        send("published", published, lambda: published)
         out.append(seen)
         return out
 
-    @staticmethod
-    def _try_it_update(status: JobStatus, seen: Dict[str, Any]) -> Any:
+    def _published_file(self, status: JobStatus) -> Optional[str]:
+        """The file a finished run's user will use, once it is there (the Lora folder's copy in a WebUI)."""
+        if status.state != FINISHED:
+            return None
+        path = self._published.get(status.job_id) or main_lora_file(status.output_files, status.output_name)
+        return path if path and os.path.isfile(path) else None
+
+    def _published_marker(self, status: JobStatus) -> str:
+        path = self._published_file(status)
+        return f"{status.job_id}:{os.path.basename(path)}" if path else ""
+
+    def _shown_status(self, status: JobStatus) -> JobStatus:
+        """The status in the tab's words; a finished run says where its LoRA is and the tag to type."""
+        path = self._published_file(status)
+        if path is None:
+            return dataclasses.replace(status, message=self.wording.say(status.message))
+        message = (
+            f"Your LoRA: {path}\nType {try_it_prompt(path)} in a prompt to use it. "
+            f"Run details (training states, logs, previews): {status.output_dir}"
+        )
+        return dataclasses.replace(status, message=message)
+
+    def _try_it_update(self, status: JobStatus, seen: Dict[str, Any]) -> Any:
         """Fill "Try it" once when a run finishes; afterwards the user's edits stay."""
         if status.state != FINISHED or seen.get("try_it") == status.job_id:
             return compat.no_change()
-        path = main_lora_file(status.output_files, status.output_name)
+        path = self._published.get(status.job_id) or main_lora_file(status.output_files, status.output_name)
         if path is None:
             return compat.no_change()
         seen["try_it"] = status.job_id
         return try_it_prompt(path)
+
+
+def _looks_local(typed: str) -> bool:
+    """A path on this machine rather than a Hugging Face repo id (``owner/name``)."""
+    if not typed:
+        return False
+    lowered = typed.lower()
+    return (
+        os.path.isabs(typed)
+        or typed.startswith((".", "~"))
+        or "\\" in typed
+        or typed.count("/") > 1
+        or lowered.endswith((".safetensors", ".ckpt", ".bin", ".pt", ".pth"))
+    )
 
 
 def build_tab(
