@@ -163,6 +163,9 @@ def test_inputs_are_checked_before_anything_starts(tab, tmp_path):
     assert "train_data_dir" not in missing and "GiB" not in missing
     (tmp_path / "empty").mkdir()
     assert "has no images" in tab.start_training(*form(tab, tmp_path, data=tmp_path / "empty"))
+    # folders listed under Datasets (the Dataset folder left empty) are checked the same way
+    listed = tab.start_training(*form(tab, tmp_path, data="", datasets=str(tmp_path / "elsewhere")))
+    assert "not started" in listed and '"Datasets"' in listed and "elsewhere" in listed
     no_model = tab.start_quick_check(*form(tab, tmp_path, model=tmp_path / "gone.safetensors"))
     assert "not started" in no_model and '"Base model"' in no_model
     assert tab.runner.status().state == "idle"

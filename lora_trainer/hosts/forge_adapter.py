@@ -40,9 +40,7 @@ from lora_trainer.errors import ConfigError
 from lora_trainer.export.kohya_names import text_lora_name, unet_lora_name_from_ldm
 from lora_trainer.hosts.ldm_adapter import (
     HOST_CHECKPOINT_FLAGS,
-    TEXT_BLOCKS,
-    UNET_BLOCKS,
-    _checkpointed,
+    checkpoint_host_blocks,
     checkpoint_info_value,
     ldm_unet_layout,
     ldm_unet_targets,
@@ -417,13 +415,7 @@ class ForgeHostAdapter(DiffusionAdapter):
 
     def enable_gradient_checkpointing(self, text_encoders: bool) -> None:
         self._begin_training()
-        roots: List[Tuple[nn.Module, Tuple[str, ...]]] = [(self.unet, UNET_BLOCKS)]
-        if text_encoders:
-            roots += [(module, TEXT_BLOCKS) for module in self.text_encoder_modules()]
-        for root, block_names in roots:
-            for module in root.modules():
-                if type(module).__name__ in block_names:
-                    self._changes.wrap_forward(module, _checkpointed)
+        checkpoint_host_blocks(self._changes, self.unet, self.text_encoder_modules() if text_encoders else [])
 
     def restore(self) -> None:
         """Undo every change training made: flags, modes, wrapped forwards, attention and checkpoint switches."""

@@ -169,6 +169,17 @@ def _checkpointed(forward: Callable) -> Callable:
     return run
 
 
+def checkpoint_host_blocks(changes: ModuleChanges, unet: nn.Module, text_modules: Sequence[nn.Module]) -> None:
+    """Wrap the forward of every UNet block (and of the given text encoders' blocks) in non-reentrant
+    checkpointing, recorded in ``changes`` so that ``changes.undo()`` takes it off again."""
+    roots: List[Tuple[nn.Module, Tuple[str, ...]]] = [(unet, UNET_BLOCKS)]
+    roots += [(module, TEXT_BLOCKS) for module in text_modules]
+    for root, block_names in roots:
+        for module in root.modules():
+            if type(module).__name__ in block_names:
+                changes.wrap_forward(module, _checkpointed)
+
+
 # ---------------------------------------------------------------- the adapter
 
 
@@ -426,13 +437,7 @@ class LdmHostAdapter(DiffusionAdapter):
 
     def enable_gradient_checkpointing(self, text_encoders: bool) -> None:
         self._begin_training()
-        roots: List[Tuple[nn.Module, Tuple[str, ...]]] = [(self.unet, UNET_BLOCKS)]
-        if text_encoders:
-            roots += [(module, TEXT_BLOCKS) for module in self.text_encoder_modules()]
-        for root, block_names in roots:
-            for module in root.modules():
-                if type(module).__name__ in block_names:
-                    self._changes.wrap_forward(module, _checkpointed)
+        checkpoint_host_blocks(self._changes, self.unet, self.text_encoder_modules() if text_encoders else [])
 
     def restore(self) -> None:
         """Undo every change training made: flags, modes, wrapped forwards, host checkpointing switches."""
