@@ -8,8 +8,9 @@ from waiting import CEILING_S
 
 gr = pytest.importorskip("gradio")
 
+from support.captioners import build_tiny_wd14, write_test_images  # noqa: E402
+
 from lora_trainer.caption.base import CallableCaptioner  # noqa: E402
-from lora_trainer.caption.testing import build_tiny_wd14, write_test_images  # noqa: E402
 from lora_trainer.data.captions import read_metadata_csv, read_sidecar  # noqa: E402
 from lora_trainer.jobs import JobRunner  # noqa: E402
 from lora_trainer.train.run import TrainingResult  # noqa: E402
