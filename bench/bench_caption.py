@@ -15,16 +15,19 @@ import tempfile
 import time
 from typing import List, Sequence
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.join(REPO, "tests"))  # the tests' builders: support.captioners
 
-from lora_trainer.caption.base import Captioner  # noqa: E402
-from lora_trainer.caption.registry import CaptionerOptions, load_captioner  # noqa: E402
-from lora_trainer.caption.testing import (  # noqa: E402
+from support.captioners import (  # noqa: E402
     build_tiny_blip,
     build_tiny_clip,
     build_tiny_wd14,
     write_test_images,
 )
+
+from lora_trainer.caption.base import Captioner  # noqa: E402
+from lora_trainer.caption.registry import CaptionerOptions, load_captioner  # noqa: E402
 from lora_trainer.data.images import load_rgb  # noqa: E402
 
 # Bigger than the test models, so that per-call overheads do not dominate; still seconds to build on a CPU.

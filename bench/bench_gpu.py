@@ -104,7 +104,7 @@ def clip_text_config(hidden: int, layers: int, act: str, projection: Optional[in
 @dataclass(frozen=True)
 class ModelCase:
     name: str
-    arch: str  # tests/tiny_models.py's family name
+    arch: str  # tests/support/tiny_models.py's family name
     resolution: int
     vram_goal_gb: float
     gradient_checkpointing: bool  # what a user of this model on a consumer GPU runs with
@@ -135,7 +135,7 @@ def build_inputs(name: str, tiny: bool, device_name: str, checkpoint: str, data:
     """Write the random checkpoint (fp16 single file) and the image folder."""
     import torch
     from safetensors.torch import save_file
-    from tiny_models import (
+    from support.tiny_models import (
         TinyPipelineParts,
         _perturb_zero_outputs,
         build_tiny,

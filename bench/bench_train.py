@@ -68,7 +68,7 @@ def build_checkpoint(path: str) -> None:
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from safetensors.torch import save_file
-    from tiny_models import TinyPipelineParts, _perturb_zero_outputs, to_single_file_state
+    from support.tiny_models import TinyPipelineParts, _perturb_zero_outputs, to_single_file_state
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(0)
@@ -84,7 +84,7 @@ def build_checkpoint(path: str) -> None:
 
 
 def make_images(folder: str, count: int) -> None:
-    from tiny_models import make_image_folder
+    from support.tiny_models import make_image_folder
 
     make_image_folder(folder, count=count, size=(320, 256), captions=[f"photo {i}, bench style" for i in range(count)])
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Callable, List, Optional
+from typing import List, Optional
 
-from lora_trainer.errors import LoraTrainerError
+from lora_trainer.errors import exit_status_of
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -61,18 +61,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     download.set_defaults(func=None)
     return parser
-
-
-def exit_status_of(action: Callable[[], int]) -> int:
-    """Run a command; problems a user can fix become one ``error: ...`` line and exit status 2."""
-    try:
-        return action()
-    except LoraTrainerError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import math
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Type
@@ -20,9 +21,13 @@ import yaml
 from lora_trainer.errors import ConfigError
 from lora_trainer.hub.reference import as_hub_reference
 from lora_trainer.io.text_files import read_text
-from lora_trainer.lora.registry import NETWORK_TYPE_NAMES
+from lora_trainer.lora.registry import DEFAULT_LORA_RANK, NETWORK_TYPE_NAMES
 
 TASK_TYPES = ("image-generation", "text-generation")
+OUTPUT_NAME_MAX_CHARS = 120
+# Letters (any script), digits, and _ first; then also spaces and . ( ) + -: no path separators, nothing that
+# ends the <lora:name:weight> prompt syntax (:, <, >), nothing a Windows file name refuses.
+_SAFE_OUTPUT_NAME = re.compile(r"^\w[\w .()+\-]*$")
 PROMPT_FILE_EXTENSIONS = (".txt", ".json", ".toml")  # sd-scripts' prompt files
 # sd-scripts' sample_sampler names (the k_ ones are aliases of the plain ones).
 SAMPLE_SAMPLERS = (
@@ -80,7 +85,10 @@ class CommonConfig:
     output_dir: str = option("./output", "Where the LoRA, training states, config snapshot and logs go.")
     output_name: Optional[str] = option(None, "File stem of the saved LoRA; defaults to the output folder's name.")
     lora_rank: Optional[int] = option(
-        None, "LoRA rank (network dim). Image default 8, text default 8.", minimum=1, maximum=4096
+        None,
+        f"LoRA rank (network dim). Image default {DEFAULT_LORA_RANK}, text default {DEFAULT_LORA_RANK}.",
+        minimum=1,
+        maximum=4096,
     )
     lora_alpha: Optional[float] = option(
         None,
@@ -418,7 +426,7 @@ PATH_KEYS = (
 )
 
 
-def fields_of(cls: Type[CommonConfig]) -> Dict[str, dataclasses.Field]:
+def fields_of(cls: type) -> Dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(cls)}
 
 
@@ -683,6 +691,27 @@ def save_config_snapshot(cfg: CommonConfig, path: str) -> None:
     from lora_trainer.io.atomic import atomic_write_text
 
     atomic_write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False, allow_unicode=True))
+
+
+def lora_rank_of(cfg: CommonConfig) -> int:
+    """The rank the run trains: ``lora_rank``, or ``DEFAULT_LORA_RANK`` when it is left out."""
+    return cfg.lora_rank if cfg.lora_rank is not None else DEFAULT_LORA_RANK
+
+
+def check_output_name(name: str) -> str:
+    """The LoRA's file stem and ``<lora:name>`` alias, stripped (a trailing ``.safetensors`` dropped); ConfigError
+    for what could escape the output folder or confuse the WebUI's Lora list. The one rule for every front end."""
+    name = (name or "").strip()
+    if not name:
+        raise ConfigError("Output name is required: it becomes the file name and the <lora:name> alias.")
+    if name.lower().endswith(".safetensors"):
+        name = name[: -len(".safetensors")]
+    if not _SAFE_OUTPUT_NAME.match(name) or ".." in name or len(name) > OUTPUT_NAME_MAX_CHARS:
+        raise ConfigError(
+            f"Output name {name!r} is not allowed: use letters, digits, spaces and _ . ( ) + - "
+            f"(no path separators, no leading dot, at most {OUTPUT_NAME_MAX_CHARS} characters)."
+        )
+    return name
 
 
 def resolved_output_name(cfg: CommonConfig) -> str:

@@ -8,13 +8,13 @@ from typing import Any, Dict, List, Optional, Type
 
 import yaml
 
-from lora_trainer.config import CommonConfig
+from lora_trainer.config import DEFAULT_LORA_RANK, CommonConfig
 
 SEED_VALUES: Dict[str, Any] = {
     "train_data_dir": "./data/cyberpunk_train",
     "metadata_path": "./data/cyberpunk_train/metadata.csv",
     "base_model": "./models/Stable-diffusion/v1-5-pruned.safetensors",
-    "lora_rank": 8,
+    "lora_rank": DEFAULT_LORA_RANK,
     "batch_size": 4,
     "epochs": 10,
     "learning_rate": 2e-4,

@@ -1,5 +1,8 @@
 """Errors a user can act on. Each message names the file, key or value at fault and what to do."""
 
+import sys
+from typing import Callable
+
 
 class LoraTrainerError(Exception):
     """Base class: the CLI prints these without a traceback."""
@@ -23,3 +26,16 @@ class TrainingStopped(LoraTrainerError):
 
 class TrainingCancelled(LoraTrainerError):
     """The user cancelled; the last good save is kept."""
+
+
+def exit_status_of(action: Callable[[], int]) -> int:
+    """Run a command-line action; problems a user can fix become one ``error: ...`` line and exit status 2,
+    Ctrl+C status 130. Here (not in ``cli``) so that every command's module can use it without a cycle."""
+    try:
+        return action()
+    except LoraTrainerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import torch
-from image_fixtures import REPO
+from support.image_fixtures import REPO
 
 sys.path.insert(0, os.path.join(REPO, "bench"))
 
@@ -34,7 +34,7 @@ def test_reduced_mode_prints_the_table_for_both_models(tmp_path):
 
 def _meta_parts(name):
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from tiny_models import TinyPipelineParts
+    from support.tiny_models import TinyPipelineParts
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     with torch.device("meta"):
@@ -53,7 +53,7 @@ def _meta_parts(name):
 
 
 def test_full_size_models_are_sd15_and_sdxl_as_our_loader_reads_them():
-    from tiny_models import to_single_file_state
+    from support.tiny_models import to_single_file_state
 
     from lora_trainer.models.architecture import infer_spec
 

@@ -4,9 +4,9 @@ import os
 import subprocess
 import sys
 
+from support.captioners import build_tiny_wd14, write_test_images
 from waiting import CEILING_S
 
-from lora_trainer.caption.testing import build_tiny_wd14, write_test_images
 from lora_trainer.data.captions import read_metadata_csv
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

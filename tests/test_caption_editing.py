@@ -3,6 +3,7 @@
 import os
 
 import pytest
+from support.captioners import write_test_images
 
 from lora_trainer.caption.editing import (
     add_trigger_word,
@@ -11,7 +12,6 @@ from lora_trainer.caption.editing import (
     remove_trigger_word,
     save_caption_rows,
 )
-from lora_trainer.caption.testing import write_test_images
 from lora_trainer.data.captions import read_metadata_csv, read_sidecar
 from lora_trainer.errors import DatasetError
 

@@ -3,13 +3,13 @@
 import os
 
 import pytest
+from support.captioners import build_tiny_blip, build_tiny_clip, build_tiny_wd14, write_test_images
 
 from lora_trainer.caption.base import CaptionerUnavailable
 from lora_trainer.caption.blip import BLIP_WEIGHTS
 from lora_trainer.caption.cli import main as caption_main
 from lora_trainer.caption.registry import CaptionerOptions, detect_kind, load_captioner
 from lora_trainer.caption.run import CaptionRunOptions, caption_folder
-from lora_trainer.caption.testing import build_tiny_blip, build_tiny_clip, build_tiny_wd14, write_test_images
 from lora_trainer.caption.wd14 import select_tags, tag_to_text
 from lora_trainer.data.captions import read_metadata_csv
 

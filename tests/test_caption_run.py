@@ -7,11 +7,11 @@ test_caption_models.py.
 import os
 
 import pytest
+from support.captioners import write_test_images
 
 from lora_trainer.caption.base import CallableCaptioner
 from lora_trainer.caption.run import CaptionRunOptions, caption_folder
 from lora_trainer.caption.tags import add_trigger, format_tag_summary, split_tags, tag_frequencies
-from lora_trainer.caption.testing import write_test_images
 from lora_trainer.data.captions import read_metadata_csv, read_sidecar
 from lora_trainer.errors import DatasetError
 

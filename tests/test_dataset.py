@@ -2,8 +2,8 @@
 
 import os
 
-from image_fixtures import image_config
-from tiny_models import make_image_folder
+from support.image_fixtures import image_config
+from support.tiny_models import make_image_folder
 
 from lora_trainer.data.buckets import make_buckets, nearest_bucket
 from lora_trainer.data.dataset import ImageCaptionDataset

@@ -8,9 +8,9 @@ import random
 import numpy as np
 import pytest
 import torch
-from image_fixtures import image_config
 from PIL import Image
-from tiny_models import make_image_folder
+from support.image_fixtures import image_config
+from support.tiny_models import make_image_folder
 
 from lora_trainer.config import config_from_dict
 from lora_trainer.data.buckets import no_upscale_bucket

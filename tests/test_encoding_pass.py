@@ -5,8 +5,8 @@ import os
 
 import pytest
 import torch
-from image_fixtures import image_config, tiny_checkpoint, train
-from tiny_models import make_image_folder
+from support.image_fixtures import image_config, tiny_checkpoint, train
+from support.tiny_models import make_image_folder
 
 from lora_trainer.data.dataset import ImageCaptionDataset, Sample
 from lora_trainer.data.images import ImageFile

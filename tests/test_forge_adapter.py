@@ -13,9 +13,9 @@ import os
 import forge_standin as standin
 import pytest
 import torch
-from image_fixtures import StopAfter, image_config, tiny_checkpoint
 from safetensors.torch import load_file
-from tiny_models import make_image_folder
+from support.image_fixtures import StopAfter, image_config, tiny_checkpoint
+from support.tiny_models import make_image_folder
 
 from lora_trainer.hosts import forge_adapter
 from lora_trainer.hosts.forge_adapter import ForgeHostAdapter

@@ -21,9 +21,9 @@ import weakref
 import forge_standin as standin
 import pytest
 import torch
-from image_fixtures import tiny_checkpoint
 from safetensors import safe_open
-from tiny_models import make_image_folder
+from support.image_fixtures import tiny_checkpoint
+from support.tiny_models import make_image_folder
 
 from lora_trainer.config import config_from_dict
 from lora_trainer.hosts.webui import WebUIBackend
@@ -150,8 +150,8 @@ def test_an_unloaded_forge_loads_its_checkpoint_for_a_run_and_says_the_plan(forg
     backend = WebUIBackend()
     assert "none is loaded yet" in backend.describe_model()
     cfg = run_config(forge, WebUIBackend())  # Train: Forge loads the model as a generation would
-    kwargs = backend.make_backend_kwargs(cfg)
-    assert forge.events == ["reload"] and kwargs["plan"].in_place and "adapter" not in kwargs
+    made_backend = backend.training_backend(cfg)
+    assert forge.events == ["reload"] and made_backend.plan.in_place and made_backend.adapter is None
     text = backend.describe_model()
     assert "`tiny_sd1` (SD1, epsilon)" in text and "in place on the weights Forge holds" in text
     assert "clip skip 2" in text
@@ -183,7 +183,7 @@ def test_a_run_trains_in_place_publishes_and_makes_forge_read_the_new_file(forge
     runner = JobRunner(trainer=backend.train, hooks=backend.job_hooks())
     torch.set_num_threads(2)
     cfg = run_config(forge, backend)
-    job = runner.start(cfg, backend_kwargs=backend.make_backend_kwargs(cfg))
+    job = runner.start(cfg, backend=backend.training_backend(cfg))
     assert job.wait(600)
     status = job.status()
     assert status.state == FINISHED, status.message
@@ -241,7 +241,7 @@ def test_a_model_forge_keeps_off_the_gpu_trains_from_the_file_and_comes_back(for
         trainer=lambda cfg, callbacks, **kw: backend.train(cfg, [*callbacks, Probe()], **kw), hooks=backend.job_hooks()
     )
     torch.set_num_threads(2)
-    job = runner.start(cfg, backend_kwargs=backend.make_backend_kwargs(cfg))
+    job = runner.start(cfg, backend=backend.training_backend(cfg))
     assert job.wait(600)
     status = job.status()
     assert status.state == FINISHED, status.message
@@ -261,7 +261,7 @@ def test_what_neither_path_can_train_is_refused_before_any_work(forge):
     backend = WebUIBackend()
     assert "Cannot train here" in backend.describe_model()
     with pytest.raises(Exception, match="only epsilon and v-prediction"):
-        backend.make_backend_kwargs(run_config(forge, backend))
+        backend.training_backend(run_config(forge, backend))
 
 
 def test_the_tab_makes_the_folder_forge_saves_shown_images_into(forge):

@@ -17,9 +17,9 @@ import sys
 
 import pytest
 from hub_standin import REPO, StandinHub, child_env, folder_files
+from support.captioners import build_tiny_blip, write_test_images
 from waiting import CEILING_S
 
-from lora_trainer.caption.testing import build_tiny_blip, write_test_images
 from lora_trainer.data.captions import read_metadata_csv
 from lora_trainer.models.hub_models import DEFAULT_BASE_MODEL
 
@@ -67,7 +67,7 @@ def test_the_seed_auto_label_command_downloads_the_default_captioner_and_caption
 
 def test_with_no_base_model_the_command_line_trains_the_default_sd15_from_the_hub(tmp_path, cache, capsys):
     from safetensors import safe_open
-    from tiny_models import build_tiny, make_image_folder, save_diffusers_folder
+    from support.tiny_models import build_tiny, make_image_folder, save_diffusers_folder
 
     from lora_trainer.cli import main
 
@@ -100,7 +100,7 @@ def test_with_no_base_model_the_command_line_trains_the_default_sd15_from_the_hu
 
 
 def test_a_single_file_reference_fetches_the_file_and_its_yaml_and_loads_offline(tmp_path, cache):
-    from image_fixtures import tiny_checkpoint
+    from support.image_fixtures import tiny_checkpoint
 
     from lora_trainer.config import config_from_dict
     from lora_trainer.models.hub_models import resolve_base_model
@@ -129,7 +129,7 @@ def test_a_single_file_reference_fetches_the_file_and_its_yaml_and_loads_offline
 
 
 def test_the_text_route_takes_a_hub_id_for_the_model_and_its_tokenizer(tmp_path, cache):
-    from test_text_support import build_tiny_lm, capitals_records, cpu_runtime, text_config, write_jsonl
+    from support.text_models import build_tiny_lm, capitals_records, cpu_runtime, text_config, write_jsonl
 
     from lora_trainer.text.trainer import train_text
 

@@ -6,8 +6,8 @@ import sys
 
 import pytest
 import torch
-from image_fixtures import REPO, image_config, tiny_checkpoint, train
-from tiny_models import make_image_folder
+from support.image_fixtures import REPO, image_config, tiny_checkpoint, train
+from support.tiny_models import make_image_folder
 from waiting import CEILING_S
 
 from lora_trainer.config import config_from_dict

@@ -7,9 +7,9 @@ import subprocess
 import sys
 
 import yaml
-from image_fixtures import REPO, tiny_checkpoint
 from safetensors.torch import load_file
-from tiny_models import make_image_folder
+from support.image_fixtures import REPO, tiny_checkpoint
+from support.tiny_models import make_image_folder
 from waiting import CEILING_S
 
 

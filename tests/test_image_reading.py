@@ -7,8 +7,8 @@ import zlib
 
 import numpy as np
 import pytest
-from image_fixtures import image_config
 from PIL import Image
+from support.image_fixtures import image_config
 
 from lora_trainer.data.dataset import ImageCaptionDataset
 from lora_trainer.data.encoding_cache import EncodingCache

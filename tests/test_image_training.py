@@ -7,10 +7,10 @@ import sys
 
 import torch
 import yaml
-from image_fixtures import REPO, StopAfter, image_config, tiny_checkpoint, train
 from safetensors import safe_open
 from safetensors.torch import load_file
-from tiny_models import make_image_folder
+from support.image_fixtures import REPO, StopAfter, image_config, tiny_checkpoint, train
+from support.tiny_models import make_image_folder
 from waiting import CEILING_S
 
 from lora_trainer.export.lora_file import safetensors_data_hash

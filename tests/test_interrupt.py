@@ -13,9 +13,9 @@ import threading
 
 import pytest
 import torch
-from image_fixtures import REPO, tiny_checkpoint
 from safetensors import safe_open
-from tiny_models import make_image_folder
+from support.image_fixtures import REPO, tiny_checkpoint
+from support.tiny_models import make_image_folder
 from waiting import CEILING_S
 
 from lora_trainer.io.atomic import atomic_directory, atomic_path
@@ -123,6 +123,7 @@ def test_a_second_signal_quits_at_once_without_saving(tmp_path, checkpoint, caps
     run would save after this step), then Ctrl+C before that step has ended."""
     from lora_trainer.cli import main
     from lora_trainer.train import callbacks, run
+    from lora_trainer.train.backend import TrainingBackend
     from lora_trainer.train.runtime import LocalRuntime
 
     config = write_config(tmp_path, checkpoint)
@@ -134,7 +135,9 @@ def test_a_second_signal_quits_at_once_without_saving(tmp_path, checkpoint, caps
         signal.raise_signal(signal.SIGINT)
 
     monkeypatch.setattr(callbacks.TqdmProgress, "on_step_end", two_signals)
-    monkeypatch.setattr(run, "run_training", lambda cfg, callbacks: training(cfg, callbacks, LocalRuntime(CPU)))
+    monkeypatch.setattr(
+        run, "run_training", lambda cfg, callbacks: training(cfg, callbacks, TrainingBackend(LocalRuntime(CPU)))
+    )
     handler = signal.getsignal(signal.SIGINT)
     assert main(["train", "--config", str(config)]) == 130
     err = capsys.readouterr().err

@@ -12,8 +12,9 @@ from lora_trainer import jobs
 from lora_trainer.config import config_from_dict
 from lora_trainer.errors import DatasetError
 from lora_trainer.jobs import JobBusyError, JobHooks, JobRunner, TrainingJob
+from lora_trainer.train.backend import TrainingBackend
 from lora_trainer.train.callbacks import StepInfo
-from lora_trainer.train.run import TrainingResult
+from lora_trainer.train.result import TrainingResult
 
 
 def make_cfg(tmp_path, **extra):
@@ -73,7 +74,7 @@ def test_progress_snapshot_and_finish(tmp_path):
     trainer = FakeTrainer(steps=5)
     runner = JobRunner(trainer=trainer)
     assert runner.status().state == "idle"
-    runner.start(make_cfg(tmp_path), backend_kwargs={"runtime": "fake"})
+    runner.start(make_cfg(tmp_path), backend=TrainingBackend(runtime="fake"))
     assert runner.wait(CEILING_S)
     s = runner.status()
     assert s.state == "finished"
@@ -84,7 +85,7 @@ def test_progress_snapshot_and_finish(tmp_path):
     assert s.output_files == (str(tmp_path / "out" / "demo.safetensors"),)
     assert "demo.safetensors" in s.message
     assert runner.finished_files == list(s.output_files)
-    assert trainer.backend_kwargs == {"runtime": "fake"}
+    assert trainer.backend_kwargs == {"backend": TrainingBackend(runtime="fake")}
 
 
 def test_status_while_running_is_a_consistent_snapshot(tmp_path):
@@ -285,3 +286,39 @@ def test_a_first_use_download_shows_as_the_running_jobs_message(tmp_path):
     assert seen == [
         "Downloading owner/sd (first use; cached afterwards): unet/x.safetensors, file 2 of 3, 500.0 MB of 2.00 GB"
     ]
+
+
+class GatedJob(jobs.BackgroundJob):
+    """A job of another kind that runs until the test opens its gate, then ends as the test says."""
+
+    kind = "other"
+
+    def __init__(self, gate, raises=None):
+        super().__init__(jobs.JobStatus(), "gated")
+        self.gate, self.raises = gate, raises
+
+    def refusal(self, kind):
+        return jobs.CaptionBusyError(f"the other job blocks {kind}")
+
+    def _work(self):
+        assert self.gate.wait(CEILING_S), "test never opened the gate"
+        if self.raises is not None:
+            raise self.raises
+        self._end(jobs.FINISHED, "done")
+
+
+def test_one_runner_runs_one_job_of_any_kind_and_ends_it_in_the_one_vocabulary(tmp_path):
+    runner = JobRunner(trainer=FakeTrainer(steps=1))
+    gate = threading.Event()
+    other = runner.submit("other", lambda job_id: GatedJob(gate))
+    with pytest.raises(JobBusyError, match="the other job blocks training"):
+        runner.start(make_cfg(tmp_path))
+    assert runner.status().state == "idle" and runner.running_job() is other
+    gate.set()
+    assert other.wait(CEILING_S) and other.status().state == "finished"
+    runner.start(make_cfg(tmp_path))  # free again
+    assert runner.wait(CEILING_S) and runner.status().state == "finished"
+    for error, state in [(DatasetError("no images"), "failed"), (RuntimeError("bug"), "failed")]:
+        job = runner.submit("other", lambda job_id, error=error: GatedJob(gate, raises=error))
+        assert job.wait(CEILING_S) and job.status().state == state
+    assert {jobs.IDLE, jobs.RUNNING} | set(jobs.END_STATES) == {"idle", "running", "finished", "cancelled", "failed"}

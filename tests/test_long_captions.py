@@ -4,9 +4,9 @@ reports what it cuts, and the LoRA file records the setting as ss_max_token_leng
 
 import pytest
 import torch
-from image_fixtures import image_config, tiny_checkpoint, train
 from safetensors import safe_open
-from tiny_models import make_image_folder
+from support.image_fixtures import image_config, tiny_checkpoint, train
+from support.tiny_models import make_image_folder
 
 from lora_trainer.data.encoding_cache import EncodingCache
 from lora_trainer.errors import ConfigError

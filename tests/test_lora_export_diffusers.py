@@ -3,8 +3,8 @@ reproduces our trained model's UNet (and text-encoder) outputs, for SD1-, SD2-v-
 
 import pytest
 import torch
-from image_fixtures import image_config, tiny_checkpoint, train
 from safetensors import safe_open
+from support.image_fixtures import image_config, tiny_checkpoint, train
 
 from lora_trainer.export.lora_file import load_lora_file
 from lora_trainer.lora.network import LoRANetwork

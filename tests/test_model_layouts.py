@@ -11,9 +11,9 @@ import shutil
 
 import pytest
 import torch
-from image_fixtures import image_config, train
 from safetensors.torch import load_file, save_file
-from tiny_models import build_tiny, save_diffusers_folder, to_single_file_state
+from support.image_fixtures import image_config, train
+from support.tiny_models import build_tiny, save_diffusers_folder, to_single_file_state
 
 from lora_trainer.errors import ModelLoadError
 from lora_trainer.models.loading import load_stable_diffusion

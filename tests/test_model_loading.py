@@ -5,8 +5,8 @@ import os
 
 import pytest
 import torch
-from image_fixtures import REPO
-from tiny_models import build_tiny, canonical_text_state, save_single_file, to_single_file_state
+from support.image_fixtures import REPO
+from support.tiny_models import build_tiny, canonical_text_state, save_single_file, to_single_file_state
 
 from lora_trainer.config import ImageConfig
 from lora_trainer.config_template import SEED_VALUES, render_template

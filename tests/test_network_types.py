@@ -20,9 +20,9 @@ from typing import Dict, List
 
 import pytest
 import torch
-from image_fixtures import REPO, image_config, tiny_checkpoint, train
 from safetensors.torch import load_file, save_file
-from tiny_models import make_image_folder
+from support.image_fixtures import REPO, image_config, tiny_checkpoint, train
+from support.tiny_models import make_image_folder
 
 from lora_trainer.errors import ConfigError, ModelLoadError
 from lora_trainer.export.lora_file import load_lora_file

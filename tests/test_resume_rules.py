@@ -4,8 +4,8 @@ Both routes share the rules (``train/state.py``)."""
 
 import pytest
 import torch
-from image_fixtures import StopAfter, image_config, tiny_checkpoint, train
 from safetensors import safe_open
+from support.image_fixtures import StopAfter, image_config, tiny_checkpoint, train
 
 from lora_trainer.errors import ConfigError
 from lora_trainer.train.state import TrainingState, check_resumable, load_training_state
@@ -72,7 +72,7 @@ def test_every_fixed_setting_is_named_when_it_changes():
 
 
 def test_text_resume_applies_the_new_rate_and_refuses_another_rank(tmp_path, used_rates, capsys):
-    from test_text_support import build_tiny_lm, capitals_records, cpu_runtime, text_config, write_jsonl
+    from support.text_models import build_tiny_lm, capitals_records, cpu_runtime, text_config, write_jsonl
 
     from lora_trainer.text.trainer import train_text
 

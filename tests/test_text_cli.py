@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import yaml
-from test_text_support import build_tiny_lm, capitals_records, write_jsonl
+from support.text_models import build_tiny_lm, capitals_records, write_jsonl
 from waiting import CEILING_S
 
 from lora_trainer.config import TextConfig, config_from_dict, fields_of

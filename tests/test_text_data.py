@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
-from test_text_support import build_tiny_lm, build_tokenizer, capitals_records, text_config, write_jsonl
+from support.text_models import build_tiny_lm, build_tokenizer, capitals_records, text_config, write_jsonl
 
 from lora_trainer.errors import DatasetError
 from lora_trainer.text.batches import BatchSchedule, collate

@@ -3,8 +3,8 @@ with or without a byte-order mark; anything else is one clear error naming the f
 exit status 2 before any model loads. Sidecars with another common extension are pointed out by name."""
 
 import pytest
-from image_fixtures import image_config
-from tiny_models import make_image_folder
+from support.image_fixtures import image_config
+from support.tiny_models import make_image_folder
 
 from lora_trainer.cli import main
 from lora_trainer.data.dataset import ImageCaptionDataset

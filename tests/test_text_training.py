@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_text_support import CAPITALS, build_tiny_lm, capitals_records, cpu_runtime, text_config, write_jsonl
+from support.text_models import CAPITALS, build_tiny_lm, capitals_records, cpu_runtime, text_config, write_jsonl
 
 import lora_trainer.text.trainer as text_trainer
 from lora_trainer.text.trainer import train_text

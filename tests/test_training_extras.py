@@ -8,10 +8,10 @@ import os
 import numpy as np
 import pytest
 import torch
-from image_fixtures import image_config, tiny_checkpoint, train
 from PIL import Image
 from safetensors import safe_open
-from tiny_models import make_image_folder
+from support.image_fixtures import image_config, tiny_checkpoint, train
+from support.tiny_models import make_image_folder
 from waiting import CEILING_S
 
 from lora_trainer.jobs import JobRunner
@@ -56,7 +56,9 @@ def run(tmp_path_factory, checkpoint):
             previews.append((step, [os.path.basename(p) for p in paths]))
 
     lines = []
-    runner = JobRunner(trainer=lambda cfg, callbacks: train(cfg, callbacks=[*callbacks, Previews()], log=lines.append))
+    runner = JobRunner(
+        trainer=lambda cfg, callbacks, backend: train(cfg, callbacks=[*callbacks, Previews()], log=lines.append)
+    )
     runner.start(cfg)
     assert runner.wait(CEILING_S)
     status = runner.status()

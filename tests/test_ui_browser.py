@@ -23,7 +23,7 @@ pytest.importorskip("gradio")
 
 from lora_trainer.jobs import JobRunner  # noqa: E402
 from lora_trainer.train.callbacks import StepInfo  # noqa: E402
-from lora_trainer.train.run import TrainingResult  # noqa: E402
+from lora_trainer.train.result import TrainingResult  # noqa: E402
 from lora_trainer.ui.standalone import build_app, launch  # noqa: E402
 
 CHROMIUM_ARGS = [
@@ -225,9 +225,9 @@ def test_cancel_from_the_page(served, page):
 
 def test_real_tiny_training_from_the_page(tmp_path, browser):
     """The product path end to end: no fake, the standard engine trains a tiny SD1 checkpoint on 4 images."""
-    from image_fixtures import tiny_checkpoint
     from safetensors import safe_open
-    from tiny_models import make_image_folder
+    from support.image_fixtures import tiny_checkpoint
+    from support.tiny_models import make_image_folder
 
     make_image_folder(str(tmp_path / "data"), count=4)
     checkpoint = tiny_checkpoint(tmp_path)

@@ -10,12 +10,12 @@ import threading
 import time
 
 import pytest
+from support.captioners import build_tiny_wd14, write_test_images
 
 # Its module-level checks skip this file too when chromium or playwright is missing.
 from test_ui_browser import CHROMIUM, CHROMIUM_ARGS, field, open_page, playwright_api, serve
 from waiting import CEILING_S, wait_until
 
-from lora_trainer.caption.testing import build_tiny_wd14, write_test_images
 from lora_trainer.data.captions import read_metadata_csv
 from lora_trainer.jobs import JobRunner
 

@@ -10,8 +10,9 @@ gr = pytest.importorskip("gradio")
 
 from lora_trainer.config import load_config  # noqa: E402
 from lora_trainer.jobs import JobRunner  # noqa: E402
+from lora_trainer.train.backend import TrainingBackend  # noqa: E402
 from lora_trainer.train.callbacks import StepInfo  # noqa: E402
-from lora_trainer.train.run import TrainingResult  # noqa: E402
+from lora_trainer.train.result import TrainingResult  # noqa: E402
 from lora_trainer.ui import gradio_compat as compat  # noqa: E402
 from lora_trainer.ui.backend import StandaloneBackend, UiBackend  # noqa: E402
 from lora_trainer.ui.status_view import TABLE_HEADERS  # noqa: E402
@@ -246,8 +247,8 @@ class HostBackend(UiBackend):
     def lora_dir(self):
         return self.folder
 
-    def make_backend_kwargs(self, cfg):
-        return {"host_adapter": "adapter"}
+    def training_backend(self, cfg, preview=None):
+        return TrainingBackend(adapter="adapter")
 
     def send_prompt_js(self):
         return "(prompt) => { console.log(prompt); return []; }"
@@ -262,8 +263,8 @@ class HostBackend(UiBackend):
 def test_host_backend_names_the_loaded_model_and_passes_its_kwargs(tmp_path):
     seen = {}
 
-    def trainer(cfg, callbacks, **kw):
-        seen.update(kw, base_model=cfg.base_model)
+    def trainer(cfg, callbacks, backend):
+        seen.update(adapter=backend.adapter, base_model=cfg.base_model)
         return TrainingResult("finished", 0, [], "")
 
     tab = TrainerTab(HostBackend(str(tmp_path)), JobRunner(trainer=trainer))
@@ -271,7 +272,7 @@ def test_host_backend_names_the_loaded_model_and_passes_its_kwargs(tmp_path):
     assert tab.base_model.visible is False and tab.model_info.visible is True
     tab.start_training(*form(tab, tmp_path))
     tab.runner.wait(CEILING_S)
-    assert seen == {"host_adapter": "adapter", "base_model": "/models/tiny.safetensors"}
+    assert seen == {"adapter": "adapter", "base_model": "/models/tiny.safetensors"}
     assert tab.widgets["mixed_precision"].visible is False  # the host's precision decides
     assert tab.widgets["resolution"].visible is not False
 

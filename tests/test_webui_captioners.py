@@ -14,9 +14,9 @@ from collections import namedtuple
 
 import pytest
 import torch
+from support.captioners import write_test_images
 from waiting import CEILING_S
 
-from lora_trainer.caption.testing import write_test_images
 from lora_trainer.data.captions import read_metadata_csv
 from lora_trainer.hosts import webui
 from lora_trainer.jobs import JobRunner
@@ -270,7 +270,7 @@ def test_the_hosts_interrupt_button_stops_the_run(host, tmp_path):
     put_weights(os.path.join(host.models, "BLIP"), "model_base_caption_capfilt_large.pth")
     host.interrupt_after = 1
     status, captions = caption(tmp_path, webui.HOST_BLIP, count=3)
-    assert status.state == "stopped" and "saved" in status.message
+    assert status.state == "cancelled" and "saved" in status.message
     assert list(captions) == ["000.png"]  # the caption made before the interrupt is kept
 
 

@@ -18,8 +18,9 @@ from waiting import CEILING_S, wait_until
 from lora_trainer.config import config_from_dict
 from lora_trainer.hosts import webui
 from lora_trainer.jobs import CANCELLED, FAILED, FINISHED, JobRunner
+from lora_trainer.train.backend import TrainingBackend
 from lora_trainer.train.callbacks import StepInfo
-from lora_trainer.train.run import TrainingResult
+from lora_trainer.train.result import TrainingResult
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -213,7 +214,7 @@ def test_lock_held_for_the_whole_run_and_progress_mirrored(host, tmp_path, monke
     backend = webui.WebUIBackend()
     trainer = ScriptedTrainer(host)
     runner = runner_for(backend, trainer, monkeypatch)
-    job = runner.start(make_cfg(tmp_path, backend), backend_kwargs={"preview": webui.PreviewSettings()})
+    job = runner.start(make_cfg(tmp_path, backend), backend=webui.WebUITraining(preview=webui.PreviewSettings()))
     assert job.wait(CEILING_S)
     assert job.status().state == FINISHED, job.status().message
     assert [locked for locked, _, _ in trainer.seen] == [True] * 4
@@ -222,7 +223,7 @@ def test_lock_held_for_the_whole_run_and_progress_mirrored(host, tmp_path, monke
     assert "Cancel in the LoRA Trainer tab" in trainer.seen[-1][2]
     assert host.state.calls == [("begin", "lora_trainer"), ("end",)]
     assert not host.lock.locked()
-    assert trainer.kwargs == {}  # the preview settings are the glue's, not the engine's
+    assert trainer.kwargs == {"backend": TrainingBackend()}  # the preview settings are the glue's, not the engine's
 
 
 def test_generation_waits_for_training(host, tmp_path, monkeypatch):
@@ -269,7 +270,7 @@ def test_refusals_before_any_work(host, tmp_path, monkeypatch, setting, extra, f
     backend = webui.WebUIBackend()
     cfg = make_cfg(tmp_path, backend, **extra)
     with pytest.raises(webui.ConfigError, match=fragment):  # what the tab and API show at Train
-        backend.make_backend_kwargs(cfg)
+        backend.training_backend(cfg)
     trainer = ScriptedTrainer(host)
     job = runner_for(backend, trainer, monkeypatch).start(cfg)  # and again inside the lock, before training
     assert job.wait(CEILING_S)
@@ -347,7 +348,7 @@ def test_previews_every_n_steps_in_the_lock(host, tmp_path, monkeypatch):
     runner = runner_for(backend, ScriptedTrainer(host), monkeypatch)
     preview = webui.PreviewSettings.from_mapping({"every_n_steps": 2, "steps": 3})
     cfg = make_cfg(tmp_path, backend, resolution=256)
-    job = runner.start(cfg, backend_kwargs={"preview": preview.for_run(cfg)})
+    job = runner.start(cfg, backend=webui.WebUITraining(preview=preview.for_run(cfg)))
     assert job.wait(CEILING_S) and job.status().state == FINISHED, job.status().message
     previews = job.status().previews
     assert [os.path.basename(p) for p in previews] == ["preview-step00000002-0.png", "preview-step00000004-0.png"]
@@ -406,7 +407,7 @@ def test_lora_dir_respects_the_flag_and_send_js(host):
     assert webui.api_credentials() == {"u": "p"}
 
 
-def test_make_backend_kwargs_builds_runtime_and_adapter(host, tmp_path, monkeypatch):
+def test_training_backend_builds_runtime_and_adapter(host, tmp_path, monkeypatch):
     made = {}
 
     class FakeAdapter:
@@ -417,11 +418,11 @@ def test_make_backend_kwargs_builds_runtime_and_adapter(host, tmp_path, monkeypa
     fake_module.LdmHostAdapter = FakeAdapter
     monkeypatch.setitem(sys.modules, "lora_trainer.hosts.ldm_adapter", fake_module)
     backend = webui.WebUIBackend()
-    kwargs = backend.make_backend_kwargs(make_cfg(tmp_path, backend, resolution=320), preview={"every_n_steps": 5})
-    assert kwargs["runtime"].device.type == "cpu" and kwargs["runtime"].mixed_precision == "no"
+    made_backend = backend.training_backend(make_cfg(tmp_path, backend, resolution=320), preview={"every_n_steps": 5})
+    assert made_backend.runtime.device.type == "cpu" and made_backend.runtime.mixed_precision == "no"
     assert made["model"] is host.model and made["dtype"] == torch.float32
     assert made["lowvram"] is False and made["fp8"] is False
-    assert kwargs["preview"] == webui.PreviewSettings(every_n_steps=5, prompt="cats", width=320, height=320)
+    assert made_backend.preview == webui.PreviewSettings(every_n_steps=5, prompt="cats", width=320, height=320)
     assert made["autocast"] is host.devices.autocast
     with made["clip_skip_scope"](2):
         assert host.shared.opts.data["CLIP_stop_at_last_layers"] == 2
@@ -440,9 +441,9 @@ def test_host_attention_is_swapped_only_without_loaded_hypernetworks(host, tmp_p
     fake_module.LdmHostAdapter = FakeAdapter
     monkeypatch.setitem(sys.modules, "lora_trainer.hosts.ldm_adapter", fake_module)
     backend = webui.WebUIBackend()
-    backend.make_backend_kwargs(make_cfg(tmp_path, backend))
+    backend.training_backend(make_cfg(tmp_path, backend))
     sys.modules["modules.shared"].loaded_hypernetworks = [object()]
-    backend.make_backend_kwargs(make_cfg(tmp_path, backend))
+    backend.training_backend(make_cfg(tmp_path, backend))
     assert made == [True, False]
 
 
@@ -528,7 +529,7 @@ def test_models_the_trainer_cannot_drive_are_named_in_the_tab(host, tmp_path, ch
     backend = webui.WebUIBackend()
     assert "Cannot train here" in backend.describe_model() and fragment in backend.describe_model()
     with pytest.raises(webui.ConfigError, match=fragment):
-        backend.make_backend_kwargs(make_cfg(tmp_path, backend))
+        backend.training_backend(make_cfg(tmp_path, backend))
 
 
 def test_adapter_restored_even_when_the_engine_fails_early(host, tmp_path, monkeypatch):
@@ -544,7 +545,7 @@ def test_adapter_restored_even_when_the_engine_fails_early(host, tmp_path, monke
 
     backend = webui.WebUIBackend()
     runner = runner_for(backend, failing_engine, monkeypatch)
-    job = runner.start(make_cfg(tmp_path, backend), backend_kwargs={"adapter": Adapter()})
+    job = runner.start(make_cfg(tmp_path, backend), backend=webui.WebUITraining(adapter=Adapter()))
     assert job.wait(CEILING_S) and job.status().state == FAILED
     assert restored == [True] and not host.lock.locked()
 
@@ -564,8 +565,8 @@ def test_lowvram_trains_from_the_checkpoint_file_with_the_model_unloaded(host, t
     backend = webui.WebUIBackend()
     assert "--lowvram" in backend.describe_model() and "checkpoint file" in backend.describe_model()
     cfg = make_cfg(tmp_path, backend, base_model=backend.resolve_base_model(""))
-    kwargs = backend.make_backend_kwargs(cfg)
-    assert not kwargs["plan"].in_place and "adapter" not in kwargs
+    made_backend = backend.training_backend(cfg)
+    assert not made_backend.plan.in_place and made_backend.adapter is None
     assert "checkpoint file" in backend.estimate_memory(cfg)
 
     class FromFile(ScriptedTrainer):
@@ -574,10 +575,12 @@ def test_lowvram_trains_from_the_checkpoint_file_with_the_model_unloaded(host, t
             return super().__call__(cfg, callbacks, **kwargs)
 
     trainer = FromFile(host)
-    job = runner_for(backend, trainer, monkeypatch).start(cfg, backend_kwargs=kwargs)
+    job = runner_for(backend, trainer, monkeypatch).start(cfg, backend=made_backend)
     assert job.wait(10) and job.status().state == FINISHED, job.status().message
     assert trainer.during == (["unload"], str(checkpoint)) and events == ["unload", "reload"]
-    assert set(trainer.kwargs) == {"runtime"}  # no adapter: the engine loads the file itself
+    engine = trainer.kwargs["backend"]
+    assert set(trainer.kwargs) == {"backend"} and engine.runtime is not None
+    assert engine.adapter is None  # no adapter: the engine loads the file itself
     assert open(os.path.join(host.cmd_opts.lora_dir, "cats.safetensors"), "rb").read() == b"final weights"
     assert host.networks.listed == 1 and not host.lock.locked()
 
@@ -593,4 +596,4 @@ def test_reforge_and_forge_classic_train_from_the_checkpoint_file(host, tmp_path
     backend = webui.WebUIBackend()
     text = backend.describe_model()
     assert "reForge or Forge Classic" in text and "checkpoint file" in text and "Cannot train" not in text
-    assert not backend.make_backend_kwargs(make_cfg(tmp_path, backend))["plan"].in_place
+    assert not backend.training_backend(make_cfg(tmp_path, backend)).plan.in_place

@@ -12,11 +12,15 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from lora_trainer.hosts import rest_api  # noqa: E402
 from lora_trainer.jobs import JobRunner  # noqa: E402
+from lora_trainer.train.backend import TrainingBackend  # noqa: E402
 from lora_trainer.train.callbacks import StepInfo  # noqa: E402
-from lora_trainer.train.run import TrainingResult  # noqa: E402
+from lora_trainer.train.result import TrainingResult  # noqa: E402
 from lora_trainer.ui.backend import UiBackend  # noqa: E402
 
 P = rest_api.PREFIX
+
+
+HOST_BACKEND = TrainingBackend(adapter="host")  # what the stand-in host hands the trainer
 
 
 class FakeBackend(UiBackend):
@@ -38,9 +42,9 @@ class FakeBackend(UiBackend):
     def resolve_base_model(self, typed):
         return "/models/loaded.safetensors"
 
-    def make_backend_kwargs(self, cfg, preview=None):
+    def training_backend(self, cfg, preview=None):
         self.kwargs_calls.append((cfg, preview))
-        return {"marker": "host"}
+        return HOST_BACKEND
 
 
 class GatedTrainer:
@@ -189,6 +193,22 @@ def test_existing_lora_needs_overwrite(tmp_path):
     assert runner.wait(CEILING_S)
 
 
+def test_overwrite_drops_the_old_runs_states_and_a_refusal_keeps_them(tmp_path):
+    """The start path the tab shares: overwriting a LoRA removes the earlier run's resumable states with it."""
+    client, runner, backend, trainer = make_client(tmp_path)
+    os.makedirs(backend.lora_dir())
+    open(os.path.join(backend.lora_dir(), "cats.safetensors"), "wb").close()
+    state = os.path.join(backend.default_output_dir("cats"), "state-00000002")
+    os.makedirs(state)
+    assert client.post(P + "/train", json=body(tmp_path)).status_code == 409
+    assert os.path.isdir(state)
+    r = client.post(P + "/train", json={**body(tmp_path), "overwrite": True})
+    assert r.status_code == 200 and os.path.normpath(r.json()["output_dir"]) == os.path.dirname(state)
+    assert not os.path.exists(state)
+    trainer.gate.release(3)
+    assert runner.wait(CEILING_S)
+
+
 @pytest.mark.parametrize(
     "payload, fragment",
     [
@@ -230,7 +250,7 @@ def test_start_status_finish_with_yaml_config(tmp_path):
     assert runner.wait(CEILING_S)
     done = client.get(P + "/status").json()
     assert done["state"] == "finished" and done["output_files"][0].endswith("dogs.safetensors")
-    assert trainer.kwargs == {"marker": "host"}
+    assert trainer.kwargs == {"backend": HOST_BACKEND}
 
 
 def test_second_start_refused_then_cancel(tmp_path):
@@ -252,6 +272,6 @@ def test_unexpected_error_is_json_500(tmp_path):
     def boom(cfg, preview=None):
         raise RuntimeError("adapter exploded")
 
-    backend.make_backend_kwargs = boom
+    backend.training_backend = boom
     r = client.post(P + "/train", json=body(tmp_path))
     assert r.status_code == 500 and "adapter exploded" in r.json()["error"]

@@ -9,7 +9,7 @@ from typing import List, Optional
 from lora_trainer.caption.registry import CaptionerOptions, load_captioner
 from lora_trainer.caption.run import CaptionRunOptions, caption_folder
 from lora_trainer.caption.tags import format_tag_summary
-from lora_trainer.errors import LoraTrainerError
+from lora_trainer.errors import LoraTrainerError, exit_status_of
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -114,7 +114,5 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point; returns the exit status (2 with a one-line ``error: ...`` for problems a user can fix)."""
-    from lora_trainer.cli import exit_status_of
-
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     return exit_status_of(lambda: run(args))

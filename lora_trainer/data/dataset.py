@@ -558,7 +558,3 @@ class ImageCaptionDataset:
             if options.dropout_rate > 0 and s.role != VAL:
                 variants.add("")
         return sorted(variants)
-
-
-def describe_bucket(bucket: Tuple[int, int]) -> str:
-    return f"{bucket[0]}x{bucket[1]}"

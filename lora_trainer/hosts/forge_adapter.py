@@ -339,6 +339,7 @@ class ForgeHostAdapter(DiffusionAdapter):
             engine_l, engine_g = self._text_engines()
             cond_l, _ = self._encode(engine_l, captions, clip_skip)
             cond_g, pooled = self._encode(engine_g, captions, clip_skip)
+            assert pooled is not None  # SDXL's second engine (OpenCLIP-G) always pools
             return {
                 "crossattn": torch.cat([cond_l, cond_g], dim=2).float().to(self.device),
                 "pooled": pooled.float().to(self.device),

@@ -25,11 +25,11 @@ from typing import Any, Dict, Mapping, Optional
 
 import yaml
 
-from lora_trainer.config import CommonConfig, config_from_dict, resolved_output_name
+from lora_trainer.config import CommonConfig, check_output_name, config_from_dict, resolved_output_name
 from lora_trainer.errors import ConfigError, LoraTrainerError
 from lora_trainer.jobs import JobBusyError, JobRunner, JobStatus
 from lora_trainer.ui.backend import UiBackend
-from lora_trainer.ui.options import check_output_name
+from lora_trainer.ui.start import LoraFileExists, start_training_run
 
 log = logging.getLogger(__name__)
 
@@ -164,20 +164,16 @@ class TrainerApi:
         if not isinstance(overwrite, bool):
             raise RequestError("overwrite must be true or false.")
         cfg = build_safe_config(parse_config_field(body["config"]), self.backend)
-        target = self.backend.final_lora_path(cfg)
-        if os.path.exists(target) and not overwrite:
-            raise RequestError(
-                f'{target} already exists: choose another output_name or send "overwrite": true.', status=409
-            )
-        if self.runner.is_running:
-            raise JobBusyError("A training run is already in progress; cancel it or wait for it to finish.")
-        kwargs = (
-            self.backend.make_backend_kwargs(cfg, preview=body["preview"])
-            if body.get("preview") is not None
-            else self.backend.make_backend_kwargs(cfg)
+        started = start_training_run(
+            self.runner,
+            self.backend,
+            cfg,
+            label="Train",
+            overwrite=overwrite,
+            how_to_overwrite='send "overwrite": true',
+            preview=body.get("preview"),  # validated by the host that renders previews
         )
-        estimate = self.backend.estimate_memory(cfg)
-        job = self.runner.start(cfg, label="Train", backend_kwargs=kwargs)
+        job, target, estimate = started.job, started.lora_file, started.memory_estimate
         return {
             "job_id": job.status().job_id,
             "output_name": resolved_output_name(cfg),
@@ -204,7 +200,7 @@ class TrainerApi:
 def error_status(exc: Exception) -> int:
     if isinstance(exc, RequestError):
         return exc.status
-    if isinstance(exc, JobBusyError):
+    if isinstance(exc, (JobBusyError, LoraFileExists)):
         return 409
     if isinstance(exc, (ConfigError, LoraTrainerError)):
         return 400

@@ -175,7 +175,7 @@ class NetworkLayer(nn.Module):
 
     def _forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.dora_scale is not None:
-            return dora.decomposed_forward(self, x, *args, **kwargs)
+            return dora.decomposed_forward(self, base_weight(self.base), x, *args, **kwargs)
         out = self._base_forward(x, *args, **kwargs)
         update = self.delta(self.dropout(x.to(torch.float32)))
         return out + (update * self.multiplier).to(out.dtype)

@@ -37,16 +37,15 @@ def decompose(merged: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
     return merged * (magnitude / input_axis_norm(merged))
 
 
-def decomposed_forward(layer: "NetworkLayer", x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    """``layer``'s output with the decomposed weight, through the base module on per-channel scaled input.
+def decomposed_forward(layer: "NetworkLayer", weight: torch.Tensor, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """``layer``'s output with the decomposed weight, through the base module on per-channel scaled input;
+    ``weight`` is the base module's weight without a graph (``base.base_weight``, passed in: base imports us).
 
     Dropout is not applied (as in LyCORIS, whose DoRA ignores it). With a multiplier other than 1 the result is
     ``base(x) + multiplier · (W'x − Wx)``, which is how the WebUI and ComfyUI apply a DoRA file's strength.
     """
-    from lora_trainer.lora.base import base_weight
-
     delta = layer.delta_weight()
-    merged = base_weight(layer.base).float() + delta
+    merged = weight.float() + delta
     factor = (layer.dora_scale / input_axis_norm(merged)).flatten()  # (in,)
     # The input channels are the last axis of a Linear's input and axis 1 of a convolution's.
     shape = (1, -1, *[1] * (x.dim() - 2)) if layer.geometry.is_conv else (-1,)

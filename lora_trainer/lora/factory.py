@@ -11,6 +11,7 @@ import dataclasses
 import json
 from typing import Callable, Dict, List, Tuple
 
+from lora_trainer.config import lora_rank_of
 from lora_trainer.export.lora_file import load_lora_file
 from lora_trainer.lora.base import NetworkLayer, is_spatial_conv
 from lora_trainer.lora.network import LoRANetwork, Target, group_by_module
@@ -57,7 +58,7 @@ def _continue_from_file(cfg, adapter, log) -> Tuple[LoRANetwork, NetworkSpec]:
     if not names <= {name for name, _ in targets}:
         targets = _targets(cfg, adapter, conv=True)  # a LoCon-style file: the convolution blocks too
     network = LoRANetwork.from_kohya(targets, tensors, path, dropout=float(cfg.lora_dropout or 0.0))
-    spec = spec_of_layers(list(network.layers.values()), metadata, default_rank=cfg.lora_rank or 8)
+    spec = spec_of_layers(list(network.layers.values()), metadata, default_rank=lora_rank_of(cfg))
     spec = dataclasses.replace(spec, dropout=float(cfg.lora_dropout or 0.0))
     _check_family(adapter, spec)
     log(f"continuing from {path}: {spec.describe()}")

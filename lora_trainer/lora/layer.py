@@ -20,11 +20,10 @@ from lora_trainer.lora.base import (
     alpha_from,
     dora_magnitude,
     is_lora_target,
-    optional_dropout,
     required,
 )
 
-__all__ = ["LoRALayer", "is_lora_target", "layer_dropout"]
+__all__ = ["LoRALayer", "is_lora_target"]
 
 
 class LoRALayer(NetworkLayer):
@@ -77,7 +76,3 @@ class LoRALayer(NetworkLayer):
         layer = cls(name, base, rank, alpha_from(tensors, rank), dropout, weight_decompose=decompose)
         layer.load_kohya_tensors(tensors, source)
         return layer
-
-
-def layer_dropout(value) -> float:
-    return optional_dropout(value)

@@ -17,6 +17,8 @@ import json
 from dataclasses import dataclass
 from typing import Any, Dict, Mapping, Optional, Tuple
 
+DEFAULT_LORA_RANK = 8  # the rank (network dim) when lora_rank is left out, for every task: sd-scripts' and peft's
+
 SD_SCRIPTS_LORA = "networks.lora"
 LYCORIS_KOHYA = "lycoris.kohya"
 # LyCORIS' preset with exactly our default layer set: attention/feed-forward linears and 1x1 convolutions of
@@ -88,7 +90,7 @@ class NetworkSpec:
     def from_config(cls, cfg: Any) -> "NetworkSpec":
         """The spec an ``ImageConfig`` asks for (its options are validated in ``config.py``)."""
         kind = NETWORK_TYPES[cfg.network_type]
-        rank = cfg.lora_rank or 8
+        rank = cfg.lora_rank if cfg.lora_rank is not None else DEFAULT_LORA_RANK
         alpha = cfg.lora_alpha if cfg.lora_alpha is not None else float(rank)
         conv_rank = cfg.conv_rank if cfg.conv_rank is not None else (rank if kind.trains_convs else None)
         conv_alpha = None

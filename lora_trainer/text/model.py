@@ -11,13 +11,12 @@ from typing import Callable, Collection, Iterator, List, Optional
 
 import torch
 
-from lora_trainer.config import TextConfig
+from lora_trainer.config import TextConfig, lora_rank_of
 from lora_trainer.errors import ModelLoadError
 from lora_trainer.hub.files import MissingRepoFiles, describe_alternatives, weight_files
 from lora_trainer.hub.progress import DownloadCallback
 
 # The familiar peft recipe for causal LMs; the config's None means "use these".
-DEFAULT_RANK = 8
 DEFAULT_ALPHA = 16.0
 DEFAULT_DROPOUT = 0.1
 
@@ -33,7 +32,7 @@ class LoraSettings:
 def resolve_lora_settings(cfg: TextConfig) -> LoraSettings:
     """The adapter's shape: the config's values, or the text task's defaults where they are None."""
     return LoraSettings(
-        rank=cfg.lora_rank if cfg.lora_rank is not None else DEFAULT_RANK,
+        rank=lora_rank_of(cfg),
         alpha=cfg.lora_alpha if cfg.lora_alpha is not None else DEFAULT_ALPHA,
         dropout=cfg.lora_dropout if cfg.lora_dropout is not None else DEFAULT_DROPOUT,
         target_modules=list(cfg.target_modules),

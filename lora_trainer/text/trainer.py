@@ -14,7 +14,6 @@ from typing import List, Optional
 import torch
 
 from lora_trainer.config import TextConfig, resolved_output_name
-from lora_trainer.errors import ConfigError
 from lora_trainer.text.batches import BatchSchedule, collate
 from lora_trainer.text.chat import require_chat_template
 from lora_trainer.text.data import load_text_dataset
@@ -30,7 +29,8 @@ from lora_trainer.text.model import (
 from lora_trainer.text.tokenize import IGNORE_INDEX, tokenize_dataset
 from lora_trainer.train.callbacks import TrainingCallback
 from lora_trainer.train.loop import LoopEnd, StepBatches, TrainingLoop, TrainingTask
-from lora_trainer.train.run import TrainingResult
+from lora_trainer.train.result import TrainingResult
+from lora_trainer.train.runtime import Runtime
 from lora_trainer.train.state import resume_hint, state_folder
 
 
@@ -59,11 +59,9 @@ def _pad_id(tokenizer) -> int:
 
 
 def train_text(
-    cfg: TextConfig, callbacks: Optional[List[TrainingCallback]] = None, runtime=None, **backend
+    cfg: TextConfig, callbacks: Optional[List[TrainingCallback]] = None, runtime: Optional[Runtime] = None
 ) -> TrainingResult:
     """Train a LoRA adapter for ``cfg.base_model`` on ``cfg.train_data_dir``; see the module docstring."""
-    if backend:
-        raise ConfigError(f"text-generation takes no backend objects; got {', '.join(sorted(backend))}.")
     # Data first: a malformed or empty dataset is reported before anything heavy loads.
     dataset = load_text_dataset(cfg.train_data_dir, cfg.data_format, cfg.text_sample_unit)
     owns_runtime = runtime is None

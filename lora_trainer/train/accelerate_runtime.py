@@ -6,30 +6,29 @@ model (they wrap ``forward``), so we average their gradients ourselves with one 
 
 from __future__ import annotations
 
+from typing import Iterable, Optional
+
 import torch
 
-from lora_trainer.errors import ConfigError
-from lora_trainer.train.runtime import PRECISION_DTYPES, LocalRuntime, default_thread_count
+from lora_trainer.train.runtime import LocalRuntime, default_thread_count
 
 
 class AccelerateRuntime(LocalRuntime):
-    def __init__(self, mixed_precision: str = "no", num_threads: int | None = None):
+    """A ``Runtime`` on accelerate's device, one process per ``accelerate launch`` rank."""
+
+    def __init__(self, mixed_precision: str = "no", num_threads: Optional[int] = None) -> None:
         from accelerate import Accelerator
 
         self.accelerator = Accelerator(mixed_precision=mixed_precision)
-        self.device = self.accelerator.device
-        if mixed_precision == "fp16" and self.device.type == "cpu":
-            raise ConfigError("mixed_precision: fp16 needs a GPU; on the CPU use bf16 or no.")
-        self.mixed_precision = mixed_precision
-        self.dtype = PRECISION_DTYPES[mixed_precision]
+        # Device, precision, the fp16-on-CPU refusal and the loss scaler are the base class's.
+        super().__init__(self.accelerator.device, mixed_precision)
         self.is_main_process = self.accelerator.is_main_process
         self.num_processes = self.accelerator.num_processes
         self.process_index = self.accelerator.process_index
-        self.scaler = torch.amp.GradScaler(self.device.type) if mixed_precision == "fp16" else None
         if self.device.type == "cpu":
             torch.set_num_threads(num_threads or default_thread_count(self.num_processes))
 
-    def reduce_gradients(self, params) -> None:
+    def reduce_gradients(self, params: Iterable[torch.nn.Parameter]) -> None:
         if self.num_processes == 1:
             return
         grads = [p.grad for p in params if p.grad is not None]

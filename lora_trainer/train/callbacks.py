@@ -6,9 +6,11 @@ The trainer never knows which front end is listening: it calls ``on_step_end`` w
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
+
+if TYPE_CHECKING:
+    from lora_trainer.hub.progress import DownloadProgress
 
 # The ``StepInfo.extra`` key of the validation loss (``validation.py``), which the tab plots beside the loss.
 VALIDATION_LOSS = "loss/validation"
@@ -46,7 +48,7 @@ class TrainingCallback:
 
     def on_train_start(self, total_steps: int, start_step: int, summary: Dict[str, Any]) -> None: ...
 
-    def on_download(self, progress: Any) -> None:
+    def on_download(self, progress: DownloadProgress) -> None:
         """A base model is being downloaded on first use (``lora_trainer.hub.progress.DownloadProgress``)."""
 
     def on_step_end(self, info: StepInfo) -> None: ...
@@ -63,40 +65,40 @@ class TrainingCallback:
 
 
 class CallbackList(TrainingCallback):
-    def __init__(self, callbacks: List[TrainingCallback]):
+    def __init__(self, callbacks: Sequence[Optional[TrainingCallback]]) -> None:
         self.callbacks = [c for c in callbacks if c is not None]
 
-    def on_encode_progress(self, done, total, what):
+    def on_encode_progress(self, done: int, total: int, what: str) -> None:
         for c in self.callbacks:
             c.on_encode_progress(done, total, what)
 
-    def on_train_start(self, total_steps, start_step, summary):
+    def on_train_start(self, total_steps: int, start_step: int, summary: Dict[str, Any]) -> None:
         for c in self.callbacks:
             c.on_train_start(total_steps, start_step, summary)
 
-    def on_download(self, progress):
+    def on_download(self, progress: DownloadProgress) -> None:
         for c in self.callbacks:
             hook = getattr(c, "on_download", None)  # callbacks written before this hook existed lack it
             if hook is not None:
                 hook(progress)
 
-    def on_step_end(self, info):
+    def on_step_end(self, info: StepInfo) -> None:
         for c in self.callbacks:
             c.on_step_end(info)
 
-    def on_save(self, path, step):
+    def on_save(self, path: str, step: int) -> None:
         for c in self.callbacks:
             c.on_save(path, step)
 
-    def on_preview(self, paths, step):
+    def on_preview(self, paths: List[str], step: int) -> None:
         for c in self.callbacks:
             c.on_preview(paths, step)
 
-    def on_train_end(self, info, status):
+    def on_train_end(self, info: Optional[StepInfo], status: str) -> None:
         for c in self.callbacks:
             c.on_train_end(info, status)
 
-    def should_stop(self):
+    def should_stop(self) -> bool:
         return any(c.should_stop() for c in self.callbacks)
 
 
@@ -104,10 +106,10 @@ class TqdmProgress(TrainingCallback):
     """A terminal progress bar with loss and learning rate."""
 
     def __init__(self) -> None:
-        self.bar = None
-        self.encode_bar = None
+        self.bar: Any = None  # tqdm bars, made when their part starts
+        self.encode_bar: Any = None
 
-    def on_encode_progress(self, done, total, what):
+    def on_encode_progress(self, done: int, total: int, what: str) -> None:
         from tqdm.auto import tqdm
 
         if self.encode_bar is None or self.encode_bar.desc != f"encoding {what}":
@@ -118,27 +120,27 @@ class TqdmProgress(TrainingCallback):
         if done >= total:
             self._close_encode_bar()
 
-    def _close_encode_bar(self):
+    def _close_encode_bar(self) -> None:
         if self.encode_bar is not None:
             self.encode_bar.close()
             self.encode_bar = None
 
-    def on_train_start(self, total_steps, start_step, summary):
+    def on_train_start(self, total_steps: int, start_step: int, summary: Dict[str, Any]) -> None:
         from tqdm.auto import tqdm
 
         self._close_encode_bar()
         self.bar = tqdm(total=total_steps, initial=start_step, desc="training", unit="step", dynamic_ncols=True)
 
-    def on_step_end(self, info):
+    def on_step_end(self, info: StepInfo) -> None:
         if self.bar is not None:
             self.bar.update(info.step - self.bar.n)
             self.bar.set_postfix(loss=f"{info.loss:.4f}", lr=f"{info.lr:.2e}")
 
-    def on_save(self, path, step):
+    def on_save(self, path: str, step: int) -> None:
         if self.bar is not None:
             self.bar.write(f"saved {path} (step {step})")
 
-    def on_train_end(self, info, status):
+    def on_train_end(self, info: Optional[StepInfo], status: str) -> None:
         self._close_encode_bar()
         if self.bar is not None:
             self.bar.close()
@@ -149,16 +151,16 @@ class TensorBoardLogger(TrainingCallback):
 
     def __init__(self, logdir: str) -> None:
         self.logdir = logdir
-        self.writer = None
+        self.writer: Any = None  # a SummaryWriter once training starts (None without tensorboard)
 
-    def on_train_start(self, total_steps, start_step, summary):
+    def on_train_start(self, total_steps: int, start_step: int, summary: Dict[str, Any]) -> None:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:  # tensorboard not installed (e.g. inside a WebUI host): logging is optional there
             return
         self.writer = SummaryWriter(self.logdir, purge_step=start_step or None)
 
-    def on_step_end(self, info):
+    def on_step_end(self, info: StepInfo) -> None:
         if self.writer is None:
             return
         self.writer.add_scalar("loss", info.loss, info.step)
@@ -166,7 +168,7 @@ class TensorBoardLogger(TrainingCallback):
         for key, value in info.extra.items():
             self.writer.add_scalar(key, value, info.step)
 
-    def on_preview(self, paths, step):
+    def on_preview(self, paths: List[str], step: int) -> None:
         """Sample images, one image tag per prompt position (``samples/0``, ...), with a slider over steps."""
         if self.writer is None:
             return
@@ -181,21 +183,8 @@ class TensorBoardLogger(TrainingCallback):
                 continue
             self.writer.add_image(f"samples/{index}", pixels, step, dataformats="HWC")
 
-    def on_train_end(self, info, status):
+    def on_train_end(self, info: Optional[StepInfo], status: str) -> None:
         if self.writer is not None:
             self.writer.flush()
             self.writer.close()
             self.writer = None
-
-
-class LossHistory(TrainingCallback):
-    """Keeps (step, loss) pairs: the live loss plot and the tests read them."""
-
-    def __init__(self) -> None:
-        self.steps: List[int] = []
-        self.losses: List[float] = []
-        self.started = time.time()
-
-    def on_step_end(self, info):
-        self.steps.append(info.step)
-        self.losses.append(info.loss)

@@ -15,7 +15,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from lora_trainer.config import ImageConfig, resolved_output_name
+from lora_trainer.config import ImageConfig, check_output_name, resolved_output_name
 from lora_trainer.data.buckets import Bucket, cover_size, crop_left_top
 from lora_trainer.data.dataset import ImageCaptionDataset
 from lora_trainer.data.encoding_cache import EncodingCache
@@ -31,7 +31,8 @@ from lora_trainer.train.encoding_pass import EncodingPass
 from lora_trainer.train.extras import training_extras
 from lora_trainer.train.loop import LoopEnd, StepBatches, TrainingLoop, TrainingTask
 from lora_trainer.train.loss_weights import batch_loss_weights
-from lora_trainer.train.run import TrainingResult
+from lora_trainer.train.result import TrainingResult
+from lora_trainer.train.runtime import Runtime
 from lora_trainer.train.sample_prompts import load_sample_prompts
 from lora_trainer.train.state import TrainingState, resume_hint, state_folder
 
@@ -46,7 +47,7 @@ def crop_offset(size, bucket: Bucket):
 def train_image(
     cfg: ImageConfig,
     callbacks: Optional[List[TrainingCallback]] = None,
-    runtime=None,
+    runtime: Optional[Runtime] = None,
     adapter: Optional[DiffusionAdapter] = None,
     log=print,
 ) -> TrainingResult:
@@ -82,9 +83,8 @@ class ImageTrainingSession(TrainingTask):
 
     def run(self, adapter: Optional[DiffusionAdapter]) -> TrainingResult:
         cfg, runtime = self.cfg, self.runtime
-        name = cfg.output_name
-        if name and (os.sep in name or "/" in name or name.startswith(".")):
-            raise ConfigError(f"output_name: {name!r} must be a plain file name (no folders, no leading dot).")
+        if cfg.output_name:
+            check_output_name(cfg.output_name)  # the rule every front end applies
         # The dataset is read before any model loads: an empty or broken folder fails in seconds.
         self.dataset = ImageCaptionDataset(cfg)
         for line in self.dataset.summary_lines():

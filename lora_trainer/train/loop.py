@@ -23,7 +23,7 @@ from lora_trainer.config import CommonConfig, save_config_snapshot
 from lora_trainer.errors import LoraTrainerError
 from lora_trainer.train.callbacks import CallbackList, StepInfo, TensorBoardLogger, TrainingCallback
 from lora_trainer.train.optim import build_optimizer, build_scheduler, load_optimizer_state
-from lora_trainer.train.run import TrainingResult
+from lora_trainer.train.result import TrainingResult
 from lora_trainer.train.state import (
     TrainingState,
     apply_config_rates,

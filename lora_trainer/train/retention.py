@@ -82,8 +82,10 @@ class CheckpointRetention(TrainingCallback):
 
     def _classify(self, step: int, epoch: Optional[int]) -> SavedCheckpoint:
         """Why the save at ``step`` was made; ``epoch``: the epoch that step finished (None: not an epoch end)."""
-        by_steps = bool(self.save_steps) and step % self.save_steps == 0
-        by_epochs = epoch is not None and bool(self.save_every_n_epochs) and epoch % self.save_every_n_epochs == 0
+        by_steps = bool(self.save_steps) and step % (self.save_steps or 1) == 0
+        by_epochs = (
+            epoch is not None and bool(self.save_every_n_epochs) and epoch % (self.save_every_n_epochs or 1) == 0
+        )
         return SavedCheckpoint(step, by_steps, by_epochs)
 
     def on_train_start(self, total_steps, start_step, summary):

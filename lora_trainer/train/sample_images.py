@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import inspect
 import os
-from typing import Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -28,7 +28,7 @@ from lora_trainer.train.sample_prompts import SamplePrompt
 
 SAMPLE_FOLDER = "samples"  # jobs.PREVIEW_DIR
 # sd-scripts' sampler names -> (diffusers scheduler class, its options)
-SCHEDULERS = {
+SCHEDULERS: Dict[str, Tuple[str, Dict[str, Any]]] = {
     "ddim": ("DDIMScheduler", {"clip_sample": True}),  # sd-scripts turns clip_sample on
     "pndm": ("PNDMScheduler", {}),
     "lms": ("LMSDiscreteScheduler", {}),
@@ -48,6 +48,14 @@ def betas_from_alphas_cumprod(alphas_cumprod: torch.Tensor) -> np.ndarray:
     ac = alphas_cumprod.detach().double().cpu().numpy()
     previous = np.concatenate([[1.0], ac[:-1]])
     return 1.0 - ac / previous
+
+
+def resolved_fields(prompt: SamplePrompt) -> Tuple[int, int, int, str]:
+    """``(width, height, seed, sampler)`` of a prompt ``SamplePrompt.resolve`` filled in; ValueError for one it
+    did not (a caller's bug: ``train.extras`` resolves every prompt before it builds the callback)."""
+    if prompt.width is None or prompt.height is None or prompt.seed is None or prompt.sampler is None:
+        raise ValueError(f"sample prompt {prompt.prompt!r} has no size, seed or sampler: resolve it first")
+    return prompt.width, prompt.height, prompt.seed, prompt.sampler
 
 
 def make_scheduler(sampler: str, alphas_cumprod: torch.Tensor, prediction_type: str):
@@ -73,16 +81,19 @@ def render_sample(
     """One image (3, H, W) in [-1, 1] on the CPU for a resolved ``prompt``; ``uncond`` (the negative prompt's
     conditioning) is used when the guidance scale is not 1."""
     device = adapter.device
-    scheduler = make_scheduler(prompt.sampler, adapter.alphas_cumprod, adapter.prediction_type)
+    width, height, seed, sampler = resolved_fields(prompt)
+    scheduler = make_scheduler(sampler, adapter.alphas_cumprod, adapter.prediction_type)
     scheduler.set_timesteps(prompt.steps, device=device)
-    generator = torch.Generator("cpu").manual_seed(prompt.seed)
+    generator = torch.Generator("cpu").manual_seed(seed)
     channels = getattr(adapter, "latent_channels", 4)
-    shape = (1, channels, prompt.height // 8, prompt.width // 8)
+    shape = (1, channels, height // 8, width // 8)
     latents = torch.randn(shape, generator=generator).to(device) * scheduler.init_noise_sigma
+    both = cond
     guided = uncond is not None and prompt.scale != 1.0
-    both = {k: torch.cat([uncond[k], v]).to(device) for k, v in cond.items()} if guided else cond
+    if uncond is not None and guided:
+        both = {k: torch.cat([uncond[k], v]).to(device) for k, v in cond.items()}
     batch = 2 if guided else 1
-    sizes = [SizeCondition((prompt.width, prompt.height), (0, 0), (prompt.width, prompt.height))] * batch
+    sizes = [SizeCondition((width, height), (0, 0), (width, height))] * batch
     step_takes_generator = "generator" in inspect.signature(scheduler.step).parameters
     for t in scheduler.timesteps:
         model_input = scheduler.scale_model_input(torch.cat([latents] * batch), t)
@@ -152,7 +163,7 @@ class SampleImages(TrainingCallback):
         """sd-scripts' schedule: every N epochs (at an epoch's end) if set, else every N steps."""
         if self.every_n_epochs:
             return info.epoch_finished and info.epoch % self.every_n_epochs == 0
-        return bool(self.every_n_steps) and info.step % self.every_n_steps == 0
+        return bool(self.every_n_steps) and info.step % (self.every_n_steps or 1) == 0
 
     def on_train_start(self, total_steps, start_step, summary):
         if self.at_first:
@@ -185,9 +196,14 @@ class SampleImages(TrainingCallback):
         for index, prompt in enumerate(self.prompts):
             uncond = conditioning[prompt.negative_prompt] if prompt.scale != 1.0 else None
             pixels = render_sample(self.adapter, prompt, conditioning[prompt.prompt], uncond, self.autocast)
-            path = os.path.join(self.folder, sample_file_name(self.output_name, index, prompt.seed, step, epoch))
+            seed = resolved_fields(prompt)[2]
+            path = os.path.join(self.folder, sample_file_name(self.output_name, index, seed, step, epoch))
             image = to_pil(pixels)
-            atomic_write(path, lambda tmp, image=image: image.save(tmp, format="PNG"))
+
+            def write(tmp: str, image: Any = image) -> None:
+                image.save(tmp, format="PNG")
+
+            atomic_write(path, write)
             paths.append(path)
         self.log(f"sample images at step {step}: {', '.join(os.path.basename(p) for p in paths)}")
         return paths

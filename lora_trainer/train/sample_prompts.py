@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, replace
-from typing import Any, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from lora_trainer.config import SAMPLE_SAMPLERS, is_prompt_file
 from lora_trainer.errors import ConfigError
@@ -43,7 +43,7 @@ DICT_KEYS = {
 }
 IGNORED_DICT_KEYS = ("guidance_scale", "controlnet_image", "cfg_trunc_ratio", "renorm_cfg", "flow_shift", "enum")
 # --flag -> (field, converter); "--s 20" is steps (clamped as sd-scripts does), "--ss euler" the sampler.
-_FLAGS = {
+_FLAGS: Dict[str, Tuple[str, Callable[[str], object]]] = {
     "w": ("width", int),
     "h": ("height", int),
     "d": ("seed", int),
@@ -141,7 +141,7 @@ def _load_toml(text: str, path: str) -> Any:
         import tomllib
     except ImportError:  # Python 3.10 (the WebUI's)
         try:
-            import tomli as tomllib  # type: ignore[no-redef]
+            import tomli as tomllib
         except ImportError:
             raise ConfigError(f"{path}: reading .toml prompt files needs Python 3.11 or the tomli package.") from None
     try:

@@ -12,9 +12,8 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -22,8 +21,6 @@ from safetensors.torch import load_file, save_file
 
 from lora_trainer.errors import ConfigError
 from lora_trainer.io.atomic import atomic_directory
-
-STATE_DIR = re.compile(r"^state-(\d+)$")
 
 
 @dataclass
@@ -172,13 +169,3 @@ def state_folder(output_dir: str, step: int) -> str:
 def resume_hint(folder: str) -> str:
     """How to continue from a saved state: the config line to add (the command line prints it on Ctrl+C)."""
     return f"To continue, add this line to the config:\nresume: {folder}"
-
-
-def latest_state_dir(output_dir: str) -> Optional[str]:
-    best = None
-    if os.path.isdir(output_dir):
-        for name in os.listdir(output_dir):
-            match = STATE_DIR.match(name)
-            if match and (best is None or int(match.group(1)) > best[0]):
-                best = (int(match.group(1)), os.path.join(output_dir, name))
-    return best[1] if best else None

@@ -75,7 +75,7 @@ class ValidationLoss(TrainingCallback):
         self.history: List[tuple] = []  # (step, value)
 
     def due(self, info: StepInfo) -> bool:
-        by_steps = bool(self.every_n_steps) and info.step % self.every_n_steps == 0
+        by_steps = bool(self.every_n_steps) and info.step % (self.every_n_steps or 1) == 0
         by_epochs = info.epoch_finished and info.epoch % (self.every_n_epochs or 1) == 0
         return by_steps or by_epochs
 

@@ -8,9 +8,10 @@ from disk with the standard engine path; the WebUI glue subclasses ``UiBackend``
 from __future__ import annotations
 
 import os
-from typing import Any, ContextManager, Dict, List, Optional, Sequence
+from typing import Any, ContextManager, List, Mapping, Optional, Sequence
 
-from lora_trainer.config import CommonConfig, resolved_output_name
+from lora_trainer.config import CommonConfig, lora_rank_of, resolved_output_name
+from lora_trainer.train.backend import TrainingBackend
 from lora_trainer.ui.captioning import CaptionProgress, no_host_session
 from lora_trainer.ui.options import final_lora_path
 
@@ -56,9 +57,11 @@ class UiBackend:
         """The file a finished run writes; the tab refuses to overwrite it unless asked."""
         return final_lora_path(cfg)
 
-    def make_backend_kwargs(self, cfg: CommonConfig) -> Dict[str, Any]:
-        """Extra keyword arguments for ``run_training`` (runtime, the host's model adapter...)."""
-        return {}
+    def training_backend(self, cfg: CommonConfig, preview: Optional[Mapping[str, object]] = None) -> TrainingBackend:
+        """What ``run_training`` gets besides ``cfg`` (the host's runtime and model adapter); refuses with
+        ConfigError what this host cannot train. ``preview``: preview-image settings as a front end sent them
+        (the REST API's ``preview`` field), for hosts that render previews; the default ignores them."""
+        return TrainingBackend()
 
     def estimate_memory(self, cfg: CommonConfig) -> str:
         """A sentence about the memory the run will need, shown before it starts."""
@@ -121,9 +124,9 @@ class StandaloneBackend(UiBackend):
 
     title = "LoRA Trainer (standalone)"
 
-    def __init__(self, output_root: str, **trainer_kwargs: Any) -> None:
+    def __init__(self, output_root: str, backend: Optional[TrainingBackend] = None) -> None:
         self.output_root = os.path.abspath(output_root)
-        self.trainer_kwargs = trainer_kwargs  # runtime=None: run_training picks accelerate's runtime
+        self.backend = backend or TrainingBackend()  # runtime None: run_training picks accelerate's runtime
 
     def lora_dir(self) -> str:
         return self.output_root
@@ -133,8 +136,8 @@ class StandaloneBackend(UiBackend):
 
         return DEFAULT_BASE_MODEL
 
-    def make_backend_kwargs(self, cfg: CommonConfig) -> Dict[str, Any]:
-        return dict(self.trainer_kwargs)
+    def training_backend(self, cfg: CommonConfig, preview: Optional[Mapping[str, object]] = None) -> TrainingBackend:
+        return self.backend
 
     def estimate_memory(self, cfg: CommonConfig) -> str:
         if not cfg.base_model or not os.path.exists(cfg.base_model):
@@ -145,6 +148,6 @@ class StandaloneBackend(UiBackend):
         precision = "its stored precision" if cfg.mixed_precision == "no" else cfg.mixed_precision
         return (
             f"The base model's weights take about {size / 2**30:.1f} GiB on disk; training holds them in "
-            f"{precision} plus the LoRA weights ({resolved_output_name(cfg)}, rank {cfg.lora_rank or 8}), "
+            f"{precision} plus the LoRA weights ({resolved_output_name(cfg)}, rank {lora_rank_of(cfg)}), "
             "their optimizer state and the activations of one batch."
         )

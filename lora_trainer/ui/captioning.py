@@ -1,10 +1,10 @@
-"""Run one captioning pass over a dataset folder in a background thread, never at the same time as training.
+"""The captioning kind of job: one captioning pass over a dataset folder, run by the one ``jobs.JobRunner``.
 
-``CaptionRunner`` is the caption panel's counterpart of ``jobs.JobRunner``: at most one run, a thread-safe
-``CaptionStatus`` snapshot the page polls, and a stop request honoured between batches. It shares one lock
-between "start captioning" and "start training" (``training_start``), so the check that the other is idle and
-the start itself happen together: captioning is refused while a training job runs, and training is refused
-while captioning runs.
+``CaptionJob`` is a ``jobs.BackgroundJob`` with a ``CaptionStatus`` snapshot the page polls and a stop request
+honoured between batches; its states are the runner's vocabulary (a user's Stop ends it ``cancelled``, with
+the captions written so far saved). Because the runner runs one job at a time, captioning is refused while a
+training job runs, and training is refused while captioning runs. ``CaptionRunner`` is the caption panel's
+handle on the runner: it starts, stops and reports on caption jobs only.
 
 The host plugs in through ``CaptionProgress``: a session object (the WebUI's holds its GPU queue lock and
 drives its progress bar) that receives progress and may ask the run to stop (the host's Interrupt button).
@@ -14,23 +14,24 @@ Nothing here imports gradio or torch.
 from __future__ import annotations
 
 import contextlib
-import logging
-import threading
-import time
 from dataclasses import dataclass, replace
-from typing import Any, Callable, ContextManager, Iterator, Optional, Tuple
+from typing import Any, Callable, ContextManager, Dict, Optional, Tuple
 
-from lora_trainer.errors import LoraTrainerError
-from lora_trainer.jobs import JobRunner
+from lora_trainer.jobs import (
+    CANCELLED,
+    CAPTIONING,
+    FAILED,
+    FINISHED,
+    IDLE,
+    RUNNING,
+    TRAINING,
+    BackgroundJob,
+    CaptionBusyError,
+    JobBusyError,
+    JobRunner,
+)
 
-log = logging.getLogger(__name__)
-
-IDLE, RUNNING, FINISHED, STOPPED, FAILED = "idle", "running", "finished", "stopped", "failed"
 TOP_TAGS_SHOWN = 8
-
-
-class CaptionBusyError(LoraTrainerError):
-    """Captioning and training exclude each other (and a second caption run waits for the first)."""
 
 
 class CaptionProgress:
@@ -87,7 +88,8 @@ def progress_line(status: CaptionStatus) -> str:
     """The panel's one- or two-line summary of ``status``."""
     if status.state == IDLE:
         return "Idle: no captioning has run yet."
-    head = {RUNNING: "Running", FINISHED: "Finished", STOPPED: "Stopped", FAILED: "Failed"}[status.state]
+    # The panel's button says "Stop": a cancelled run reads "Stopped" here.
+    head = {RUNNING: "Running", FINISHED: "Finished", CANCELLED: "Stopped", FAILED: "Failed"}[status.state]
     counts = f" {status.done}/{status.total} images" if status.total else ""
     return f"{head} ({status.label}):{counts}\n{status.message}".rstrip()
 
@@ -108,146 +110,125 @@ def summarize_report(report: Any) -> str:
     return text
 
 
-class CaptionRunner:
-    """At most one caption run at a time, and none while ``jobs`` runs a training job (and vice versa)."""
+class CaptionJob(BackgroundJob[CaptionStatus]):
+    """One caption run in a background thread; ``cancel`` stops it after the current batch."""
 
-    def __init__(self, jobs: JobRunner) -> None:
-        self.jobs = jobs
-        self._lock = threading.Lock()  # guards starts of both kinds, and the status snapshot
-        self._status = CaptionStatus()
-        self._stop = threading.Event()
-        self._done = threading.Event()
-        self._done.set()
-        self._next_id = 1
+    kind = CAPTIONING
 
-    # --- control -------------------------------------------------------------------------------------------
-    def start(self, request: CaptionRequest) -> int:
-        """Start ``request`` in a background thread and return its run id; CaptionBusyError when refused."""
-        with self._lock:
-            if not self._done.is_set():
-                raise CaptionBusyError(
-                    f"Captioning is already running ({self._progress_words()}): stop it or wait for it to finish."
-                )
-            if self.jobs.is_running:
-                s = self.jobs.status()
-                raise CaptionBusyError(
-                    f"A training run is in progress ({s.label or 'Train'}: {s.output_name}); "
-                    "captioning would compete with it for the GPU and change its data. "
-                    "Caption after it ends, or cancel it."
-                )
-            run_id = self._next_id
-            self._next_id += 1
-            self._stop.clear()
-            self._done.clear()
-            self._status = CaptionStatus(
-                state=RUNNING,
-                run_id=run_id,
-                label=request.label,
-                folder=request.folder,
-                sidecar=bool(getattr(request.options, "sidecar", False)),
-                message="Starting…",
-                started_at=time.time(),
+    def __init__(self, request: CaptionRequest, run_id: int = 1) -> None:
+        self.request = request
+        status = CaptionStatus(
+            run_id=run_id,
+            label=request.label,
+            folder=request.folder,
+            sidecar=bool(getattr(request.options, "sidecar", False)),
+        )
+        super().__init__(status, f"lora-trainer-caption-{run_id}")
+
+    def refusal(self, kind: str) -> JobBusyError:
+        words = self._progress_words()
+        if kind == TRAINING:
+            return CaptionBusyError(
+                f"Captioning is running ({words}); training would read "
+                "captions while they change. Stop it or wait for it to finish."
             )
-        thread = threading.Thread(target=self._run, args=(request,), name=f"lora-trainer-caption-{run_id}", daemon=True)
-        thread.start()
-        return run_id
+        return CaptionBusyError(f"Captioning is already running ({words}): stop it or wait for it to finish.")
 
-    @contextlib.contextmanager
-    def training_start(self) -> Iterator[None]:
-        """Hold this around starting a training job: refuses (CaptionBusyError) while captioning runs."""
-        with self._lock:
-            if not self._done.is_set():
-                raise CaptionBusyError(
-                    f"Captioning is running ({self._progress_words()}); training would read "
-                    "captions while they change. Stop it or wait for it to finish."
-                )
-            yield
-
-    def stop(self) -> bool:
-        """Ask the run to stop after its current batch (finished captions are saved); False when idle."""
-        if self._done.is_set():
-            return False
-        self._stop.set()
-        self._update(message="Stopping after the current batch…")
-        return True
-
-    def wait(self, timeout: Optional[float] = None) -> bool:
-        """Block until the run has ended; False on timeout."""
-        return self._done.wait(timeout)
-
-    @property
-    def is_running(self) -> bool:
-        return not self._done.is_set()
-
-    def status(self) -> CaptionStatus:
-        with self._lock:
-            return self._status
-
-    # --- worker thread -------------------------------------------------------------------------------------
     def _progress_words(self) -> str:
-        s = self._status  # under self._lock
+        s = self.status()
         return f"{s.label}, {s.done}/{s.total} images" if s.total else s.label
 
-    def _update(self, **changes: Any) -> None:
-        with self._lock:
-            self._status = replace(self._status, **changes)
-
-    def _run(self, request: CaptionRequest) -> None:
-        from lora_trainer.caption.run import caption_folder
-
-        try:
-            self._update(message="Waiting for the GPU…")
-            with request.session(request.label) as host:
-                if self._stop.is_set():
-                    self._end(STOPPED, "Stopped before captioning started; nothing changed.")
-                    return
-                self._update(message=f"Loading the {request.label} captioner…")
-                host.update(0, 0, f"Captioning: loading {request.label}…")
-                captioner = request.load()
-                # A captioner that works one image at a time says so (batch_size = 1): batches of one give
-                # it per-image progress and stop checks at no cost.
-                options = request.options
-                preferred = getattr(captioner, "batch_size", None)
-                if isinstance(preferred, int) and preferred > 0:
-                    options = replace(options, batch_size=preferred)
-                try:
-                    report = caption_folder(
-                        request.folder,
-                        captioner,
-                        options,
-                        on_progress=lambda done, total: self._progress(host, done, total),
-                        should_stop=lambda: self._stop.is_set() or host.should_stop(),
-                    )
-                finally:
-                    captioner.close()
-            failed = tuple(report.failed)
-            if report.stopped:
-                self._end(
-                    STOPPED, "Stopped; captions written so far are saved. " + summarize_report(report), failed=failed
-                )
-            else:
-                self._end(FINISHED, summarize_report(report), failed=failed)
-        except LoraTrainerError as exc:  # missing weights, missing folder, no images: said as they are
-            self._end(FAILED, str(exc))
-        except Exception as exc:  # a bug or a library error: keep the page alive, log the traceback
-            log.exception("Caption run %s failed", request.label)
-            self._end(FAILED, f"Unexpected error: {type(exc).__name__}: {exc} (the full traceback is in the log).")
-        finally:
-            self._done.set()
+    def _cancel_changes(self) -> Dict[str, Any]:
+        return {"message": "Stopping after the current batch…"}
 
     def download_progress(self, progress: Any) -> None:
-        """A captioner's first-use download (a ``lora_trainer.hub.progress.DownloadProgress``): its line, with
-        the file and the bytes of the total, is the run's message until captioning starts."""
+        """A captioner's first-use download: its line is the run's message until captioning starts."""
         self._update(message=progress.describe())
 
+    def _work(self) -> None:
+        from lora_trainer.caption.run import caption_folder
+
+        request = self.request
+        self._update(message="Waiting for the GPU…")
+        with request.session(request.label) as host:
+            if self.cancel_requested:
+                self._end(CANCELLED, "Stopped before captioning started; nothing changed.")
+                return
+            self._update(message=f"Loading the {request.label} captioner…")
+            host.update(0, 0, f"Captioning: loading {request.label}…")
+            captioner = request.load()
+            # A captioner that works one image at a time says so (batch_size = 1): batches of one give
+            # it per-image progress and stop checks at no cost.
+            options = request.options
+            preferred = getattr(captioner, "batch_size", None)
+            if isinstance(preferred, int) and preferred > 0:
+                options = replace(options, batch_size=preferred)
+            try:
+                report = caption_folder(
+                    request.folder,
+                    captioner,
+                    options,
+                    on_progress=lambda done, total: self._progress(host, done, total),
+                    should_stop=lambda: self.cancel_requested or host.should_stop(),
+                )
+            finally:
+                captioner.close()
+        failed = tuple(report.failed)
+        if report.stopped:
+            self._end(
+                CANCELLED, "Stopped; captions written so far are saved. " + summarize_report(report), failed=failed
+            )
+        else:
+            self._end(FINISHED, summarize_report(report), failed=failed)
+
     def _progress(self, host: CaptionProgress, done: int, total: int) -> None:
-        text = f"Captioning with {self.status().label}: {done}/{total} images"
+        text = f"Captioning with {self.request.label}: {done}/{total} images"
         self._update(
             done=done,
             total=total,
-            message="Captioning…" if not self._stop.is_set() else "Stopping after the current batch…",
+            message="Captioning…" if not self.cancel_requested else "Stopping after the current batch…",
         )
         host.update(done, total, text)
 
-    def _end(self, state: str, message: str, failed: Tuple[Tuple[str, str], ...] = ()) -> None:
-        self._update(state=state, message=message, failed=failed)
+
+class CaptionRunner:
+    """The caption panel's handle on the one ``JobRunner``: starts, stops and reports on caption jobs."""
+
+    def __init__(self, jobs: JobRunner) -> None:
+        self.jobs = jobs
+
+    def start(self, request: CaptionRequest) -> int:
+        """Start ``request`` in a background thread and return its run id; CaptionBusyError when refused."""
+        return self.jobs.submit(CAPTIONING, lambda run_id: CaptionJob(request, run_id)).status().run_id
+
+    @property
+    def current_job(self) -> Optional[CaptionJob]:
+        """The running caption job, or the last one after it ended."""
+        job = self.jobs.last(CAPTIONING)
+        return job if isinstance(job, CaptionJob) else None
+
+    def stop(self) -> bool:
+        """Ask the run to stop after its current batch (finished captions are saved); False when idle."""
+        job = self.current_job
+        return job.cancel() if job is not None else False
+
+    def wait(self, timeout: Optional[float] = None) -> bool:
+        """Block until the run has ended (at once when there is none); False on timeout."""
+        job = self.current_job
+        return job.wait(timeout) if job is not None else True
+
+    @property
+    def is_running(self) -> bool:
+        job = self.current_job
+        return job is not None and not job.done
+
+    def status(self) -> CaptionStatus:
+        job = self.current_job
+        return job.status() if job is not None else CaptionStatus()
+
+    def download_progress(self, progress: Any) -> None:
+        """A captioner's first-use download (a ``lora_trainer.hub.progress.DownloadProgress``): its line, with
+        the file and the bytes of the total, is the running caption job's message until captioning starts."""
+        job = self.current_job
+        if job is not None and not job.done:
+            job.download_progress(progress)

@@ -8,16 +8,16 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 import typing
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Type
 
 import yaml
 
-from lora_trainer.config import (
+from lora_trainer.config import (  # noqa: F401 (check_output_name: the form's check, kept importable here)
     CommonConfig,
     ImageConfig,
+    check_output_name,
     config_from_dict,
     dataset_entry_to_dict,
     resolved_output_name,
@@ -65,8 +65,6 @@ QUICK_CHECK_SUFFIX = "_quickcheck"
 # The tab's encoding cache, inside the run's output folder (the REST API uses the same name): the tab never
 # writes into the user's dataset folder unless "Cache dir" says so.
 CACHE_SUBFOLDER = "cache"
-
-_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.()+\-]*$")
 
 
 @dataclass(frozen=True)
@@ -218,21 +216,6 @@ def from_widget(spec: FormField, value: Any) -> Any:
         if spec.optional and not value:
             return None
     return value
-
-
-def check_output_name(name: str) -> str:
-    """The LoRA's file stem: refuse what could escape the output folder or confuse the WebUI's Lora list."""
-    name = (name or "").strip()
-    if not name:
-        raise ConfigError("Output name is required: it becomes the file name and the <lora:name> alias.")
-    if name.lower().endswith(".safetensors"):
-        name = name[: -len(".safetensors")]
-    if not _SAFE_NAME.match(name) or ".." in name or len(name) > 120:
-        raise ConfigError(
-            f"Output name {name!r} is not allowed: use letters, digits, spaces and _ . ( ) + - "
-            "(no path separators, no leading dot, at most 120 characters)."
-        )
-    return name
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,6 @@ import os
 import re
 import struct
 import time
-from collections import Counter
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from lora_trainer.jobs import CANCELLED, FAILED, FINISHED, IDLE, RUNNING, JobStatus
@@ -126,14 +125,16 @@ def top_tags(metadata: Dict[str, str], count: int = TOP_TAGS) -> str:
         folders = json.loads(metadata.get("ss_tag_frequency") or "{}")
     except ValueError:
         return ""
-    totals: Counter = Counter()
+    totals: Dict[str, float] = {}
     if isinstance(folders, dict):
         for tags in folders.values():
             if isinstance(tags, dict):
                 for tag, n in tags.items():
                     if isinstance(n, (int, float)):
-                        totals[str(tag).strip()] += n
-    return ", ".join(tag for tag, _n in totals.most_common(count) if tag)
+                        key = str(tag).strip()
+                        totals[key] = totals.get(key, 0) + n
+    ranked = sorted(totals.items(), key=lambda item: -item[1])  # stable: ties keep their first-seen order
+    return ", ".join(tag for tag, _n in ranked[:count] if tag)
 
 
 def base_model_name(metadata: Dict[str, str]) -> str:

@@ -10,7 +10,6 @@ differences go through ``gradio_compat``; host differences through the ``UiBacke
 import dataclasses
 import logging
 import os
-import shutil
 import tempfile
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -39,8 +38,8 @@ from lora_trainer.ui.options import (
     quick_check_config,
     widget_values_from_mapping,
 )
+from lora_trainer.ui.start import start_training_run
 from lora_trainer.ui.status_view import (
-    STATE_PREFIX,
     TABLE_HEADERS,
     LoraCatalog,
     main_lora_file,
@@ -65,7 +64,7 @@ def _rows(items: Sequence[FormField], size: int) -> List[Sequence[FormField]]:
 
 def _make_widget(spec: FormField, wording: TabWording, visible: bool = True) -> Any:
     """The gradio component of one generated option (its help text in the tab's words)."""
-    common = {"label": spec.label, "info": wording.say(spec.doc), "elem_id": f"{ELEM}opt_{spec.key}"}
+    common: Dict[str, Any] = {"label": spec.label, "info": wording.say(spec.doc), "elem_id": f"{ELEM}opt_{spec.key}"}
     if not visible:
         common["visible"] = False
     if spec.kind == "checkbox":
@@ -102,7 +101,7 @@ class TrainerTab:
     ) -> None:
         self.backend = backend
         self.runner = runner or JobRunner()
-        self.captions = captions or CaptionRunner(self.runner)  # excludes training while it captions
+        self.captions = captions or CaptionRunner(self.runner)  # caption jobs on the same runner
         self.config_cls = config_cls
         self.specs = form_fields(config_cls)
         self.wording = TabWording.for_fields(self.specs)
@@ -287,7 +286,7 @@ class TrainerTab:
             cls=self.config_cls,
             default_base_model=self.backend.default_base_model(),
         )
-        if hasattr(cfg, "cache_dir") and not cfg.cache_dir:
+        if isinstance(cfg, ImageConfig) and not cfg.cache_dir:
             # Never write into the user's dataset folder unless asked: the cache lives with the run.
             cfg = dataclasses.replace(cfg, cache_dir=os.path.join(cfg.output_dir, CACHE_SUBFOLDER))
         return cfg
@@ -316,19 +315,6 @@ class TrainerTab:
                 "(sub-folders named like 10_style are read too)."
             )
 
-    def _clear_old_states(self, cfg: CommonConfig) -> None:
-        """Overwriting a LoRA: the earlier run's resumable states in the same folder go with it (a state this
-        run resumes from stays)."""
-        folder = cfg.output_dir
-        keep = os.path.abspath(cfg.resume) if getattr(cfg, "resume", None) else None
-        try:
-            entries = list(os.scandir(folder))
-        except OSError:
-            return
-        for entry in entries:
-            if entry.is_dir() and entry.name.startswith(STATE_PREFIX) and os.path.abspath(entry.path) != keep:
-                shutil.rmtree(entry.path, ignore_errors=True)
-
     def _start(
         self,
         quick: bool,
@@ -346,27 +332,23 @@ class TrainerTab:
             if quick:  # its own name and folder: a quick check never touches the real run's files
                 quick_name = (cfg.output_name or "lora") + QUICK_CHECK_SUFFIX
                 cfg = quick_check_config(cfg, self.backend.default_output_dir(quick_name))
-            target = self.backend.final_lora_path(cfg)
-            replacing = not quick and os.path.exists(target)
-            if replacing and not overwrite:
-                raise ConfigError(
-                    f"{target} already exists. Choose another output name or tick "
-                    '"Overwrite an existing LoRA of the same name".'
-                )
-            backend_kwargs = self.backend.make_backend_kwargs(cfg)
-            estimate = self.backend.estimate_memory(cfg)
-            with self.captions.training_start():  # refused while captioning rewrites the captions
-                if replacing and not self.runner.is_running:
-                    self._clear_old_states(cfg)
-                job = self.runner.start(cfg, label=label, backend_kwargs=backend_kwargs)
-            self._published[job.status().job_id] = target
+            started = start_training_run(
+                self.runner,
+                self.backend,
+                cfg,
+                label=label,
+                overwrite=quick or overwrite,  # a quick check replaces its own earlier one
+                how_to_overwrite='tick "Overwrite an existing LoRA of the same name"',
+                drop_old_states=not quick,  # overwriting a LoRA drops its earlier run's states
+            )
+            self._published[started.job.status().job_id] = started.lora_file
         except LoraTrainerError as exc:
             return f"**{label} not started:** {self.wording.say(str(exc))}"
         except Exception as exc:  # a bug must not leave the button dead without a word
             log.exception("Could not start training")
             return f"**{label} not started:** unexpected error {type(exc).__name__}: {exc}"
-        started = f"**{label} started:** {cfg.output_name}; the LoRA will be `{target}`."
-        return f"{started}\n\n{estimate}" if estimate else started
+        text = f"**{label} started:** {cfg.output_name}; the LoRA will be `{started.lora_file}`."
+        return f"{text}\n\n{started.memory_estimate}" if started.memory_estimate else text
 
     def start_training(
         self, dataset: str, base_model: str, output_name: str, output_dir: str, overwrite: bool, *values: Any

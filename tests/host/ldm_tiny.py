@@ -1,5 +1,5 @@
 """Tiny SD1 and SD2-v models built from the real ldm classes (the ones the WebUI loads), in the same shapes as
-``tests/tiny_models.py`` builds with diffusers, so a single-file checkpoint of one loads into the other."""
+``tests/support/tiny_models.py`` builds with diffusers, so a single-file checkpoint of one loads into the other."""
 
 from __future__ import annotations
 

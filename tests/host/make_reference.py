@@ -10,10 +10,10 @@ import sys
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))  # tests/: tiny_models, image_fixtures
+sys.path.insert(0, os.path.dirname(HERE))  # tests/: the support package
 
-from image_fixtures import image_config, train  # noqa: E402
-from tiny_models import VOCAB, build_tiny, save_single_file  # noqa: E402
+from support.image_fixtures import image_config, train  # noqa: E402
+from support.tiny_models import VOCAB, build_tiny, save_single_file  # noqa: E402
 
 ARCHS = ("sd1", "sd2", "sdxl")
 

@@ -9,10 +9,10 @@ import os
 
 import pytest
 import torch
-from image_fixtures import StopAfter, image_config
 from ldm_tiny import PromptWrapper, build_ldm
 from safetensors.torch import load_file
 from sgm_standin import build_sdxl
+from support.image_fixtures import StopAfter, image_config
 
 from lora_trainer.errors import ConfigError
 from lora_trainer.hosts.ldm_adapter import LdmHostAdapter
@@ -460,7 +460,7 @@ def test_sdxl_long_captions_keep_the_first_chunks_pooled_output(reference_dir, w
 
 
 def test_trains_with_long_captions_on_the_live_model(reference_dir, work_dir, tmp_path):
-    from tiny_models import make_image_folder
+    from support.tiny_models import make_image_folder
 
     make_image_folder(str(tmp_path / "data"), count=2, captions=["a photo", LONG])
     model = host_model("sd1", work_dir, reference_dir)

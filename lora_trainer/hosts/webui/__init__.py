@@ -17,7 +17,7 @@ One concept per module:
 
 from lora_trainer.errors import ConfigError
 from lora_trainer.hosts.webui.a1111 import model_refusal, refusal
-from lora_trainer.hosts.webui.backend import WebUIBackend, estimate_extra_memory
+from lora_trainer.hosts.webui.backend import WebUIBackend, WebUITraining, estimate_extra_memory
 from lora_trainer.hosts.webui.builtin_lora import publish_lora, refresh_host_networks, unload_host_networks
 from lora_trainer.hosts.webui.facts import (
     HostFacts,
@@ -57,6 +57,7 @@ __all__ = [
     "PreviewSettings",
     "TrainingCallback",
     "WebUIBackend",
+    "WebUITraining",
     "api_credentials",
     "architecture",
     "estimate_extra_memory",

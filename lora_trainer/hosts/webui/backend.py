@@ -13,10 +13,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from typing import Any, Callable, ContextManager, Dict, Iterator, List, Mapping, Optional, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterator, List, Mapping, Optional, Sequence
 
 from lora_trainer.caption.base import Captioner
-from lora_trainer.config import CommonConfig, ImageConfig, resolved_output_name
+from lora_trainer.config import CommonConfig, ImageConfig, lora_rank_of, resolved_output_name
 from lora_trainer.errors import ConfigError
 from lora_trainer.hosts.live_weights import HostModelNotTrainable
 from lora_trainer.hosts.webui.builtin_lora import publish_lora, refresh_host_networks
@@ -36,9 +37,14 @@ from lora_trainer.hosts.webui.progress import (
 )
 from lora_trainer.jobs import JobHooks, default_trainer
 from lora_trainer.lora.layer import is_lora_target
+from lora_trainer.train.backend import TrainingBackend
 from lora_trainer.train.callbacks import CallbackList, TrainingCallback
+from lora_trainer.train.result import TrainingResult
 from lora_trainer.ui.backend import WEBUI_REFRESH_LORAS_JS, WEBUI_SEND_PROMPT_JS, UiBackend
 from lora_trainer.ui.captioning import CaptionProgress
+
+if TYPE_CHECKING:  # torch: the glue is imported when the WebUI builds its tab
+    from lora_trainer.train.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +74,7 @@ def estimate_extra_memory(roots: Sequence[Any], arch: str, cfg: CommonConfig) ->
     LoRA-able layers of the transformer blocks under ``roots`` (the UNet, and the text encoders' when trained)."""
     import torch
 
-    rank = cfg.lora_rank or 8
+    rank = lora_rank_of(cfg)
     te = isinstance(cfg, ImageConfig) and cfg.train_text_encoder
     params = 0
     for root in roots:
@@ -96,6 +102,16 @@ def estimate_extra_memory(roots: Sequence[Any], arch: str, cfg: CommonConfig) ->
         f"{resolution} px{' with gradient checkpointing' if cfg.gradient_checkpointing else ''}. "
         "If that is too much: lower batch size, resolution or rank, or turn on gradient checkpointing."
     )
+
+
+@dataclass(frozen=True)
+class WebUITraining(TrainingBackend):
+    """What the WebUI hands a run: the engine's runtime and (an in-place AUTOMATIC1111 run) the host-model
+    adapter, plus what only its own trainer wrapper (``WebUIBackend.train``) reads: the preview settings it
+    turns into preview images and the plan it follows (in place or from the checkpoint file)."""
+
+    preview: Optional[PreviewSettings] = None
+    plan: Optional[TrainingPlan] = None
 
 
 class WebUIBackend(UiBackend):
@@ -196,9 +212,9 @@ class WebUIBackend(UiBackend):
         return host_caption_session(label)
 
     # --- what the trainer gets ---------------------------------------------------------------------------
-    def make_backend_kwargs(self, cfg: CommonConfig, preview: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
-        """The runtime, the plan and (for an in-place AUTOMATIC1111 run) the model adapter; refuses here, before
-        any work, what neither path can train."""
+    def training_backend(self, cfg: CommonConfig, preview: Optional[Mapping[str, object]] = None) -> WebUITraining:
+        """The runtime, the plan, the preview settings and (for an in-place AUTOMATIC1111 run) the model adapter;
+        refuses here, before any work, what neither path can train."""
         if cfg.task_type != "image-generation":
             raise ConfigError(
                 "The WebUI tab trains image LoRAs on the loaded checkpoint; text-generation "
@@ -213,29 +229,27 @@ class WebUIBackend(UiBackend):
             raise ConfigError(plan.reason[0].upper() + plan.reason[1:] + ".")
         facts = host.facts(model)
         settings = PreviewSettings.from_mapping(preview) if preview is not None else self.default_preview()
-        kwargs: Dict[str, Any] = {
-            "runtime": LocalRuntime(facts.device, facts.mixed_precision),
-            "plan": plan,
-            "preview": settings.for_run(cfg),
-        }
-        if plan.in_place and host.adapter_before_lock:
-            kwargs["adapter"] = host.make_adapter(model)
-        return kwargs
+        return WebUITraining(
+            runtime=LocalRuntime(facts.device, facts.mixed_precision),
+            adapter=host.make_adapter(model) if plan.in_place and host.adapter_before_lock else None,
+            preview=settings.for_run(cfg),
+            plan=plan,
+        )
 
-    def train(self, cfg: CommonConfig, callbacks: List[TrainingCallback], **backend_kwargs: Any) -> Any:
+    def train(self, cfg: CommonConfig, callbacks: List[TrainingCallback], backend: TrainingBackend) -> TrainingResult:
         """The JobRunner's trainer: the engine plus the host progress and preview callbacks, on the plan's path.
 
         In place, a host model that turns out untrainable before the first step (``HostModelNotTrainable``:
         Forge streaming layers in, say) is handed back untouched and the run trains from the file instead."""
         from modules import shared
 
-        preview: Optional[PreviewSettings] = backend_kwargs.pop("preview", None)
-        plan: Optional[TrainingPlan] = self._plan or backend_kwargs.pop("plan", None)
-        backend_kwargs.pop("plan", None)
+        own = backend if isinstance(backend, WebUITraining) else WebUITraining(backend.runtime, backend.adapter)
+        preview = own.preview
+        plan = self._plan or own.plan
         cfg = self._run_cfg or cfg
         progress = HostProgress(shared.state, resolved_output_name(cfg))
         if plan is not None and plan.path == FROM_FILE:
-            return self._train_from_file(plan, cfg, [*callbacks, progress], backend_kwargs)
+            return self._train_from_file(plan, cfg, [*callbacks, progress], own.runtime)
         extra: List[TrainingCallback] = [progress]
         if preview is not None and preview.every_n_steps > 0:
             extra.append(
@@ -247,11 +261,14 @@ class WebUIBackend(UiBackend):
                     state=shared.state,
                 )
             )
-        if plan is not None and plan.in_place and not plan.host.adapter_before_lock and "adapter" not in backend_kwargs:
-            backend_kwargs["adapter"] = plan.host.make_adapter(host_model())
-        adapter = backend_kwargs.get("adapter")
+        adapter = own.adapter
+        if plan is not None and plan.in_place and not plan.host.adapter_before_lock and adapter is None:
+            adapter = plan.host.make_adapter(host_model())
         try:
-            return default_trainer(cfg, callbacks=[*callbacks, *extra], **backend_kwargs)
+            # The engine gets the engine's part: the preview settings and the plan are this wrapper's.
+            return default_trainer(
+                cfg, callbacks=[*callbacks, *extra], backend=TrainingBackend(runtime=own.runtime, adapter=adapter)
+            )
         except HostModelNotTrainable as exc:
             if plan is None:
                 raise
@@ -263,15 +280,14 @@ class WebUIBackend(UiBackend):
                 adapter.restore()
         # Outside the except block: the exception's frames (which hold the adapter) are gone by now.
         del adapter
-        backend_kwargs.pop("adapter", None)
         fallback = from_file_or_refusal(plan.host, host_model(), reason)
         if fallback.path == REFUSED:
             raise ConfigError(fallback.reason)
-        return self._train_from_file(fallback, cfg, [*callbacks, progress], backend_kwargs)
+        return self._train_from_file(fallback, cfg, [*callbacks, progress], own.runtime)
 
     def _train_from_file(
-        self, plan: TrainingPlan, cfg: CommonConfig, callbacks: List[TrainingCallback], backend_kwargs: Dict[str, Any]
-    ) -> Any:
+        self, plan: TrainingPlan, cfg: CommonConfig, callbacks: List[TrainingCallback], runtime: Optional[Runtime]
+    ) -> TrainingResult:
         from modules import shared
 
         from lora_trainer.train.runtime import LocalRuntime
@@ -282,8 +298,7 @@ class WebUIBackend(UiBackend):
             log.info(text)
             shared.state.textinfo = f"Training LoRA {resolved_output_name(cfg)}: {text}"
 
-        runtime = backend_kwargs.get("runtime") or LocalRuntime()
-        return train_from_file(plan, cfg, callbacks, default_trainer, runtime, say=say)
+        return train_from_file(plan, cfg, callbacks, default_trainer, runtime or LocalRuntime(), say=say)
 
     # --- job hooks -----------------------------------------------------------------------------------------
     def job_hooks(self) -> JobHooks:

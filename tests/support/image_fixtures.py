@@ -6,14 +6,14 @@ import os
 from typing import Optional
 
 import torch
-from tiny_models import build_tiny, make_image_folder, save_single_file
 
 from lora_trainer.config import config_from_dict
 from lora_trainer.train.callbacks import TrainingCallback
 from lora_trainer.train.image_trainer import train_image
 from lora_trainer.train.runtime import LocalRuntime
+from support.tiny_models import build_tiny, make_image_folder, save_single_file
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/support/ -> the repo
 
 
 def tiny_checkpoint(folder, arch: str = "sd1", seed: int = 0, with_yaml: bool = False) -> str:
