@@ -121,6 +121,7 @@ def forge_prompt_chunks(ids: Sequence[int], comma: Optional[int]) -> List[List[i
 
 
 class ForgeHostAdapter(DiffusionAdapter):
+    family: UNetFamily
     """Drives Forge's loaded SD1/SDXL engine for the trainer. Use as a context manager, or call ``restore()``,
     to undo every change training made (weights keep their values; they are clones of the host's)."""
 

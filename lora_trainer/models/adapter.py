@@ -8,7 +8,7 @@ Loading is staged: the trainer asks for the encoders first (to fill its caches),
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple, TypeVar
 
 import torch
 from torch import nn
@@ -42,6 +42,17 @@ class SizeCondition:
             self.target[1],
             self.target[0],
         ]
+
+
+_Part = TypeVar("_Part")
+
+
+def loaded(part: Optional[_Part], what: str) -> _Part:
+    """``part`` (a model component or a located file), or an error naming ``what`` when it is absent: a
+    component is used before ``load`` brought it in, or a file the layout needs was not found."""
+    if part is None:
+        raise RuntimeError(f"{what} is not loaded (load() it before use)")
+    return part
 
 
 class DiffusionAdapter:

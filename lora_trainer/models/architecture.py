@@ -52,7 +52,7 @@ def detect_family(keys) -> UNetFamily:
             "keys (LoRA files, VAEs and embeddings cannot be trained on)."
         )
     family = family_of_checkpoint(keys)
-    if family is None:
+    if not isinstance(family, UNetFamily):
         raise ModelLoadError(
             "unrecognised checkpoint: no SD1 (cond_stage_model.transformer), SD2 "
             "(cond_stage_model.model) or SDXL (conditioner.embedders) text-encoder keys."

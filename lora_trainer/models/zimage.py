@@ -29,7 +29,7 @@ from torch import nn
 
 from lora_trainer.errors import ConfigError, ModelLoadError
 from lora_trainer.lora.targets import find_targets
-from lora_trainer.models.adapter import Conditioning, DiffusionAdapter, SizeCondition
+from lora_trainer.models.adapter import Conditioning, DiffusionAdapter, SizeCondition, loaded
 from lora_trainer.models.diffusers_adapter import file_identity
 from lora_trainer.models.families.zimage import LORA_CONTAINERS, ZImageFamily, transformer_prefix
 from lora_trainer.models.flux.adapter import AE_SCALING, AE_SHIFT
@@ -227,7 +227,7 @@ class ZImageAdapter(DiffusionAdapter):
         self.model_file = self.files.transformer
         self.identity = "|".join(file_identity(p) for p in self.files.all_paths()) + f"|qwen:{MAX_TEXT_TOKENS}"
         self.transformer: Optional[nn.Module] = None
-        self.unet = None  # the SD adapters' name for the denoiser
+        self.unet: Optional[nn.Module] = None  # the SD adapters' name for the denoiser
         self.vae: Optional[nn.Module] = None
         self.text_encoders: Optional[List[nn.Module]] = None
         self._tokenizer = None
@@ -270,7 +270,7 @@ class ZImageAdapter(DiffusionAdapter):
         if self.files.folder:
             vae = AutoencoderKL.from_pretrained(self.files.folder, subfolder="vae", torch_dtype=torch.float32)
         else:
-            reader = CheckpointReader(self.files.ae)
+            reader = CheckpointReader(loaded(self.files.ae, "the autoencoder file (ae)"))
             prefix = next(
                 (p for p in ("", "vae.", "first_stage_model.") if p + "encoder.conv_in.weight" in reader.keys), None
             )
@@ -288,7 +288,7 @@ class ZImageAdapter(DiffusionAdapter):
 
             model = Qwen3Model.from_pretrained(self.files.folder, subfolder="text_encoder", torch_dtype=self.dtype)
             return model.requires_grad_(False).eval()
-        return load_qwen3(self.files.qwen3, self.dtype)
+        return load_qwen3(loaded(self.files.qwen3, "the Qwen3 text encoder file (qwen3)"), self.dtype)
 
     def _load_transformer(self) -> nn.Module:
         from diffusers import ZImageTransformer2DModel
@@ -305,14 +305,14 @@ class ZImageAdapter(DiffusionAdapter):
                 state.update(load_file(shard))
             source = self.files.folder
         else:
-            reader = CheckpointReader(self.files.transformer)
-            prefix = transformer_prefix(reader.keys)
+            source = loaded(self.files.transformer, "the Z-Image transformer file")
+            reader = CheckpointReader(source)
+            prefix = loaded(transformer_prefix(reader.keys), "the Z-Image transformer's key prefix")
             shapes = {k[len(prefix) :]: s for k, s in reader.shapes().items() if k.startswith(prefix)}
             config = transformer_config(shapes)
             state = dict(reader.items(prefix))
             if "layers.0.attention.qkv.weight" in state:  # the original layout: diffusers' own converter
                 state = convert_z_image_transformer_checkpoint_to_diffusers(state)
-            source = self.files.transformer
         with torch.device("meta"):
             model = ZImageTransformer2DModel(**config)
         materialise(model, {k: v.to(self.dtype) for k, v in state.items()}, "Z-Image transformer", source)
@@ -327,7 +327,7 @@ class ZImageAdapter(DiffusionAdapter):
 
     @torch.no_grad()
     def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
-        latents = self.vae.encode(pixels.to(self.device, torch.float32)).latent_dist.mode()
+        latents = loaded(self.vae, "the autoencoder").encode(pixels.to(self.device, torch.float32)).latent_dist.mode()
         return (latents - AE_SHIFT) * AE_SCALING
 
     @torch.no_grad()
@@ -343,7 +343,9 @@ class ZImageAdapter(DiffusionAdapter):
             return_tensors="pt",
         )
         ids, mask = batch.input_ids.to(self.device), batch.attention_mask.to(self.device).bool()
-        hidden = self.text_encoders[0](input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-2]
+        hidden = loaded(self.text_encoders, "the text encoder")[0](
+            input_ids=ids, attention_mask=mask, output_hidden_states=True
+        ).hidden_states[-2]
         return {"text": hidden * mask[..., None].to(hidden.dtype), "mask": mask}
 
     # ------------------------------------------------------------ denoiser
@@ -360,7 +362,9 @@ class ZImageAdapter(DiffusionAdapter):
         frames = list(noisy.to(self.device, self.dtype).unsqueeze(2).unbind(0))  # (16, 1, H, W) each
         captions = [text[i][mask[i]] for i in range(text.shape[0])]
         t = 1.0 - timesteps.to(self.device, torch.float32)
-        out = self.transformer(frames, t.to(self.dtype), captions, return_dict=False)[0]
+        out = loaded(self.transformer, "the Z-Image transformer")(
+            frames, t.to(self.dtype), captions, return_dict=False
+        )[0]
         return -torch.stack(out).squeeze(2)
 
     # ------------------------------------------------------------ LoRA wiring
@@ -388,7 +392,7 @@ class ZImageAdapter(DiffusionAdapter):
         return list(self.text_encoders or [])
 
     def enable_gradient_checkpointing(self, text_encoders: bool) -> None:
-        self.transformer.enable_gradient_checkpointing()
+        loaded(self.transformer, "the Z-Image transformer").enable_gradient_checkpointing()
 
     def restore(self) -> None:
         if self.transformer is not None:

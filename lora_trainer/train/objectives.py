@@ -12,7 +12,7 @@ the step's randomness comes from it, so a resumed run draws exactly the same noi
 from __future__ import annotations
 
 import math
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -45,7 +45,7 @@ class TrainingObjective:
     ) -> torch.Tensor:
         raise NotImplementedError
 
-    def validation_timesteps(self) -> List[float]:
+    def validation_timesteps(self) -> Sequence[float]:
         """The fixed timesteps of the validation loss (sd-scripts' four, evenly inside the schedule)."""
         raise NotImplementedError
 
@@ -79,7 +79,7 @@ class DdpmObjective(TrainingObjective):
             timesteps=timesteps,
         )
 
-    def validation_timesteps(self) -> List[float]:
+    def validation_timesteps(self) -> Sequence[float]:
         return validation_timesteps(len(self.alphas_cumprod))  # 200, 400, 600, 800 of 1000
 
 
@@ -169,6 +169,6 @@ class FlowMatchingObjective(TrainingObjective):
         prediction = predict(noisy, sigmas).float()
         return weighted_sample_losses(F.mse_loss(prediction, target.float(), reduction="none"), weights).mean()
 
-    def validation_timesteps(self) -> List[float]:
+    def validation_timesteps(self) -> Sequence[float]:
         # sd-scripts measures Flux's validation loss at the same 200..800 of 1000, as noise levels t = T/1000.
         return [t / 1000 for t in validation_timesteps(1000)]

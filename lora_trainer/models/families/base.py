@@ -9,6 +9,7 @@ module beside this one plus its registration in ``families/__init__.py`` (see th
 
 from __future__ import annotations
 
+import importlib
 from typing import TYPE_CHECKING, Any, Collection, Dict, Optional
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -22,6 +23,19 @@ if TYPE_CHECKING:  # pragma: no cover
 IMPL_STABILITY_AI = "https://github.com/Stability-AI/generative-models"
 IMPL_DIFFUSERS = "diffusers"
 IMPL_FLUX = "https://github.com/black-forest-labs/flux"
+
+
+def adapter_class(reference: str) -> Any:
+    """The class named by ``reference`` (``"package.module:Class"``), imported on first use.
+
+    A family names its standalone adapter this way instead of importing it: an adapter module imports its
+    family's module (constants, key layouts) and the shared loaders, which read the family registry to detect
+    a checkpoint, so a direct import back from the family would tie them into one cycle. Dependencies run
+    adapter -> family; the family only holds the adapter's name, as diffusers' pipelines name their components.
+    Raises ImportError/AttributeError when the reference is wrong (a programming error, caught by the tests).
+    """
+    module, _, name = reference.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 class ModelFamily:
@@ -64,6 +78,9 @@ class ModelFamily:
         return False
 
     # ------------------------------------------------------------ standalone engine
+
+    # The standalone adapter's class as "package.module:Class" (see ``adapter_class``).
+    standalone_adapter = ""
 
     def open_standalone(self, path: str, **options) -> "DiffusionAdapter":
         """The standalone adapter over the model at ``path`` (a local file or folder). ``options``: ``reference``

@@ -14,7 +14,7 @@ import json
 import os
 from typing import Any, Collection, Dict, Optional
 
-from lora_trainer.models.families.base import IMPL_FLUX, ModelFamily
+from lora_trainer.models.families.base import IMPL_FLUX, ModelFamily, adapter_class
 
 TRANSFORMER_PREFIXES = ("", "model.diffusion_model.")  # a bare transformer file, or one inside a checkpoint
 DOUBLE_BLOCK_KEY = "double_blocks.0.img_attn.qkv.weight"
@@ -55,9 +55,10 @@ class FluxFamily(ModelFamily):
 
     # ------------------------------------------------------------ standalone engine
 
-    def open_standalone(self, path: str, **options):
-        from lora_trainer.models.flux.adapter import FluxAdapter
+    standalone_adapter = "lora_trainer.models.flux.adapter:FluxAdapter"  # imported on first use (``adapter_class``)
 
+    def open_standalone(self, path: str, **options):
+        FluxAdapter = adapter_class(self.standalone_adapter)
         return FluxAdapter(path, self, **options)
 
     def objective(self, prediction_type: str, alphas_cumprod, cfg=None):

@@ -15,7 +15,7 @@ from typing import Any, Collection, Dict, List, Tuple
 
 from lora_trainer.lora.registry import NETWORK_TYPE_NAMES
 from lora_trainer.lora.targets import UNET_CONTAINERS, UNET_CONV_CONTAINERS
-from lora_trainer.models.families.base import ModelFamily
+from lora_trainer.models.families.base import ModelFamily, adapter_class
 
 UNET_PREFIX = "model.diffusion_model."
 # Marker tensors of v-prediction / zero-terminal-SNR descendants, read as Forge Neo and ComfyUI read them.
@@ -67,9 +67,12 @@ class UNetFamily(ModelFamily):
 
     # ------------------------------------------------------------ standalone engine
 
-    def open_standalone(self, path: str, *, reference: str = "", cfg=None, model_name=None, **options):
-        from lora_trainer.models.diffusers_adapter import DiffusersAdapter
+    standalone_adapter = (
+        "lora_trainer.models.diffusers_adapter:DiffusersAdapter"  # imported on first use (``adapter_class``)
+    )
 
+    def open_standalone(self, path: str, *, reference: str = "", cfg=None, model_name=None, **options):
+        DiffusersAdapter = adapter_class(self.standalone_adapter)
         # The reference as given (a Hub id stays one: the adapter names the model by it; the cache answers).
         return DiffusersAdapter(reference or path, **options)
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import re
 from typing import Any, Collection, Dict, Optional
 
-from lora_trainer.models.families.base import ModelFamily
+from lora_trainer.models.families.base import ModelFamily, adapter_class
 
 IMPL_ZIMAGE = "https://github.com/Tongyi-MAI/Z-Image"
 PREFIXES = ("", "model.diffusion_model.")  # a bare transformer file, or one inside a checkpoint
@@ -94,9 +94,10 @@ class ZImageFamily(ModelFamily):
 
     # ------------------------------------------------------------ standalone engine
 
-    def open_standalone(self, path: str, **options):
-        from lora_trainer.models.zimage import ZImageAdapter
+    standalone_adapter = "lora_trainer.models.zimage:ZImageAdapter"  # imported on first use (``adapter_class``)
 
+    def open_standalone(self, path: str, **options):
+        ZImageAdapter = adapter_class(self.standalone_adapter)
         return ZImageAdapter(path, self, **options)
 
     def objective(self, prediction_type: str, alphas_cumprod, cfg=None):

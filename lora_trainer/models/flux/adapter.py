@@ -21,7 +21,7 @@ from torch import nn
 from lora_trainer.errors import ModelLoadError
 from lora_trainer.export.kohya_names import text_lora_name
 from lora_trainer.lora.targets import TEXT_CONTAINERS, find_targets
-from lora_trainer.models.adapter import Conditioning, DiffusionAdapter, SizeCondition
+from lora_trainer.models.adapter import Conditioning, DiffusionAdapter, SizeCondition, loaded
 from lora_trainer.models.diffusers_adapter import file_identity
 from lora_trainer.models.families.flux import LORA_CONTAINERS, FluxFamily, transformer_prefix
 from lora_trainer.models.flux.files import FluxFiles, locate_flux_files
@@ -33,6 +33,8 @@ AE_SCALING, AE_SHIFT = 0.3611, 0.1159
 
 
 class FluxAdapter(DiffusionAdapter):
+    family: FluxFamily
+
     def __init__(
         self,
         path: str,
@@ -69,7 +71,7 @@ class FluxAdapter(DiffusionAdapter):
         self.identity = "|".join(file_identity(p) for p in self.files.all_paths()) + f"|t5:{self.t5_max_length}"
         self.params = self._params()
         self.transformer: Optional[FluxTransformer] = None
-        self.unet = None  # the SD adapters' name for the denoiser; the trainer reads neither
+        self.unet: Optional[nn.Module] = None  # the SD adapters' name for the denoiser; the trainer reads neither
         self.vae: Optional[nn.Module] = None
         self.text_encoders: Optional[List[nn.Module]] = None
         self._tokenizers: Optional[Tuple[object, object]] = None
@@ -82,8 +84,8 @@ class FluxAdapter(DiffusionAdapter):
                 config = json.load(fh)
             params = FluxParams.from_shapes(_shapes_from_diffusers_config(config))
             return dataclasses.replace(params, axes_dim=tuple(config.get("axes_dims_rope", params.axes_dim)))
-        reader = CheckpointReader(self.files.transformer)
-        prefix = transformer_prefix(reader.keys)
+        reader = CheckpointReader(loaded(self.files.transformer, "the Flux transformer file"))
+        prefix = loaded(transformer_prefix(reader.keys), "the Flux transformer's key prefix")
         return FluxParams.from_shapes({k[len(prefix) :]: s for k, s in reader.shapes().items() if k.startswith(prefix)})
 
     def tokenizers(self):
@@ -136,7 +138,7 @@ class FluxAdapter(DiffusionAdapter):
         if self.files.folder:
             vae = AutoencoderKL.from_pretrained(self.files.folder, subfolder="vae", torch_dtype=torch.float32)
         else:
-            reader = CheckpointReader(self.files.ae)
+            reader = CheckpointReader(loaded(self.files.ae, "the autoencoder file (ae)"))
             prefix = next(
                 (p for p in ("", "vae.", "first_stage_model.") if p + "encoder.conv_in.weight" in reader.keys), None
             )
@@ -158,7 +160,10 @@ class FluxAdapter(DiffusionAdapter):
             clip = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", torch_dtype=self.dtype)
             t5 = T5EncoderModel.from_pretrained(folder, subfolder="text_encoder_2", torch_dtype=self.dtype)
             return [clip.requires_grad_(False).eval(), t5.requires_grad_(False).eval()]
-        return [load_clip_l(self.files.clip_l, self.dtype), load_t5_encoder(self.files.t5xxl, self.dtype)]
+        return [
+            load_clip_l(loaded(self.files.clip_l, "the CLIP-L file (clip_l)"), self.dtype),
+            load_t5_encoder(loaded(self.files.t5xxl, "the T5-XXL file (t5xxl)"), self.dtype),
+        ]
 
     def _load_transformer(self) -> FluxTransformer:
         from lora_trainer.models.flux.names import diffusers_to_bfl
@@ -175,10 +180,10 @@ class FluxAdapter(DiffusionAdapter):
             state = {k: v.to(self.dtype) for k, v in diffusers_to_bfl(state).items()}
             source = self.files.folder
         else:
-            reader = CheckpointReader(self.files.transformer)
-            prefix = transformer_prefix(reader.keys)
+            source = loaded(self.files.transformer, "the Flux transformer file")
+            reader = CheckpointReader(source)
+            prefix = loaded(transformer_prefix(reader.keys), "the Flux transformer's key prefix")
             state = {k: t.to(self.dtype) for k, t in reader.items(prefix) if k.split(".")[0] in _TOP_LEVEL}
-            source = self.files.transformer
         materialise(model, state, "Flux transformer", source)
         model.requires_grad_(False).eval()
         if self.fp8_base:
@@ -191,12 +196,12 @@ class FluxAdapter(DiffusionAdapter):
 
     @torch.no_grad()
     def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
-        latents = self.vae.encode(pixels.to(self.device, torch.float32)).latent_dist.mode()
+        latents = loaded(self.vae, "the autoencoder").encode(pixels.to(self.device, torch.float32)).latent_dist.mode()
         return (latents - AE_SHIFT) * AE_SCALING
 
     def encode_text(self, captions: Sequence[str], clip_skip: int) -> Conditioning:
         clip_tok, t5_tok = self.tokenizers()
-        clip, t5 = self.text_encoders
+        clip, t5 = loaded(self.text_encoders, "the text encoders")
         clip_ids = clip_tok(
             list(captions), padding="max_length", max_length=77, truncation=True, return_tensors="pt"
         ).input_ids.to(self.device)
@@ -229,7 +234,7 @@ class FluxAdapter(DiffusionAdapter):
         guidance = None
         if self.family.guidance:
             guidance = torch.full((b,), self.guidance_scale, device=self.device, dtype=torch.float32)
-        out = self.transformer(
+        out = loaded(self.transformer, "the Flux transformer")(
             pack_latents(noisy.to(self.device, dtype)),
             image_ids(b, h, w, self.device).to(dtype),
             txt,
@@ -251,7 +256,7 @@ class FluxAdapter(DiffusionAdapter):
             for path, module in find_targets(self.transformer, LORA_CONTAINERS, extra)
         ]
         if train_text_encoder:
-            clip = self.text_encoders[0]
+            clip = loaded(self.text_encoders, "the text encoders")[0]
             targets += [(text_lora_name(path, self.family, 0), m) for path, m in find_targets(clip, TEXT_CONTAINERS)]
         return targets
 
@@ -259,7 +264,7 @@ class FluxAdapter(DiffusionAdapter):
         return list(self.text_encoders or [])[:1]
 
     def enable_gradient_checkpointing(self, text_encoders: bool) -> None:
-        self.transformer.gradient_checkpointing = True
+        loaded(self.transformer, "the Flux transformer").gradient_checkpointing = True
         if text_encoders and self.text_encoders:
             self.text_encoders[0].gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             self.text_encoders[0].train()
