@@ -33,7 +33,7 @@ def build_models(models_dir: str, heads: int) -> str:
     """The reduced-width Flux.1 [dev] in a WebUI's models folder; returns the transformer file."""
     import torch
     from diffusers import FluxTransformer2DModel
-    from tiny_flux import _perturb, build_tiny_flux, save_webui_layout, seed_t5_tokenizer_cache
+    from support.tiny_flux import _perturb, build_tiny_flux, save_webui_layout, seed_t5_tokenizer_cache
 
     torch.manual_seed(0)
     parts = build_tiny_flux(guidance=True)
@@ -72,7 +72,7 @@ def main() -> None:
         transformer = build_models(models, args.heads)
     data = os.path.join(args.workdir, "data")
     if not os.path.isdir(data):
-        from tiny_models import make_image_folder
+        from support.tiny_models import make_image_folder
 
         make_image_folder(data, count=4, size=(args.resolution, args.resolution))
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=REPO)

@@ -10,9 +10,9 @@ import sys
 
 import pytest
 import torch
-from image_fixtures import REPO, image_config, tiny_checkpoint, train
 from safetensors.torch import load_file, save_file
-from tiny_models import canonical_text_state
+from support.image_fixtures import REPO, image_config, tiny_checkpoint, train
+from support.tiny_models import canonical_text_state
 
 from lora_trainer.export.lora_file import load_lora_file
 from lora_trainer.lora.network import LoRANetwork

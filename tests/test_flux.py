@@ -9,12 +9,12 @@ import sys
 import pytest
 import torch
 import yaml
-from image_fixtures import REPO, StopAfter, train
 from safetensors import safe_open
 from safetensors.torch import load_file
+from support.image_fixtures import REPO, StopAfter, train
+from support.tiny_flux import build_tiny_flux, save_webui_layout, seed_t5_tokenizer_cache
+from support.tiny_models import make_image_folder
 from test_lora_metadata import forge_version, sdnext_version
-from tiny_flux import build_tiny_flux, save_webui_layout, seed_t5_tokenizer_cache
-from tiny_models import make_image_folder
 
 from lora_trainer.config import config_from_dict
 from lora_trainer.models.flux.names import diffusers_to_bfl
@@ -266,7 +266,7 @@ def test_diffusers_loads_our_single_block_keys_at_flux_width(tmp_path):
     """One single block at Flux.1's real width (3072 channels, as diffusers' converter expects), a LoRA on every
     Linear written by our exporter, applied by diffusers: the same outputs as ours."""
     from diffusers import FluxTransformer2DModel
-    from tiny_flux import _perturb
+    from support.tiny_flux import _perturb
 
     from lora_trainer.export.lora_file import save_lora_file
     from lora_trainer.lora.network import LoRANetwork

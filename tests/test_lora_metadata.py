@@ -10,8 +10,8 @@ import hashlib
 import re
 
 import pytest
-from image_fixtures import image_config, tiny_checkpoint, train
 from safetensors import safe_open
+from support.image_fixtures import image_config, tiny_checkpoint, train
 
 FLUX_IMPL = "https://github.com/black-forest-labs/flux"
 

@@ -1,7 +1,7 @@
 """The memory estimate logged before a run counts the base as stored and names the options that lower it."""
 
 import torch
-from tiny_flux import build_tiny_flux
+from support.tiny_flux import build_tiny_flux
 
 from lora_trainer.config import config_from_dict
 from lora_trainer.models.families import FLUX_DEV, SD1

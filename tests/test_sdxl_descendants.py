@@ -2,10 +2,10 @@
 v-prediction, zero-terminal-SNR model, trained with the v target on the rescaled schedule."""
 
 import torch
-from image_fixtures import image_config, train
 from safetensors import safe_open
 from safetensors.torch import save_file
-from tiny_models import build_tiny, to_single_file_state
+from support.image_fixtures import image_config, train
+from support.tiny_models import build_tiny, to_single_file_state
 
 from lora_trainer.models.loading import load_stable_diffusion
 from lora_trainer.train.objectives import DdpmObjective

@@ -9,13 +9,18 @@ import sys
 import pytest
 import torch
 import yaml
-from image_fixtures import REPO, StopAfter, train
 from safetensors import safe_open
 from safetensors.torch import load_file
+from support.image_fixtures import REPO, StopAfter, train
+from support.tiny_models import make_image_folder
+from support.tiny_zimage import (
+    build_tiny_zimage,
+    save_diffusers_folder,
+    save_forge_neo_layout,
+    seed_qwen_tokenizer_cache,
+)
 from test_flux import flux_config
 from test_lora_metadata import sdnext_version
-from tiny_models import make_image_folder
-from tiny_zimage import build_tiny_zimage, save_diffusers_folder, save_forge_neo_layout, seed_qwen_tokenizer_cache
 
 from lora_trainer.models.families import ZIMAGE, family_at
 

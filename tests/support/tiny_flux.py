@@ -12,10 +12,10 @@ from dataclasses import dataclass
 
 import torch
 from safetensors.torch import save_file
-from tiny_models import canonical_text_state
 
 from lora_trainer.models.flux.names import diffusers_to_bfl
 from lora_trainer.models.ldm_names import VaeNameMap
+from support.tiny_models import canonical_text_state
 
 T5_VOCAB = 64
 HIDDEN, HEAD_DIM, T5_DIM, CLIP_DIM = 64, 32, 32, 32

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 import torch
 from safetensors.torch import save_file
-from tiny_flux import COMMIT, _ae_state, _perturb
+
+from support.tiny_flux import COMMIT, _ae_state, _perturb
 
 DIM, HEADS, CAP_DIM = 64, 2, 32
 WORDS = "a picture number style test of 0 1 2 3 4 5 6 7 8 9 , cat dog red blue user assistant".split()
