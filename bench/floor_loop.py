@@ -28,7 +28,6 @@ START = time.time()
 import torch  # noqa: E402
 
 from lora_trainer.lora.network import LoRANetwork  # noqa: E402
-from lora_trainer.models.architecture import SDXL  # noqa: E402
 from lora_trainer.models.diffusers_adapter import DiffusersAdapter  # noqa: E402
 from lora_trainer.train.runtime import PRECISION_DTYPES, default_thread_count  # noqa: E402
 
@@ -75,7 +74,7 @@ def main() -> None:
     latents = torch.randn(SAMPLES, 4, side, side, generator=g, device=device)
     context = torch.randn(SAMPLES, 77, unet.config.cross_attention_dim, generator=g, device=device)
     extra = {}
-    if adapter.arch == SDXL:
+    if adapter.family.size_conditioning:  # SDXL
         pooled_width = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
         pooled = torch.randn(SAMPLES, pooled_width, generator=g, device=device)
         size = float(args.resolution)
@@ -85,7 +84,7 @@ def main() -> None:
     for step in range(args.steps):
         i = step % SAMPLES
         x0, ctx = latents[i : i + 1], context[i : i + 1]
-        if adapter.arch == SDXL:
+        if adapter.family.size_conditioning:  # SDXL
             extra = {"added_cond_kwargs": {"text_embeds": pooled[i : i + 1], "time_ids": time_ids}}
         t = torch.randint(0, 1000, (1,), generator=g, device=device)
         noise = torch.randn(x0.shape, generator=g, device=device)

@@ -33,8 +33,10 @@ def main() -> None:
     import torch
 
     from lora_trainer.config import config_from_dict
-    from lora_trainer.train import diffusion_loss, image_trainer, runtime
+    from lora_trainer.train import image_trainer, runtime
     from lora_trainer.train.callbacks import CallbackList, TrainingCallback
+    from lora_trainer.train.loop import TrainingLoop
+    from lora_trainer.train.objectives import DdpmObjective
 
     checkpoint = os.path.join(args.workdir, "sd15_random.safetensors")
     data = os.path.join(args.workdir, "data")
@@ -56,15 +58,14 @@ def main() -> None:
     # The parts of one step, wrapped where the trainer calls them.
     session = image_trainer.ImageTrainingSession
     session._batch_inputs = timed("batch from caches", session._batch_inputs)
-    image_trainer.denoising_loss = timed("forward + loss", diffusion_loss.denoising_loss)
+    DdpmObjective.loss = timed("forward + loss", DdpmObjective.loss)
     rt = runtime.LocalRuntime
     rt.backward = timed("backward", rt.backward)
     rt.clip_grad_norm = timed("clip grad norm", rt.clip_grad_norm)
     rt.optimizer_step = timed("optimizer step", rt.optimizer_step)
     CallbackList.on_step_end = timed("callbacks (TensorBoard, ...)", CallbackList.on_step_end)
     CallbackList.should_stop = timed("stop check", CallbackList.should_stop)
-    original_step = session._optimizer_step
-    session._optimizer_step = timed("whole optimizer step", original_step)
+    TrainingLoop._step = timed("whole optimizer step", TrainingLoop._step)
 
     class Marks(TrainingCallback):
         def on_step_end(self, info):

@@ -295,6 +295,45 @@ class ImageConfig(CommonConfig):
     dora_wd: bool = option(
         False, "DoRA weight decomposition on top of locon, loha or lokr (network_type dora is LoRA with it)."
     )
+    # Flux.1 (sd-scripts' flux_train_network names). The transformer file is base_model; empty paths are looked
+    # for beside it and in a WebUI's/ComfyUI's models/VAE, vae, text_encoder(s), clip folders.
+    ae: Optional[str] = option(
+        None,
+        "Flux and Z-Image: the autoencoder file (ae.safetensors). Empty: looked for beside base_model, then in "
+        "the models folder's VAE (WebUI) or vae (ComfyUI) folder.",
+    )
+    qwen3: Optional[str] = option(
+        None,
+        "Z-Image: the Qwen3-4B text encoder file (qwen_3_4b.safetensors). Empty: looked for beside base_model, "
+        "then in the models folder's text_encoder (WebUI), text_encoders or clip (ComfyUI) folder.",
+    )
+    clip_l: Optional[str] = option(
+        None,
+        "Flux: the CLIP-L text encoder file (clip_l.safetensors). Empty: looked for beside base_model, then in "
+        "the models folder's text_encoder (WebUI), text_encoders or clip (ComfyUI) folder.",
+    )
+    t5xxl: Optional[str] = option(
+        None,
+        "Flux: the T5-XXL text encoder file (t5xxl_fp16.safetensors, or t5xxl_fp8_e4m3fn.safetensors). Empty: "
+        "looked for like clip_l.",
+    )
+    t5xxl_max_token_length: Optional[int] = option(
+        None, "Flux: T5 tokens per caption; default 512 for [dev], 256 for [schnell].", minimum=1, maximum=512
+    )
+    guidance_scale: float = option(
+        1.0, "Flux.1 [dev]: the guidance value the model is given while training (1.0 is usual for a LoRA).", minimum=0
+    )
+    timestep_sampling: str = option(
+        "sigmoid",
+        "Flow-matching families: how noise levels are drawn (sd-scripts' timestep_sampling): sigmoid of a normal "
+        "sample, the same shifted by discrete_flow_shift, Flux's resolution-dependent shift, or uniform.",
+        choices=("sigmoid", "shift", "flux_shift", "uniform"),
+    )
+    sigmoid_scale: float = option(1.0, "Flow matching: scale of the normal sample before the sigmoid.", minimum=0)
+    discrete_flow_shift: float = option(3.0, "Flow matching: the shift of timestep_sampling: shift.", minimum=0)
+    fp8_base: bool = option(
+        False, "Store the frozen base transformer's weights in fp8 (half of bf16's memory); LoRA stays in bf16/fp32."
+    )
 
 
 @dataclass
@@ -381,6 +420,9 @@ PATH_KEYS = (
     "network_weights",
     "logging_dir",
     "cache_dir",
+    "ae",
+    "clip_l",
+    "t5xxl",
 )
 
 

@@ -27,7 +27,7 @@ import gradio as gr  # noqa: E402
 from lora_trainer.hosts.webui.builtin_lora import publish_lora  # noqa: E402
 from lora_trainer.jobs import JobHooks, JobRunner  # noqa: E402
 from lora_trainer.train.callbacks import StepInfo  # noqa: E402
-from lora_trainer.train.run import TrainingResult  # noqa: E402
+from lora_trainer.train.result import TrainingResult  # noqa: E402
 from lora_trainer.ui import gradio_compat as compat  # noqa: E402
 from lora_trainer.ui.backend import WEBUI_REFRESH_LORAS_JS, WEBUI_SEND_PROMPT_JS, StandaloneBackend  # noqa: E402
 from lora_trainer.ui.standalone import launch, read_css  # noqa: E402

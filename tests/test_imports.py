@@ -42,3 +42,14 @@ def test_each_module_imports_alone_in_a_fresh_process():
         cwd=ROOT,
     )
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_each_family_names_a_standalone_adapter_that_imports():
+    """Families name their adapters by string (``adapter_class``) to keep adapter -> family one-way; a typo in
+    one would only show when that family's model is opened, so every name is resolved here."""
+    from lora_trainer.models.adapter import DiffusionAdapter
+    from lora_trainer.models.families import FAMILIES
+    from lora_trainer.models.families.base import adapter_class
+
+    for family in FAMILIES:
+        assert issubclass(adapter_class(family.standalone_adapter), DiffusionAdapter), family.name

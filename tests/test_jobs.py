@@ -14,7 +14,7 @@ from lora_trainer.errors import DatasetError
 from lora_trainer.jobs import JobBusyError, JobHooks, JobRunner, TrainingJob
 from lora_trainer.train.backend import TrainingBackend
 from lora_trainer.train.callbacks import StepInfo
-from lora_trainer.train.run import TrainingResult
+from lora_trainer.train.result import TrainingResult
 
 
 def make_cfg(tmp_path, **extra):

@@ -128,10 +128,11 @@ def test_cut_captions_are_summarised_and_the_setting_is_recorded(tmp_path, check
 
 def metadata_of(cfg):
     from lora_trainer.export.metadata import lora_metadata
+    from lora_trainer.models.families import SD1
 
     return lora_metadata(
         cfg,
-        arch="sd1",
+        family=SD1,
         model_name="m",
         prediction_type="epsilon",
         rank=4,

@@ -74,7 +74,7 @@ def test_exported_lora_loads_in_diffusers_and_reproduces_outputs(tmp_path, arch,
         keys = list(fh.keys())
         meta = fh.metadata()
     assert all(k.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")) for k in keys)
-    assert meta["ss_base_model_version"] == {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}[arch]
+    assert meta["ss_base_model_version"] == {"sd1": "sd_v1", "sd2": "sd_v2_v", "sdxl": "sdxl_base_v1-0"}[arch]
     if arch == "sdxl":
         assert any(k.startswith("lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q") for k in keys)
         assert any(k.startswith("lora_te2_text_model_encoder_layers_") for k in keys)

@@ -23,7 +23,7 @@ pytest.importorskip("gradio")
 
 from lora_trainer.jobs import JobRunner  # noqa: E402
 from lora_trainer.train.callbacks import StepInfo  # noqa: E402
-from lora_trainer.train.run import TrainingResult  # noqa: E402
+from lora_trainer.train.result import TrainingResult  # noqa: E402
 from lora_trainer.ui.standalone import build_app, launch  # noqa: E402
 
 CHROMIUM_ARGS = [

@@ -13,7 +13,7 @@ from support.captioners import build_tiny_wd14, write_test_images  # noqa: E402
 from lora_trainer.caption.base import CallableCaptioner  # noqa: E402
 from lora_trainer.data.captions import read_metadata_csv, read_sidecar  # noqa: E402
 from lora_trainer.jobs import JobRunner  # noqa: E402
-from lora_trainer.train.run import TrainingResult  # noqa: E402
+from lora_trainer.train.result import TrainingResult  # noqa: E402
 from lora_trainer.ui import gradio_compat as compat  # noqa: E402
 from lora_trainer.ui.backend import LOCAL_CAPTIONER, StandaloneBackend  # noqa: E402
 from lora_trainer.ui.caption_panel import GRID_HEADERS, grid_rows  # noqa: E402

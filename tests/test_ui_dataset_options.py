@@ -7,7 +7,7 @@ from waiting import CEILING_S
 
 from lora_trainer.jobs import JobRunner, TrainingJob
 from lora_trainer.train.callbacks import VALIDATION_LOSS, StepInfo
-from lora_trainer.train.run import TrainingResult
+from lora_trainer.train.result import TrainingResult
 from lora_trainer.ui.loss_plot import (
     HEIGHT,
     MARGIN_BOTTOM,

@@ -12,7 +12,7 @@ from lora_trainer.config import load_config  # noqa: E402
 from lora_trainer.jobs import JobRunner  # noqa: E402
 from lora_trainer.train.backend import TrainingBackend  # noqa: E402
 from lora_trainer.train.callbacks import StepInfo  # noqa: E402
-from lora_trainer.train.run import TrainingResult  # noqa: E402
+from lora_trainer.train.result import TrainingResult  # noqa: E402
 from lora_trainer.ui import gradio_compat as compat  # noqa: E402
 from lora_trainer.ui.backend import StandaloneBackend, UiBackend  # noqa: E402
 from lora_trainer.ui.status_view import TABLE_HEADERS  # noqa: E402

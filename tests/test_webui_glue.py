@@ -20,7 +20,7 @@ from lora_trainer.hosts import webui
 from lora_trainer.jobs import CANCELLED, FAILED, FINISHED, JobRunner
 from lora_trainer.train.backend import TrainingBackend
 from lora_trainer.train.callbacks import StepInfo
-from lora_trainer.train.run import TrainingResult
+from lora_trainer.train.result import TrainingResult
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -14,7 +14,7 @@ from lora_trainer.hosts import rest_api  # noqa: E402
 from lora_trainer.jobs import JobRunner  # noqa: E402
 from lora_trainer.train.backend import TrainingBackend  # noqa: E402
 from lora_trainer.train.callbacks import StepInfo  # noqa: E402
-from lora_trainer.train.run import TrainingResult  # noqa: E402
+from lora_trainer.train.result import TrainingResult  # noqa: E402
 from lora_trainer.ui.backend import UiBackend  # noqa: E402
 
 P = rest_api.PREFIX

@@ -2,7 +2,9 @@
 
 Files are written under a temporary name and renamed, so the WebUI never lists a half-written LoRA.
 ``sshs_model_hash`` is computed as sd-scripts does it: SHA-256 of the bytes after the safetensors header,
-which the header's own metadata cannot change, so it can be stored in that header.
+which the header's own metadata cannot change, so it can be stored in that header. ``sshs_legacy_hash`` is
+sd-scripts' too: the first 8 hex digits of the SHA-256 of the 64 KiB at offset 1 MiB of the file serialised
+with its ``ss_*`` keys only (empty, and so a fixed value, for files under 1 MiB).
 """
 
 from __future__ import annotations
@@ -28,19 +30,34 @@ def safetensors_data_hash(blob: bytes) -> str:
     return hashlib.sha256(blob[8 + header_len :]).hexdigest()
 
 
-def serialize_lora(tensors: Dict[str, torch.Tensor], metadata: Dict[str, str]) -> bytes:
+def legacy_addnet_hash(blob: bytes) -> str:
+    """sd-scripts' ``addnet_hash_legacy``: SHA-256 of bytes [1 MiB, 1 MiB + 64 KiB) of the file, 8 hex digits."""
+    return hashlib.sha256(blob[0x100000 : 0x100000 + 0x10000]).hexdigest()[:8]
+
+
+def serialize_lora(
+    tensors: Dict[str, torch.Tensor], metadata: Dict[str, str], prefixes: Tuple[str, ...] = KOHYA_PREFIXES
+) -> bytes:
+    """The file's bytes with ``sshs_model_hash`` and ``sshs_legacy_hash`` added; every key must start with one of
+    ``prefixes`` (the family's LoRA key prefixes)."""
     for key in tensors:
-        if not key.startswith(KOHYA_PREFIXES):
+        if not key.startswith(prefixes):
             raise ValueError(f"refusing to write non-kohya key {key!r}: diffusers' loader rejects such files")
     metadata = {k: str(v) for k, v in metadata.items()}
-    blob = save(tensors, metadata=metadata)
+    blob = save(tensors, metadata={k: v for k, v in metadata.items() if k.startswith("ss_")})
     metadata["sshs_model_hash"] = safetensors_data_hash(blob)
+    metadata["sshs_legacy_hash"] = legacy_addnet_hash(blob)
     return save(tensors, metadata=metadata)
 
 
-def save_lora_file(path: str, tensors: Dict[str, torch.Tensor], metadata: Dict[str, str]) -> None:
+def save_lora_file(
+    path: str,
+    tensors: Dict[str, torch.Tensor],
+    metadata: Dict[str, str],
+    prefixes: Tuple[str, ...] = KOHYA_PREFIXES,
+) -> None:
     """Write a kohya LoRA file atomically, with the ss_* metadata and sshs_model_hash."""
-    blob = serialize_lora(tensors, metadata)
+    blob = serialize_lora(tensors, metadata, prefixes)
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as fh:
             fh.write(blob)
@@ -55,6 +72,6 @@ def load_lora_file(path: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
             metadata: Optional[Dict[str, str]] = fh.metadata()
     except Exception as exc:
         raise ModelLoadError(f"{path} is not a readable .safetensors LoRA ({exc}).") from None
-    if not any(k.startswith(KOHYA_PREFIXES) for k in tensors):
+    if not any(k.startswith(KOHYA_PREFIXES + ("diffusion_model.",)) for k in tensors):
         raise ModelLoadError(f"{path} has no kohya LoRA keys (lora_unet_*/lora_te_*); convert it to kohya format.")
     return tensors, metadata or {}

@@ -56,7 +56,8 @@ from lora_trainer.hosts.live_weights import (
 from lora_trainer.hosts.module_changes import ModuleChanges
 from lora_trainer.lora.targets import TEXT_CONTAINERS, find_targets
 from lora_trainer.models.adapter import Conditioning, DiffusionAdapter, SizeCondition
-from lora_trainer.models.architecture import SD1, SDXL
+from lora_trainer.models.families import SD1, SDXL
+from lora_trainer.models.families.unet_family import UNetFamily
 from lora_trainer.models.ldm_names import UNetNameMap
 from lora_trainer.models.long_captions import WINDOW_TOKENS, window_count
 
@@ -72,8 +73,9 @@ AttributeOverride = Tuple[Any, str, Any]
 LoadModels = Callable[[List[Any]], Any]
 
 
-def forge_architecture(engine: Any) -> Optional[str]:
-    """SD1 or SDXL (a base model: both text encoders) when the engine is one this adapter drives, else None."""
+def forge_architecture(engine: Any) -> Optional[UNetFamily]:
+    """The SD1 or SDXL family (an SDXL base model: both text encoders) when the engine is one this adapter
+    drives, else None."""
     if getattr(engine, "forge_objects_original", None) is None:
         return None
     if getattr(engine, "is_sdxl", False):
@@ -119,6 +121,7 @@ def forge_prompt_chunks(ids: Sequence[int], comma: Optional[int]) -> List[List[i
 
 
 class ForgeHostAdapter(DiffusionAdapter):
+    family: UNetFamily
     """Drives Forge's loaded SD1/SDXL engine for the trainer. Use as a context manager, or call ``restore()``,
     to undo every change training made (weights keep their values; they are clones of the host's)."""
 
@@ -142,7 +145,8 @@ class ForgeHostAdapter(DiffusionAdapter):
                 "adapter drives."
             )
         self.engine = engine
-        self.arch = arch
+        self.family = arch
+        self.arch = arch.name
         parts = engine.forge_objects_original
         self._unet_patcher = parts.unet
         self._clip = parts.clip
@@ -167,6 +171,11 @@ class ForgeHostAdapter(DiffusionAdapter):
             or checkpoint_info_value(engine, "sha256", "shorthash", "filename")
             or weights_fingerprint(self.unet)
         )
+        # The checkpoint's file and both its hashes as the host has them, for the file's metadata (as the
+        # A1111 adapter records them: the same keys whichever host trained the LoRA).
+        self.model_file = checkpoint_info_value(engine, "filename")
+        legacy, sha256 = checkpoint_info_value(engine, "hash"), checkpoint_info_value(engine, "sha256")
+        self.model_hashes = {"ss_sd_model_hash": legacy, "ss_new_sd_model_hash": sha256} if legacy and sha256 else None
         self._load_models = load_models
         self._attention_overrides = list(attention_overrides)
         self._changes = ModuleChanges()
@@ -175,7 +184,7 @@ class ForgeHostAdapter(DiffusionAdapter):
     # ------------------------------------------------------------ the host's parts
 
     def _text_engines(self) -> List[Any]:
-        if self.arch == SDXL:
+        if self.family.size_conditioning:  # SDXL
             return [self.engine.text_processing_engine_l, self.engine.text_processing_engine_g]
         return [self.engine.text_processing_engine]
 
@@ -292,7 +301,7 @@ class ForgeHostAdapter(DiffusionAdapter):
     @contextlib.contextmanager
     def _engine_clip_skip(self, engine: Any, clip_skip: int) -> Iterator[None]:
         before = engine.clip_skip
-        engine.clip_skip = int(clip_skip) + (SDXL_CLIP_SKIP_OFFSET if self.arch == SDXL else 0)
+        engine.clip_skip = int(clip_skip) + (SDXL_CLIP_SKIP_OFFSET if self.family.size_conditioning else 0)
         try:
             yield
         finally:
@@ -327,7 +336,7 @@ class ForgeHostAdapter(DiffusionAdapter):
     def encode_text(self, captions: Sequence[str], clip_skip: int) -> Conditioning:
         """Through the engine's own ``encode_with_transformers`` (its layer choice and final norm), outside
         inference mode so a text-encoder LoRA gets gradients. ``clip_skip`` counts as in the standalone engine."""
-        if self.arch == SDXL:
+        if self.family.size_conditioning:  # SDXL
             engine_l, engine_g = self._text_engines()
             cond_l, _ = self._encode(engine_l, captions, clip_skip)
             cond_g, pooled = self._encode(engine_g, captions, clip_skip)
@@ -355,7 +364,7 @@ class ForgeHostAdapter(DiffusionAdapter):
         alpha = self.alphas_cumprod[t].view(shape)
         x = noisy.to(self.device, torch.float32) / alpha.sqrt()
         kwargs = {"c_crossattn": cond["crossattn"].to(self.device)}
-        if self.arch == SDXL:
+        if self.family.size_conditioning:  # SDXL
             kwargs["y"] = self._sdxl_vector(cond["pooled"].to(self.device), sizes)
         denoised = self._unet_patcher.model.apply_model(x, sigma, **kwargs).float()
         s = sigma.view(shape)
@@ -402,13 +411,13 @@ class ForgeHostAdapter(DiffusionAdapter):
             )
         self._begin_training()
         targets = [
-            (unet_lora_name_from_ldm(path, self.arch, self.names), module)
+            (unet_lora_name_from_ldm(path, self.family, self.names), module)
             for path, module in ldm_unet_targets(self.unet, self.names, extra, conv)
         ]
         if train_text_encoder:
             for index, module in enumerate(self.text_encoder_modules()):
                 targets += [
-                    (text_lora_name(path, self.arch, index), layer)
+                    (text_lora_name(path, self.family, index), layer)
                     for path, layer in find_targets(module, TEXT_CONTAINERS)
                 ]
         return targets

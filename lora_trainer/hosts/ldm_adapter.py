@@ -36,7 +36,8 @@ from lora_trainer.lora.targets import (
     find_targets,
 )
 from lora_trainer.models.adapter import Conditioning, DiffusionAdapter, SizeCondition
-from lora_trainer.models.architecture import SD1, SD2, SDXL
+from lora_trainer.models.families import SD1, SD2, SDXL
+from lora_trainer.models.families.unet_family import UNetFamily
 from lora_trainer.models.ldm_names import UNetLayout, UNetNameMap, open_clip_to_hf
 from lora_trainer.models.long_captions import window_count
 
@@ -77,7 +78,8 @@ def text_embedders(model: nn.Module) -> List[nn.Module]:
     return [model.cond_stage_model]
 
 
-def host_architecture(model: nn.Module) -> str:
+def host_family(model: nn.Module) -> UNetFamily:
+    """The family of the host's loaded ldm/sgm model, told by its text embedders (as its single file would)."""
     if hasattr(model, "conditioner"):
         kinds = [open_clip_model(unwrapped(e)) is None for e in text_embedders(model)]
         if kinds != [True, False]:
@@ -95,6 +97,11 @@ def host_architecture(model: nn.Module) -> str:
         f"unsupported host model: its text encoder ({type(embedder).__name__}) is neither "
         "transformers CLIP (SD1) nor open_clip (SD2/SDXL)."
     )
+
+
+def host_architecture(model: nn.Module) -> str:
+    """The family name (``sd1``, ``sd2``, ``sdxl``) of the host's loaded model; see ``host_family``."""
+    return host_family(model).name
 
 
 def ldm_unet_layout(unet: nn.Module) -> UNetLayout:
@@ -222,7 +229,8 @@ class LdmHostAdapter(DiffusionAdapter):
         self.device = torch.device(device)
         self.dtype = dtype
         self.medvram = medvram
-        self.arch = host_architecture(model)
+        self.family = host_family(model)
+        self.arch = self.family.name
         self.prediction_type = prediction_type_of(model)
         # The WebUI may swap in a rescaled schedule for sampling; training uses the model's own.
         ac = getattr(model, "alphas_cumprod_original", None)
@@ -236,6 +244,10 @@ class LdmHostAdapter(DiffusionAdapter):
         self.identity = (
             identity or checkpoint_info_value(model, "sha256", "shorthash", "filename") or weights_fingerprint(model)
         )
+        self.model_file = checkpoint_info_value(model, "filename")
+        # The WebUI has both of the checkpoint's hashes already (its legacy 8-hex ``hash``, ``sha256``).
+        legacy, sha256 = checkpoint_info_value(model, "hash"), checkpoint_info_value(model, "sha256")
+        self.model_hashes = {"ss_sd_model_hash": legacy, "ss_new_sd_model_hash": sha256} if legacy and sha256 else None
         self._autocast = autocast or contextlib.nullcontext
         self._clip_skip_scope = clip_skip_scope
         self.fast_attention = fast_attention
@@ -316,7 +328,7 @@ class LdmHostAdapter(DiffusionAdapter):
     def _clip_skip(self, clip_skip: int) -> ContextManager:
         if self._clip_skip_scope is not None:
             return self._clip_skip_scope(clip_skip)
-        if clip_skip > 1 and self.arch != SD2:  # SD2 always uses its penultimate layer
+        if clip_skip > 1 and not self.family.text_uses_penultimate_layer:  # SD2 always uses its penultimate
             raise ConfigError(
                 f"clip_skip {clip_skip} needs the host's own Clip skip setting, and this host did not "
                 "say how to set it; use clip_skip 1 or set Clip skip in the host's settings."
@@ -336,7 +348,7 @@ class LdmHostAdapter(DiffusionAdapter):
         x = noisy.to(self.device, dtype)
         context = cond["crossattn"].to(self.device, dtype)
         with self._autocast():
-            if self.arch == SDXL:
+            if self.family.size_conditioning:
                 vector = self._sdxl_vector(cond["pooled"], sizes).to(dtype)
                 return self.model.apply_model(x, timesteps, {"crossattn": context, "vector": vector})
             return self.model.apply_model(x, timesteps, context)
@@ -385,7 +397,7 @@ class LdmHostAdapter(DiffusionAdapter):
             )
         self._begin_training()
         targets = [
-            (unet_lora_name_from_ldm(path, self.arch, self.names), module)
+            (unet_lora_name_from_ldm(path, self.family, self.names), module)
             for path, module in self._unet_modules(extra, conv)
         ]
         if train_text_encoder:
@@ -403,7 +415,7 @@ class LdmHostAdapter(DiffusionAdapter):
         clip = open_clip_model(embedder)
         if clip is None:  # transformers CLIP: the standalone engine's own module paths
             return [
-                (text_lora_name(path, self.arch, index), module)
+                (text_lora_name(path, self.family, index), module)
                 for path, module in find_targets(embedder.transformer, TEXT_CONTAINERS)
             ]
         targets = []
@@ -412,11 +424,11 @@ class LdmHostAdapter(DiffusionAdapter):
             views = projection_views(block.attn)
             self._changes.wrap_forward(block.attn, lambda _old, a=block.attn, v=views: split_projection_forward(a, v))
             targets += [
-                (text_lora_name(f"{hf}self_attn.{name}", self.arch, index), view) for name, view in zip(QKV, views)
+                (text_lora_name(f"{hf}self_attn.{name}", self.family, index), view) for name, view in zip(QKV, views)
             ]
             for part in OPEN_CLIP_PARTS:
                 name = open_clip_to_hf(f"transformer.resblocks.{layer}.{part}.weight")[: -len(".weight")]
-                targets.append((text_lora_name(name, self.arch, index), block.get_submodule(part)))
+                targets.append((text_lora_name(name, self.family, index), block.get_submodule(part)))
         return targets
 
     @staticmethod
@@ -444,4 +456,12 @@ class LdmHostAdapter(DiffusionAdapter):
         self._changes.undo()
 
 
-__all__ = ["LdmHostAdapter", "host_architecture", "ldm_unet_layout", "ldm_unet_targets", "text_embedders", "unwrapped"]
+__all__ = [
+    "LdmHostAdapter",
+    "host_architecture",
+    "host_family",
+    "ldm_unet_layout",
+    "ldm_unet_targets",
+    "text_embedders",
+    "unwrapped",
+]

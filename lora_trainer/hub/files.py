@@ -27,7 +27,9 @@ class MissingRepoFiles(Exception):
 class RepoFiles(Protocol):
     """What one use needs from a repository."""
 
-    label: str  # what the files are, for messages ("BLIP captioner", "SD base model")
+    @property
+    def label(self) -> str:
+        """What the files are, for messages ("BLIP captioner", "SD base model")."""
 
     def plan(self, names: Collection[str], cached: Collection[str] = ()) -> List[str]:
         """The files to have, in download order; raises MissingRepoFiles. ``names`` are repository paths

@@ -28,8 +28,16 @@ def build_network(cfg, adapter, log: Callable[[str], None] = print) -> Tuple[LoR
     if cfg.network_weights:
         return _continue_from_file(cfg, adapter, log)
     spec = NetworkSpec.from_config(cfg)
+    _check_family(adapter, spec)
     network = LoRANetwork(_targets(cfg, adapter, spec.trains_convs), spec=spec)
     return network, spec
+
+
+def _check_family(adapter, spec: NetworkSpec) -> None:
+    """The model family's refusal of a type its files cannot hold (``ModelFamily.check_network_type``)."""
+    family = getattr(adapter, "family", None)
+    if family is not None:
+        family.check_network_type(spec.network_type, spec.conv_rank)
 
 
 def _targets(cfg, adapter, conv: bool) -> List[Target]:
@@ -42,6 +50,9 @@ def _targets(cfg, adapter, conv: bool) -> List[Target]:
 def _continue_from_file(cfg, adapter, log) -> Tuple[LoRANetwork, NetworkSpec]:
     path = cfg.network_weights
     tensors, metadata = load_lora_file(path)
+    family = getattr(adapter, "family", None)
+    if family is not None:  # the family's file names (Z-Image's diffusion_model.*) as the network's kohya names
+        tensors = family.from_lora_file(tensors)
     names = set(group_by_module(tensors))
     targets = _targets(cfg, adapter, conv=False)
     if not names <= {name for name, _ in targets}:
@@ -49,6 +60,7 @@ def _continue_from_file(cfg, adapter, log) -> Tuple[LoRANetwork, NetworkSpec]:
     network = LoRANetwork.from_kohya(targets, tensors, path, dropout=float(cfg.lora_dropout or 0.0))
     spec = spec_of_layers(list(network.layers.values()), metadata, default_rank=lora_rank_of(cfg))
     spec = dataclasses.replace(spec, dropout=float(cfg.lora_dropout or 0.0))
+    _check_family(adapter, spec)
     log(f"continuing from {path}: {spec.describe()}")
     return network, spec
 

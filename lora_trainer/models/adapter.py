@@ -8,15 +8,19 @@ Loading is staged: the trainer asks for the encoders first (to fill its caches),
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple, TypeVar
 
 import torch
 from torch import nn
 
 from lora_trainer.errors import ConfigError
 
+if TYPE_CHECKING:  # pragma: no cover
+    from lora_trainer.models.families.base import ModelFamily
+
 # "crossattn" (B, T, C) and, for SDXL, "pooled" (B, P); T is 77 for captions of one CLIP window, more with
-# max_token_length 150/225 (the backend's chunked layout, fixed for a given max_token_length).
+# max_token_length 150/225 (the backend's chunked layout, fixed for a given max_token_length). Flux: "t5"
+# (B, L, 4096) and "pooled" (B, 768).
 Conditioning = Dict[str, torch.Tensor]
 
 
@@ -40,15 +44,29 @@ class SizeCondition:
         ]
 
 
+_Part = TypeVar("_Part")
+
+
+def loaded(part: Optional[_Part], what: str) -> _Part:
+    """``part`` (a model component or a located file), or an error naming ``what`` when it is absent: a
+    component is used before ``load`` brought it in, or a file the layout needs was not found."""
+    if part is None:
+        raise RuntimeError(f"{what} is not loaded (load() it before use)")
+    return part
+
+
 class DiffusionAdapter:
     """Base class and documentation of the interface; see ``DiffusersAdapter`` and the WebUI host adapter."""
 
-    arch: str
+    family: "ModelFamily"  # what the model is; see models/families
+    arch: str  # the family's name, for logs
     prediction_type: str
     alphas_cumprod: torch.Tensor
     model_name: str
     identity: str  # changes when the weights on disk change; keys the disk caches
     device: torch.device
+    model_file: Optional[str] = None  # the single-file checkpoint the weights came from (hashed into metadata)
+    zero_terminal_snr: bool = False  # the noise schedule was rescaled to end at zero SNR
     latent_channels: int = 4
     renders_samples: bool = False  # decode_latents works: the trainer can render sample images
     # The autocast dtype of the no-grad encoding pass that fills the caches (None: run the encoders as they

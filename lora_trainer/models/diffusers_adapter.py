@@ -11,11 +11,10 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from lora_trainer.export.kohya_names import text_lora_name, unet_lora_name
+from lora_trainer.export.kohya_names import text_lora_name
 from lora_trainer.hub.progress import DownloadCallback
-from lora_trainer.lora.targets import TEXT_CONTAINERS, UNET_CONTAINERS, UNET_CONV_CONTAINERS, find_targets
+from lora_trainer.lora.targets import TEXT_CONTAINERS, find_targets
 from lora_trainer.models.adapter import Conditioning, DiffusionAdapter, SizeCondition
-from lora_trainer.models.architecture import SDXL
 from lora_trainer.models.ldm_names import UNetNameMap
 from lora_trainer.models.loading import load_stable_diffusion
 from lora_trainer.models.long_captions import (
@@ -67,14 +66,17 @@ class DiffusersAdapter(DiffusionAdapter):
         probe = load_stable_diffusion(
             path, load_unet=False, load_vae=False, load_text_encoders=False, prediction_type=prediction_type
         )
-        self.arch = probe.arch
+        self.family = probe.family
+        self.arch = probe.family.name
         self.prediction_type = probe.prediction_type
+        self.zero_terminal_snr = probe.zero_terminal_snr
         self.alphas_cumprod = probe.alphas_cumprod.to(device)
         self.vae_scaling_factor = probe.vae_scaling_factor
         self.tokenizers = probe.tokenizers
         self.model_name = hub_name or probe.name  # a snapshot folder's own name is a commit id
         self.names = UNetNameMap(probe.unet_layout)
         self.identity = file_identity(path)
+        self.model_file = path if os.path.isfile(path) else None
         self.windows = 1  # CLIP windows per caption: max_token_length / 75
         self.unet: Optional[nn.Module] = None
         self.vae: Optional[nn.Module] = None
@@ -157,7 +159,7 @@ class DiffusersAdapter(DiffusionAdapter):
 
     def encode_text(self, captions: Sequence[str], clip_skip: int) -> Conditioning:
         n = self.windows
-        if self.arch == SDXL:
+        if self.family.size_conditioning:
             te1, te2 = self.text_encoders
             out1 = te1(self._token_windows(self.tokenizers[0], captions), output_hidden_states=True)
             out2 = te2(self._token_windows(self.tokenizers[1], captions), output_hidden_states=True)
@@ -182,7 +184,7 @@ class DiffusersAdapter(DiffusionAdapter):
         sizes: Optional[Sequence[SizeCondition]] = None,
     ) -> torch.Tensor:
         kwargs = {}
-        if self.arch == SDXL:
+        if self.family.size_conditioning:
             time_ids = torch.tensor([s.time_ids() for s in sizes], device=noisy.device, dtype=noisy.dtype)
             kwargs["added_cond_kwargs"] = {"text_embeds": cond["pooled"], "time_ids": time_ids}
         return self.unet(noisy, timesteps, encoder_hidden_states=cond["crossattn"], return_dict=False, **kwargs)[0]
@@ -192,15 +194,15 @@ class DiffusersAdapter(DiffusionAdapter):
     def lora_targets(
         self, train_text_encoder: bool, extra: Sequence[str] = (), conv: bool = False
     ) -> List[Tuple[str, nn.Module]]:
-        conv_containers = UNET_CONV_CONTAINERS if conv else ()
+        conv_containers = self.family.conv_containers if conv else ()
         targets = [
-            (unet_lora_name(path, self.arch, self.names), module)
-            for path, module in find_targets(self.unet, UNET_CONTAINERS, extra, conv_containers)
+            (self.family.unet_lora_name(path, self.names), module)
+            for path, module in find_targets(self.unet, self.family.lora_containers, extra, conv_containers)
         ]
         if train_text_encoder:
             for index, te in enumerate(self.text_encoders):
                 targets += [
-                    (text_lora_name(path, self.arch, index), module)
+                    (text_lora_name(path, self.family, index), module)
                     for path, module in find_targets(te, TEXT_CONTAINERS)
                 ]
         return targets

@@ -22,7 +22,8 @@ import torch
 
 from lora_trainer.errors import ModelLoadError
 from lora_trainer.io.text_files import read_text
-from lora_trainer.models.architecture import SD1, SD2, SDXL
+from lora_trainer.models.families import SD1, SD2, SDXL
+from lora_trainer.models.families.unet_family import UNetFamily
 
 WEIGHT_STEMS = ("diffusion_pytorch_model", "model", "pytorch_model")
 # <stem>.<variant>.safetensors, <stem>.<variant>-00001-of-00002.safetensors, <stem>.safetensors.index.<variant>.json
@@ -36,12 +37,21 @@ LATENT_CHANNELS = 4
 @dataclass
 class PipelineFolder:
     path: str
-    arch: str
+    family: UNetFamily
     text_encoders: List[str]  # component names, in the order the conditioning concatenates them
     unet_config: dict  # with diffusers' defaults for the keys the file omits
     alphas_cumprod: torch.Tensor
     prediction_type: str
     vae_scaling_factor: float
+
+    @property
+    def zero_terminal_snr(self) -> bool:
+        """The schedule ends at zero SNR (a ``rescale_betas_zero_snr`` scheduler)."""
+        return float(self.alphas_cumprod[-1]) == 0.0
+
+    @property
+    def arch(self) -> str:
+        return self.family.name
 
     def component(self, name: str) -> str:
         return os.path.join(self.path, name)
@@ -153,12 +163,12 @@ def read_pipeline_folder(path: str) -> PipelineFolder:
             raise ModelLoadError(f"base_model {path}: {name}/{config_name} is missing; the download is incomplete.")
     unet_config = with_class_defaults(UNet2DConditionModel, read_json(os.path.join(path, "unet", "config.json")))
     check_text_to_image_unet(int(unet_config["in_channels"]), f"base_model {path}")
-    arch = SDXL if sdxl else SD2 if unet_config["cross_attention_dim"] == 1024 else SD1
+    family = SDXL if sdxl else SD2 if unet_config["cross_attention_dim"] == 1024 else SD1
     vae_config = with_class_defaults(AutoencoderKL, read_json(os.path.join(path, "vae", "config.json")))
     alphas, prediction_type = _noise_schedule(path, index)
     return PipelineFolder(
         path=path,
-        arch=arch,
+        family=family,
         text_encoders=["text_encoder", "text_encoder_2"] if sdxl else ["text_encoder"],
         unet_config=unet_config,
         alphas_cumprod=alphas,

@@ -18,8 +18,6 @@ from lora_trainer.errors import ModelLoadError
 from lora_trainer.io.safetensors_stream import SafetensorsStream
 from lora_trainer.io.text_files import read_text
 from lora_trainer.models.architecture import (
-    SD2,
-    SDXL,
     UNET_PREFIX,
     VAE_PREFIX,
     CheckpointSpec,
@@ -27,6 +25,7 @@ from lora_trainer.models.architecture import (
     infer_spec,
 )
 from lora_trainer.models.diffusers_folder import check_text_to_image_unet, load_component, read_pipeline_folder
+from lora_trainer.models.families.unet_family import UNetFamily
 from lora_trainer.models.ldm_names import UNetLayout, UNetNameMap, VaeNameMap, open_clip_to_hf
 
 
@@ -34,7 +33,7 @@ from lora_trainer.models.ldm_names import UNetLayout, UNetNameMap, VaeNameMap, o
 class StableDiffusionModel:
     """The parts the trainer needs; ``vae``/``text_encoders`` are None when not loaded (their outputs cached)."""
 
-    arch: str
+    family: UNetFamily
     unet: Optional[torch.nn.Module]
     vae: Optional[torch.nn.Module]
     text_encoders: Optional[List[torch.nn.Module]]
@@ -45,6 +44,11 @@ class StableDiffusionModel:
     name: str
     unet_layout: UNetLayout
     info: Dict[str, str] = field(default_factory=dict)
+    zero_terminal_snr: bool = False
+
+    @property
+    def arch(self) -> str:
+        return self.family.name
 
 
 def scaled_linear_alphas_cumprod(
@@ -58,6 +62,15 @@ def scaled_linear_alphas_cumprod(
     else:
         raise ModelLoadError(f"unsupported beta_schedule {schedule!r} in the scheduler config.")
     return torch.cumprod(1.0 - betas, dim=0).float()
+
+
+def rescale_zero_terminal_snr(alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """The schedule shifted and scaled so its last step has zero SNR and its first is unchanged
+    (Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps are Flawed", Algorithm 1)."""
+    root = alphas_cumprod.double().sqrt()
+    first, last = root[0].clone(), root[-1].clone()
+    root = (root - last) * first / (first - last)
+    return (root**2).to(alphas_cumprod.dtype)
 
 
 def is_diffusers_folder(path: str) -> bool:
@@ -109,7 +122,7 @@ def _load_diffusers_folder(
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     folder = read_pipeline_folder(path)  # refuses what is not an SD1/SD2/SDXL text-to-image pipeline
-    arch = folder.arch
+    family = folder.family
     unet = (
         load_component(folder, "unet", UNet2DConditionModel, torch_dtype=dtype, low_cpu_mem_usage=True)
         if load_unet
@@ -125,9 +138,9 @@ def _load_diffusers_folder(
     tokenizers = []
     for i, name in enumerate(["tokenizer", "tokenizer_2"][: len(folder.text_encoders)]):
         tokenizer_folder = os.path.join(path, name)
-        tokenizers.append(_tokenizer(tokenizer_folder if os.path.isdir(tokenizer_folder) else None, arch, i))
+        tokenizers.append(_tokenizer(tokenizer_folder if os.path.isdir(tokenizer_folder) else None, family, i))
     return StableDiffusionModel(
-        arch=arch,
+        family=family,
         unet=unet,
         vae=vae,
         text_encoders=text_encoders,
@@ -137,21 +150,22 @@ def _load_diffusers_folder(
         vae_scaling_factor=vae.config.scaling_factor if vae is not None else folder.vae_scaling_factor,
         name=os.path.basename(os.path.normpath(path)),
         unet_layout=UNetLayout.from_config(folder.unet_config),
+        zero_terminal_snr=folder.zero_terminal_snr,
     )
 
 
-def _tokenizer(folder: Optional[str], arch: str, index: int):
+def _tokenizer(folder: Optional[str], family: UNetFamily, index: int):
     from lora_trainer.models.tokenizer import load_clip_tokenizer
 
     # open_clip-trained encoders (SD2, SDXL's second) pad with "!" rather than the end token.
-    pad = "!" if (arch == SD2 or (arch == SDXL and index == 1)) and folder is None else None
+    pad = "!" if not family.tokenizer_pads_with_end_token(index) and folder is None else None
     return load_clip_tokenizer(folder, pad)
 
 
 # ---------------------------------------------------------------- single files
 
 
-class _CheckpointReader:
+class CheckpointReader:
     """Uniform tensor access for .safetensors (lazy) and weights-only .ckpt files."""
 
     def __init__(self, path: str):
@@ -211,7 +225,7 @@ def _prediction_type_from_yaml(path: str) -> Optional[str]:
     return "v_prediction" if params.get("parameterization") == "v" else "epsilon"
 
 
-def _materialise(
+def materialise(
     module: torch.nn.Module, state: Dict[str, torch.Tensor], what: str, path: str, optional: Tuple[str, ...] = ()
 ) -> None:
     missing, _unexpected = module.load_state_dict(state, strict=False, assign=True)
@@ -223,7 +237,7 @@ def _materialise(
         )
 
 
-def _convert_unet(reader: _CheckpointReader, spec: CheckpointSpec, dtype) -> torch.nn.Module:
+def _convert_unet(reader: CheckpointReader, spec: CheckpointSpec, dtype) -> torch.nn.Module:
     from diffusers import UNet2DConditionModel
 
     names = UNetNameMap(UNetLayout.from_config(spec.unet_config))
@@ -234,27 +248,32 @@ def _convert_unet(reader: _CheckpointReader, spec: CheckpointSpec, dtype) -> tor
         name = names.to_diffusers(key)
         if name is not None:
             state[name] = tensor.to(dtype)
-    _materialise(unet, state, "UNet", reader.path)
+    materialise(unet, state, "UNet", reader.path)
     return unet
 
 
-def _convert_vae(reader: _CheckpointReader, spec: CheckpointSpec, dtype) -> torch.nn.Module:
+def _convert_vae(reader: CheckpointReader, spec: CheckpointSpec, dtype) -> torch.nn.Module:
+    return convert_ldm_vae(reader, VAE_PREFIX, spec.vae_config, dtype)
+
+
+def convert_ldm_vae(reader: CheckpointReader, prefix: str, vae_config: dict, dtype) -> torch.nn.Module:
+    """A diffusers ``AutoencoderKL`` from the ldm-layout VAE weights under ``prefix``, one copy in memory."""
     from diffusers import AutoencoderKL
 
-    names = VaeNameMap(len(spec.vae_config["block_out_channels"]), spec.vae_config["layers_per_block"])
+    names = VaeNameMap(len(vae_config["block_out_channels"]), vae_config["layers_per_block"])
     with torch.device("meta"):
-        vae = AutoencoderKL(**spec.vae_config)
+        vae = AutoencoderKL(**vae_config)
     state = {}
-    for key, tensor in reader.items(VAE_PREFIX):
+    for key, tensor in reader.items(prefix):
         name = names.to_diffusers(key)
         if name is not None:
             # ldm's VAE attention uses 1x1 convolutions where diffusers uses linears: drop the 1x1.
             state[name] = tensor.to(dtype).reshape(vae.get_parameter(name).shape)
-    _materialise(vae, state, "VAE", reader.path)
+    materialise(vae, state, "VAE", reader.path)
     return vae
 
 
-def _convert_text_encoder(reader: _CheckpointReader, te: TextEncoderSpec, dtype) -> torch.nn.Module:
+def convert_text_encoder(reader: CheckpointReader, te: TextEncoderSpec, dtype) -> torch.nn.Module:
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     config = CLIPTextConfig(**te.config)
@@ -289,7 +308,7 @@ def _convert_text_encoder(reader: _CheckpointReader, te: TextEncoderSpec, dtype)
     if not te.with_projection:
         state.pop("text_projection.weight", None)
     state = {hf_text_state_name(model, k): v for k, v in state.items()}
-    _materialise(model, state, "text encoder", reader.path, optional=("position_ids",))
+    materialise(model, state, "text encoder", reader.path, optional=("position_ids",))
     for module in model.modules():
         buffer = getattr(module, "position_ids", None)
         if isinstance(buffer, torch.Tensor) and buffer.is_meta:
@@ -308,24 +327,28 @@ def hf_text_state_name(model: torch.nn.Module, name: str) -> str:
 
 
 def _load_single_file(path, load_unet, load_vae, load_text_encoders, dtype, prediction_type) -> StableDiffusionModel:
-    reader = _CheckpointReader(path)
+    reader = CheckpointReader(path)
     spec = infer_spec(reader.shapes(), prediction_type or _prediction_type_from_yaml(path))
     check_text_to_image_unet(int(spec.unet_config["in_channels"]), path)
     unet = _convert_unet(reader, spec, dtype) if load_unet else None
     vae = _convert_vae(reader, spec, dtype) if load_vae else None
     text_encoders = (
-        [_convert_text_encoder(reader, te, dtype) for te in spec.text_encoders] if load_text_encoders else None
+        [convert_text_encoder(reader, te, dtype) for te in spec.text_encoders] if load_text_encoders else None
     )
-    tokenizers = [_tokenizer(None, spec.arch, i) for i in range(len(spec.text_encoders))]
+    tokenizers = [_tokenizer(None, spec.family, i) for i in range(len(spec.text_encoders))]
+    alphas = scaled_linear_alphas_cumprod()
+    if spec.zero_terminal_snr:
+        alphas = rescale_zero_terminal_snr(alphas)
     return StableDiffusionModel(
-        arch=spec.arch,
+        family=spec.family,
         unet=unet,
         vae=vae,
         text_encoders=text_encoders,
         tokenizers=tokenizers,
         prediction_type=spec.prediction_type,
-        alphas_cumprod=scaled_linear_alphas_cumprod(),
+        alphas_cumprod=alphas,
         vae_scaling_factor=spec.vae_config["scaling_factor"],
         name=os.path.basename(path),
         unet_layout=UNetLayout.from_config(spec.unet_config),
+        zero_terminal_snr=spec.zero_terminal_snr,
     )

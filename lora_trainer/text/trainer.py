@@ -1,21 +1,19 @@
-"""The text-generation training loop: a PEFT LoRA on a causal LM, with the engine's conventions.
+"""The text-generation route: a PEFT LoRA on a causal LM, run by the shared training loop (``train/loop.py``).
 
-Shared with the image trainer: the config snapshot (``output_dir/config.yaml``), callbacks (progress,
-TensorBoard, cancel), optimizers and schedules, resumable ``state-<step>`` folders and the runtime (device,
-precision, gradient sync, which process writes). Each step's randomness (LoRA dropout) is seeded from
-(seed, step) and its rows come from ``BatchSchedule``, so a resumed run equals an uninterrupted one.
+``TextTask`` is what is text-specific: tokenizing, the base model and adapter, each step's rows (from
+``BatchSchedule``), the summed token loss, the adapter folders it saves. The config snapshot, callbacks and
+TensorBoard, optimizer and schedule, step seeding, token-weighted accumulation, resume, save cadence and
+NaN/OOM/cancel handling are the loop's, shared with the image route.
 """
 
 from __future__ import annotations
 
-import math
 import os
-import time
 from typing import List, Optional
 
 import torch
 
-from lora_trainer.config import TextConfig, resolved_output_name, save_config_snapshot
+from lora_trainer.config import TextConfig, resolved_output_name
 from lora_trainer.text.batches import BatchSchedule, collate
 from lora_trainer.text.chat import require_chat_template
 from lora_trainer.text.data import load_text_dataset
@@ -29,25 +27,11 @@ from lora_trainer.text.model import (
     resolve_lora_settings,
 )
 from lora_trainer.text.tokenize import IGNORE_INDEX, tokenize_dataset
-from lora_trainer.train.callbacks import CallbackList, StepInfo, TensorBoardLogger, TrainingCallback
-from lora_trainer.train.optim import build_optimizer, build_scheduler, load_optimizer_state
+from lora_trainer.train.callbacks import TrainingCallback
+from lora_trainer.train.loop import LoopEnd, StepBatches, TrainingLoop, TrainingTask
 from lora_trainer.train.result import TrainingResult
 from lora_trainer.train.runtime import Runtime
-from lora_trainer.train.state import (
-    apply_config_rates,
-    check_resumable,
-    describe_rate_changes,
-    load_training_state,
-    restore_rng_state,
-    resume_hint,
-    save_training_state,
-    state_folder,
-)
-
-
-def step_seed(seed: int, step: int) -> int:
-    """The torch seed of optimizer step ``step``: resuming at any step reproduces its dropout exactly."""
-    return seed * 1_000_003 + step
+from lora_trainer.train.state import resume_hint, state_folder
 
 
 def summed_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -93,217 +77,154 @@ def train_text(
 
 
 def _train(cfg: TextConfig, dataset, callbacks: List[TrainingCallback], runtime) -> TrainingResult:
-    # A Hub id becomes its cached folder (downloaded on first use); the id stays the adapter's recorded base.
-    base_path = resolve_causal_lm(cfg.base_model, on_download=CallbackList(callbacks).on_download)
-    hub_name = cfg.base_model if base_path != cfg.base_model else None
-    tokenizer = load_tokenizer(base_path)
-    if any(s.is_chat for s in dataset.samples):
-        require_chat_template(tokenizer, cfg.base_model)
-    tokens = tokenize_dataset(dataset, tokenizer, cfg.max_seq_length, cfg.packing)
-
-    settings = resolve_lora_settings(cfg)
-    base = load_base_model(base_path, runtime.dtype, cfg.gradient_checkpointing)
-    torch.manual_seed(cfg.seed)  # the adapter's initial weights
-    model = attach_adapter(base, cfg, settings).to(runtime.device)
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    params = [p for _, p in named]
-
-    schedule = BatchSchedule(
-        len(tokens.sequences),
-        cfg.batch_size,
-        cfg.gradient_accumulation_steps,
-        cfg.seed,
-        runtime.num_processes,
-        runtime.process_index,
-    )
-    total = cfg.max_train_steps or cfg.epochs * schedule.steps_per_epoch
-    optimizer = build_optimizer(cfg.optimizer, [{"params": params}], cfg.learning_rate, cfg.weight_decay)
-    scheduler = build_scheduler(cfg.lr_scheduler, optimizer, cfg.lr_warmup_steps, total, cfg.lr_scheduler_num_cycles)
-    fixed = {
-        "lora_rank": settings.rank,
-        "lora_alpha": settings.alpha,
-        "target_modules": list(settings.target_modules),
-        "base_model": os.path.basename(os.path.normpath(cfg.base_model)),
-    }
-    start = _resume(cfg, named, optimizer, scheduler, fixed) if cfg.resume else 0
-
-    main = runtime.is_main_process
-    listeners = CallbackList(
-        callbacks + ([TensorBoardLogger(cfg.logging_dir or os.path.join(cfg.output_dir, "logs"))] if main else [])
-    )
-    if main:
-        os.makedirs(cfg.output_dir, exist_ok=True)
-        save_config_snapshot(cfg, os.path.join(cfg.output_dir, "config.yaml"))
-    summary = {
-        "task_type": cfg.task_type,
-        "formats": dataset.formats,
-        "files": len(dataset.files),
-        **tokens.summary(),
-        "lora_rank": settings.rank,
-        "lora_alpha": settings.alpha,
-        "lora_dropout": settings.dropout,
-        "target_modules": settings.target_modules,
-        "trainable_params": sum(p.numel() for p in params),
-        "steps_per_epoch": schedule.steps_per_epoch,
-        "total_steps": total,
-        "resumed_from": start,
-    }
-    listeners.on_train_start(total, start, summary)
-
-    def save(step: int, final: bool) -> str:
-        folder = adapter_folder(cfg, None if final else step)
-        if main:
-            save_adapter(model, tokenizer, folder, cfg.save_precision, base_model_name=hub_name)
-            if cfg.save_state:
-                save_training_state(
-                    state_folder(cfg.output_dir, step),
-                    step=step,
-                    epoch=schedule.epoch_of(max(step - 1, 0)),
-                    weights={n: p for n, p in named},
-                    optimizer=optimizer,
-                    scheduler=scheduler,
-                    info={"task_type": cfg.task_type, "total_steps": total, **fixed},
-                )
-            listeners.on_save(folder, step)
-        runtime.wait_for_everyone()
-        return folder
-
-    pad_id = _pad_id(tokenizer)
-    losses: List[float] = []
-    info: Optional[StepInfo] = None
-    status, message, last_save = "finished", "", None
-    started = time.time()
-    model.train()
-    try:
-        for step in range(start, total):
-            if runtime.broadcast_flag(listeners.should_stop()):
-                status = "cancelled"
-                break
-            torch.manual_seed(step_seed(cfg.seed, step))
-            lr = optimizer.param_groups[0]["lr"]
-            try:
-                loss = _optimizer_step(
-                    model,
-                    params,
-                    optimizer,
-                    runtime,
-                    cfg,
-                    [collate([tokens.sequences[i] for i in rows], pad_id) for rows in schedule.micro_batches(step)],
-                )
-            except torch.cuda.OutOfMemoryError:
-                status = "stopped"
-                message = (
-                    f"Out of memory at step {step + 1}. Lower batch_size or max_seq_length, or turn on "
-                    "gradient_checkpointing."
-                )
-                break
-            if not math.isfinite(loss):
-                status = "stopped"
-                message = (
-                    f"The loss became {loss} at step {step + 1}, so training stopped; the adapter was "
-                    "not updated with it. Try a lower learning_rate or mixed_precision: no."
-                )
-                break
-            scheduler.step()
-            done = step + 1
-            losses.append(loss)
-            info = StepInfo(
-                step=done,
-                total_steps=total,
-                epoch=schedule.epoch_of(step) + 1,
-                loss=loss,
-                lr=lr,
-                elapsed_s=time.time() - started,
-            )
-            listeners.on_step_end(info)
-            if done < total and _save_due(cfg, done, schedule.steps_per_epoch):
-                last_save = save(done, final=False)
-        if status == "finished":
-            done = info.step if info else start
-            outputs = [save(done, final=True)]
-            if cfg.merge_adapter:
-                merged = adapter_folder(cfg) + "-merged"
-                if main:
-                    save_merged_model(model, tokenizer, merged, declared_dtype(base_path))
-                runtime.wait_for_everyone()
-                outputs.append(merged)
-            return TrainingResult("finished", done, outputs, _finished_message(outputs[0], tokens), losses)
-        done = info.step if info else start
-        if status == "cancelled":  # saved as the image route saves on Cancel, so that nothing is lost
-            if done > start and last_save != adapter_folder(cfg, done):
-                last_save = save(done, final=False)
-            message = f"Cancelled after step {done}."
-            if last_save and cfg.save_state:
-                message += f" Saved {last_save}.\n" + resume_hint(state_folder(cfg.output_dir, done))
-                return TrainingResult(status, done, [last_save], message, losses)
-        kept = f" The last good save is {last_save}." if last_save else " Nothing was saved in this run."
-        return TrainingResult(status, done, [], message + kept, losses)
-    except KeyboardInterrupt:
-        status = "cancelled"
-        raise
-    except BaseException:
-        status = "stopped"  # the listeners learn that the run did not finish; the error itself propagates
-        raise
-    finally:
-        listeners.on_train_end(info, status)
+    task = TextTask(cfg, dataset, runtime)
+    loop = TrainingLoop(cfg, task, runtime, callbacks, lambda line: print(line, flush=True))
+    task.prepare(loop.callbacks)
+    loop.write_snapshot()
+    task.model.train()
+    return loop.run()
 
 
-def _optimizer_step(model, params, optimizer, runtime, cfg: TextConfig, batches) -> float:
-    """Forward and backward over the step's micro-batches and update the adapter; returns the mean token
-    loss, or a non-finite value (without updating) when the loss blew up."""
-    # Every trained token weighs the same, however the step's tokens fall into micro-batches and processes.
-    local_tokens = sum(b.trained_tokens for b in batches)
-    global_tokens = runtime.mean_across_processes(float(local_tokens)) * runtime.num_processes
-    if global_tokens == 0:
-        return 0.0  # pragma: no cover  (rows without trained tokens are dropped when tokenizing)
-    optimizer.zero_grad(set_to_none=True)
-    local_loss = 0.0
-    for batch in batches:
-        batch = batch.to(runtime.device)
-        with runtime.autocast():
+class TextTask(TrainingTask):
+    """The text route's part of the shared loop (``train/loop.py``): a PEFT LoRA on a causal LM, each loss unit
+    one trained token."""
+
+    def __init__(self, cfg: TextConfig, dataset, runtime):
+        self.cfg, self.dataset, self.runtime = cfg, dataset, runtime
+
+    def prepare(self, listeners) -> None:
+        """Tokenize, load the base model and attach the adapter (the base is downloaded on first use)."""
+        cfg, runtime, dataset = self.cfg, self.runtime, self.dataset
+        # A Hub id becomes its cached folder (downloaded on first use); the id stays the adapter's recorded base.
+        self.base_path = resolve_causal_lm(cfg.base_model, on_download=listeners.on_download)
+        self.hub_name = cfg.base_model if self.base_path != cfg.base_model else None
+        self.tokenizer = load_tokenizer(self.base_path)
+        if any(s.is_chat for s in dataset.samples):
+            require_chat_template(self.tokenizer, cfg.base_model)
+        self.tokens = tokenize_dataset(dataset, self.tokenizer, cfg.max_seq_length, cfg.packing)
+        self.settings = resolve_lora_settings(cfg)
+        base = load_base_model(self.base_path, runtime.dtype, cfg.gradient_checkpointing)
+        torch.manual_seed(cfg.seed)  # the adapter's initial weights
+        self.model = attach_adapter(base, cfg, self.settings).to(runtime.device)
+        self.named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        self.schedule = BatchSchedule(
+            len(self.tokens.sequences),
+            cfg.batch_size,
+            cfg.gradient_accumulation_steps,
+            cfg.seed,
+            runtime.num_processes,
+            runtime.process_index,
+        )
+        self.total = cfg.max_train_steps or cfg.epochs * self.schedule.steps_per_epoch
+        self.pad_id = _pad_id(self.tokenizer)
+        self.step = 0
+
+    def parameter_groups(self) -> List[dict]:
+        return [{"params": [p for _, p in self.named]}]
+
+    def total_steps(self) -> int:
+        return self.total
+
+    def start_at(self, state) -> int:
+        self.start = 0 if state is None else state.step
+        return self.start
+
+    def next_step(self, step: int) -> StepBatches:
+        self.step = step + 1
+        batches = [
+            collate([self.tokens.sequences[i] for i in rows], self.pad_id) for rows in self.schedule.micro_batches(step)
+        ]
+        per_epoch = self.schedule.steps_per_epoch
+        return StepBatches(batches, self.schedule.epoch_of(step), epoch_finished=(step + 1) % per_epoch == 0)
+
+    def units(self, micro_batch) -> float:
+        return float(micro_batch.trained_tokens)
+
+    def loss(self, micro_batch, epoch: int, generator: torch.Generator) -> torch.Tensor:
+        batch = micro_batch.to(self.runtime.device)
+        with self.runtime.autocast():
             # No cache: transformers keeps packed samples apart (by their position ids) only without one.
-            logits = model(**batch.model_inputs(), use_cache=False).logits
-        token_loss = summed_token_loss(logits, batch.labels)
-        # Gradients are averaged over processes later, hence the factor num_processes here.
-        runtime.backward(token_loss * (runtime.num_processes / global_tokens))
-        local_loss += float(token_loss.detach())
-    loss = runtime.mean_across_processes(local_loss / global_tokens) * runtime.num_processes
-    if runtime.broadcast_flag(not math.isfinite(loss)):
-        optimizer.zero_grad(set_to_none=True)
-        return loss if not math.isfinite(loss) else math.nan  # nan: another process's loss blew up
-    runtime.reduce_gradients(params)
-    if cfg.max_grad_norm > 0:
-        runtime.clip_grad_norm(params, cfg.max_grad_norm, optimizer)
-    runtime.optimizer_step(optimizer)
-    return loss
+            logits = self.model(**batch.model_inputs(), use_cache=False).logits
+        return summed_token_loss(logits, batch.labels)
 
+    def summary(self) -> dict:
+        cfg, settings = self.cfg, self.settings
+        return {
+            "task_type": cfg.task_type,
+            "formats": self.dataset.formats,
+            "files": len(self.dataset.files),
+            **self.tokens.summary(),
+            "lora_rank": settings.rank,
+            "lora_alpha": settings.alpha,
+            "lora_dropout": settings.dropout,
+            "target_modules": settings.target_modules,
+            "trainable_params": sum(p.numel() for _, p in self.named),
+            "steps_per_epoch": self.schedule.steps_per_epoch,
+            "total_steps": self.total,
+            "resumed_from": self.start,
+        }
 
-def _save_due(cfg: TextConfig, done: int, steps_per_epoch: int) -> bool:
-    if cfg.save_steps and done % cfg.save_steps == 0:
-        return True
-    return bool(
-        cfg.save_every_n_epochs
-        and done % steps_per_epoch == 0
-        and (done // steps_per_epoch) % cfg.save_every_n_epochs == 0
-    )
+    def save(self, step: int, final: bool) -> List[str]:
+        cfg = self.cfg
+        folder = adapter_folder(cfg, None if final else step)
+        save_adapter(self.model, self.tokenizer, folder, cfg.save_precision, base_model_name=self.hub_name)
+        outputs = [folder]
+        if final and cfg.merge_adapter:
+            merged = adapter_folder(cfg) + "-merged"
+            save_merged_model(self.model, self.tokenizer, merged, declared_dtype(self.base_path))
+            outputs.append(merged)
+        return outputs
 
+    def trainable_state(self):
+        return {n: p for n, p in self.named}
 
-def _resume(cfg: TextConfig, named, optimizer, scheduler, fixed: dict) -> int:
-    """Load a ``state-<step>`` folder into the adapter, optimizer and schedule; returns its step. The state
-    must hold this config's adapter (``fixed``); the config's learning rate applies from here on."""
-    state = load_training_state(cfg.resume)
-    own = dict(named)
-    check_resumable(cfg.resume, state, fixed, {name: tuple(p.shape) for name, p in own.items()})
-    rates = list(scheduler.base_lrs)  # the config's, before the state's replace them
-    with torch.no_grad():
-        for name, param in own.items():
-            param.copy_(state.weights[name].to(param.dtype))
-    load_optimizer_state(optimizer, state.optimizer)
-    scheduler.load_state_dict(state.scheduler)
-    for line in describe_rate_changes(apply_config_rates(optimizer, scheduler, rates), state.step):
-        print(line, flush=True)
-    restore_rng_state(state.rng)
-    return state.step
+    def resume_settings(self) -> dict:
+        settings = self.settings
+        return {
+            "lora_rank": settings.rank,
+            "lora_alpha": settings.alpha,
+            "target_modules": list(settings.target_modules),
+            "base_model": os.path.basename(os.path.normpath(self.cfg.base_model)),
+        }
+
+    def state_info(self) -> dict:
+        return {
+            "epoch": self.schedule.epoch_of(max(self.step - 1, 0)),
+            "task_type": self.cfg.task_type,
+            "total_steps": self.total,
+        }
+
+    def load_trainable_state(self, state, source: str) -> None:
+        """Load a ``state-<step>`` folder's adapter weights (the loop has checked they fit)."""
+        own = dict(self.named)
+        with torch.no_grad():
+            for name, param in own.items():
+                param.copy_(state.weights[name].to(param.dtype))
+
+    def result(self, end: LoopEnd) -> TrainingResult:
+        if end.status == "finished" and not end.outputs:  # a data-parallel process other than the writer
+            return TrainingResult("finished", end.step, [], "Finished; the main process saved the adapter.", end.losses)
+        if end.status == "finished":
+            return TrainingResult(
+                "finished", end.step, end.outputs, _finished_message(end.outputs[0], self.tokens), end.losses
+            )
+        if end.status == "cancelled":  # saved as the image route saves on Cancel, so that nothing is lost
+            message = f"Cancelled after step {end.step}."
+            if end.last_save and self.cfg.save_state:
+                message += f" Saved {end.last_save}.\n" + resume_hint(state_folder(self.cfg.output_dir, end.step))
+                return TrainingResult(end.status, end.step, [end.last_save], message, end.losses)
+        elif end.reason.startswith("out of memory"):
+            message = (
+                f"Out of memory at step {end.step + 1}. Lower batch_size or max_seq_length, or turn on "
+                "gradient_checkpointing."
+            )
+        else:
+            message = (
+                f"The {end.reason.replace('the ', '', 1)}, so training stopped; the adapter was not updated with it. "
+                "Try a lower learning_rate or mixed_precision: no."
+            )
+        kept = f" The last good save is {end.last_save}." if end.last_save else " Nothing was saved in this run."
+        return TrainingResult(end.status, end.step, [], message + kept, end.losses)
 
 
 def _finished_message(adapter: str, tokens) -> str:

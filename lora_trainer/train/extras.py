@@ -15,7 +15,7 @@ from lora_trainer.train.callbacks import TrainingCallback
 from lora_trainer.train.retention import CheckpointRetention
 from lora_trainer.train.sample_images import SampleImages
 from lora_trainer.train.state import state_folder
-from lora_trainer.train.validation import ValidationLoss, measure_validation_loss, validation_timesteps
+from lora_trainer.train.validation import ValidationLoss, measure_validation_loss
 
 
 def training_extras(session) -> List[TrainingCallback]:
@@ -103,10 +103,10 @@ def _measure_validation(session) -> float:
     (validation sets are small), so every process has the same value without a collective."""
     cfg, dataset = session.cfg, session.dataset
     batches = dataset.validation_batches(cfg.batch_size, cfg.max_validation_steps)
-    timesteps = validation_timesteps(len(session.adapter.alphas_cumprod))
+    timesteps = session.objective.validation_timesteps()  # the family's: DDPM indices or flow noise levels
     return measure_validation_loss(
         batches,
-        lambda indices, t, generator: session._loss(indices, 0, generator, timesteps=t),
+        lambda indices, t, generator: session.loss(indices, 0, generator, timesteps=t),
         timesteps,
         dataset.validation_seed,
         session.runtime.device,

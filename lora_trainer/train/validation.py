@@ -36,7 +36,7 @@ def validation_timesteps(num_train_timesteps: int, count: int = TIMESTEP_COUNT) 
 def measure_validation_loss(
     batches: Sequence[Sequence[int]],
     loss: BatchLoss,
-    timesteps: Sequence[int],
+    timesteps: Sequence[float],
     seed: int,
     device: torch.device,
 ) -> float:
@@ -46,7 +46,8 @@ def measure_validation_loss(
     values = []
     for indices in batches:
         for t in timesteps:
-            fixed = torch.full((len(indices),), t, dtype=torch.long, device=device)
+            # An int timestep stays an integer index (DDPM); a float one is a flow-matching noise level.
+            fixed = torch.full((len(indices),), t, device=device)
             values.append(float(loss(indices, fixed, generator)))
     return float(np.mean(values)) if values else float("nan")
 

@@ -6,5 +6,8 @@ there; scripts that run outside pytest insert it themselves).
 - ``tiny_models``: tiny SD-style UNet / VAE / CLIP text encoders, diffusers folders and single-file checkpoints;
 - ``image_fixtures``: image configs and a one-call ``train`` on a tiny checkpoint;
 - ``text_models``: a tiny LLaMA-architecture causal LM with a word-level tokenizer, JSONL data and configs;
+- ``tiny_flux`` / ``tiny_zimage``: tiny Flux.1 and Z-Image transformers with their autoencoder and text
+  encoders, saved as a WebUI keeps them (BFL/ComfyUI single files beside ``ae`` and text-encoder files) or
+  as diffusers folders;
 - ``captioners``: tiny BLIP, open_clip and WD14 captioners, and test images (also used by ``bench/``).
 """

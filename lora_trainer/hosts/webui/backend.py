@@ -53,10 +53,20 @@ BYTES_PER_TRAINED_PARAM = 16
 # Activations of one 512x512 SD1 sample in fp16 with the frozen base (measured orders of magnitude, not
 # promises); scaled by pixel count, batch size and architecture, divided when checkpointing recomputes them.
 ACTIVATION_GIB_PER_SD1_512_SAMPLE = 2.5
-ARCH_ACTIVATION_FACTOR = {"SD1": 1.0, "SD2": 1.2, "SDXL": 1.6}
 CHECKPOINTING_DIVISOR = 4.0
 # The loaded weights' precision is the host's (its --precision / --no-half flags): the tab hides the option.
 HOST_DECIDED_OPTIONS = ("mixed_precision",)
+
+
+def activation_factor(arch: str) -> float:
+    """A host's architecture label's activations relative to SD1 (the family's ``activation_factor``); 2.0 for a
+    label no family has."""
+    from lora_trainer.models.families import family_named
+
+    try:
+        return family_named(arch.lower()).activation_factor
+    except ValueError:
+        return 2.0
 
 
 def estimate_extra_memory(roots: Sequence[Any], arch: str, cfg: CommonConfig) -> str:
@@ -81,12 +91,7 @@ def estimate_extra_memory(roots: Sequence[Any], arch: str, cfg: CommonConfig) ->
                 elif is_lora_target(sub):
                     params += rank * (sub.in_features + sub.out_features)
     resolution = getattr(cfg, "resolution", 512)
-    activations = (
-        ACTIVATION_GIB_PER_SD1_512_SAMPLE
-        * ARCH_ACTIVATION_FACTOR.get(arch, 2.0)
-        * cfg.batch_size
-        * (resolution / 512) ** 2
-    )
+    activations = ACTIVATION_GIB_PER_SD1_512_SAMPLE * activation_factor(arch) * cfg.batch_size * (resolution / 512) ** 2
     if cfg.gradient_checkpointing:
         activations /= CHECKPOINTING_DIVISOR
     lora_gib = params * BYTES_PER_TRAINED_PARAM / 2**30

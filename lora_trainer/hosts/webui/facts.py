@@ -75,15 +75,23 @@ def host_model() -> Any:
     return model
 
 
+def model_family(model: Any):
+    """The engine's model family of the loaded checkpoint, from the flags the WebUI sets; None for SD3."""
+    from lora_trainer.models.families import SD1, SD2, SDXL
+
+    if getattr(model, "is_sd3", False):
+        return None
+    if getattr(model, "is_sdxl", False):
+        return SDXL
+    if getattr(model, "is_sd2", False):
+        return SD2
+    return SD1
+
+
 def architecture(model: Any) -> str:
     """ "SD1", "SD2", "SDXL" or "SD3", from the flags the WebUI sets on its models."""
-    if getattr(model, "is_sd3", False):
-        return "SD3"
-    if getattr(model, "is_sdxl", False):
-        return "SDXL"
-    if getattr(model, "is_sd2", False):
-        return "SD2"
-    return "SD1"
+    family = model_family(model)
+    return family.name.upper() if family is not None else "SD3"
 
 
 def prediction_label(model: Any) -> str:
@@ -104,7 +112,7 @@ def host_facts(model: Any) -> HostFacts:
 
     opts = shared.cmd_opts
     medvram = bool(
-        getattr(opts, "medvram", False) or (getattr(opts, "medvram_sdxl", False) and architecture(model) == "SDXL")
+        getattr(opts, "medvram", False) or (getattr(opts, "medvram_sdxl", False) and getattr(model, "is_sdxl", False))
     )
     dtype = getattr(devices, "dtype_unet", None) or devices.dtype
     return HostFacts(
