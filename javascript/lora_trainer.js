@@ -61,9 +61,14 @@ function loraTrainerQueueHint(res) {
     if (!line.startsWith("Running")) {
         return res;
     }
-    const run = line.replace(/^Running\s*/, "").replace(/\s*·\s*/g, ", ");
-    // One line: the host shows textinfo in its progress bar only when it has no line break.
-    res.textinfo = `${res.textinfo || "Waiting..."} · the GPU is training a LoRA ${run} · `
+    // Only the step and ETA of the tab's line ("Running (Train: x) · step 5/4000 (0%) · loss … · ETA 29:02"):
+    // the host shows textinfo on one line (none at all with a line break) that does not wrap, in a bar as wide
+    // as the results column, so a longer text hides the part that says how to free the GPU.
+    const parts = line.split("·").map((part) => part.trim());
+    const step = (parts.find((part) => part.startsWith("step ")) || "").replace(/\s*\(.*\)$/, "");
+    const eta = parts.find((part) => part.startsWith("ETA ")) || "";
+    const run = [step, eta].filter(Boolean).join(", ");
+    res.textinfo = `${res.textinfo || "Waiting..."} · training a LoRA${run ? ": " + run : ""} · `
         + "Cancel it in the LoRA Trainer tab to generate now";
     return res;
 }
