@@ -66,10 +66,10 @@ function loraTrainerQueueHint(res) {
     // as the results column (about 650 px in a 1400 px window in A1111 1.10), so a longer text hides the part that
     // says how to free the GPU.
     const parts = line.split("·").map((part) => part.trim());
-    const step = (parts.find((part) => part.startsWith("step ")) || "").replace(/\s*\(.*\)$/, "");
+    const step = (parts.find((part) => part.startsWith("step ")) || "").replace(/^step\s*|\s*\(.*\)$/g, "");
     const eta = parts.find((part) => part.startsWith("ETA ")) || "";
     const run = [step, eta].filter(Boolean).join(", ");
-    res.textinfo = `${res.textinfo || "Waiting..."} · LoRA training${run ? ": " + run : ""} · Cancel in LoRA Trainer tab`;
+    res.textinfo = `${res.textinfo || "Waiting..."} · LoRA training ${run} · Cancel in LoRA Trainer tab`.replace("  ", " ");
     return res;
 }
 

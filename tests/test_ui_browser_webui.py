@@ -189,9 +189,7 @@ def test_the_tab_in_a_webui_page(gradio_env, tmp_path, browser):
         # in few words: the host's progress bar is one line that does not wrap, as wide as the results column
         # (about 650 px, some 85 characters, in a 1400 px window in A1111 1.10), and hides whatever comes after
         hint = queue_hint(pg)
-        assert re.fullmatch(r"In queue: 1/1 · LoRA training: step 4/12, ETA \S+ · Cancel in LoRA Trainer tab", hint), (
-            hint
-        )
+        assert re.fullmatch(r"In queue: 1/1 · LoRA training 4/12, ETA \S+ · Cancel in LoRA Trainer tab", hint), hint
         assert "Running" in running
 
         (tmp_path / "go").write_text("go")
