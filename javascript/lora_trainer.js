@@ -61,10 +61,15 @@ function loraTrainerQueueHint(res) {
     if (!line.startsWith("Running")) {
         return res;
     }
-    const run = line.replace(/^Running\s*/, "").replace(/\s*·\s*/g, ", ");
-    // One line: the host shows textinfo in its progress bar only when it has no line break.
-    res.textinfo = `${res.textinfo || "Waiting..."} · the GPU is training a LoRA ${run} · `
-        + "Cancel it in the LoRA Trainer tab to generate now";
+    // Only the step and ETA of the tab's line ("Running (Train: x) · step 5/4000 (0%) · loss … · ETA 29:02"):
+    // the host shows textinfo on one line (none at all with a line break) that does not wrap, in a bar as wide
+    // as the results column (about 650 px in a 1400 px window in A1111 1.10), so a longer text hides the part that
+    // says how to free the GPU.
+    const parts = line.split("·").map((part) => part.trim());
+    const step = (parts.find((part) => part.startsWith("step ")) || "").replace(/^step\s*|\s*\(.*\)$/g, "");
+    const eta = parts.find((part) => part.startsWith("ETA ")) || "";
+    const run = [step, eta].filter(Boolean).join(", ");
+    res.textinfo = `${res.textinfo || "Waiting..."} · LoRA training ${run} · Cancel in LoRA Trainer tab`.replace("  ", " ");
     return res;
 }
 

@@ -30,6 +30,7 @@ OFFLINE = OSError("<urlopen error [Errno -3] Temporary failure in name resolutio
 class FakeState:
     def __init__(self):
         self.interrupted = False
+        self.stopping_generation = False
         self.job_count = self.job_no = 0
         self.textinfo = None
         self.calls = []
@@ -38,6 +39,15 @@ class FakeState:
     def begin(self, job="(unknown)"):
         self.calls.append(("begin", job))
         self.interrupted = False
+        self.stopping_generation = False
+
+    def press_interrupt(self):
+        """The Interrupt button as A1111 1.10 / Forge wire it (modules/ui_toprow.py, default settings): a job of
+        more than one item is first asked to stop after the current one; a second click interrupts."""
+        if not self.stopping_generation and self.job_count > 1:
+            self.stopping_generation = True
+        else:
+            self.interrupted = True
 
     def end(self):
         self.calls.append(("end",))
@@ -98,8 +108,9 @@ class FakeInterrogator:
         assert self.dtype is not None and self.blip_model is not None
         state = self.ns.state
         state.seen.append((state.job_no, state.job_count, state.textinfo))
-        if self.ns.interrupt_after is not None and len(state.seen) >= self.ns.interrupt_after:
-            state.interrupted = True
+        if self.ns.interrupt_after is not None and len(state.seen) == self.ns.interrupt_after:
+            for _ in range(self.ns.interrupt_clicks):
+                state.press_interrupt()
         return f"blip {image.width}x{image.height}"
 
     def send_blip_to_ram(self):
@@ -148,6 +159,7 @@ def host(tmp_path, monkeypatch):
         lock=threading.Lock(),
         state=FakeState(),
         interrupt_after=None,
+        interrupt_clicks=1,
         cpu_moves=0,
     )
     pkg = types.ModuleType("modules")
@@ -266,12 +278,15 @@ def test_missing_weights_offline_say_where_to_put_them_and_others_still_work(hos
     assert status.state == "finished" and set(captions.values()) == {"blip 48x40"}
 
 
-def test_the_hosts_interrupt_button_stops_the_run(host, tmp_path):
+@pytest.mark.parametrize("clicks", [1, 2])
+def test_the_hosts_interrupt_button_stops_the_run(host, tmp_path, clicks):
     put_weights(os.path.join(host.models, "BLIP"), "model_base_caption_capfilt_large.pth")
-    host.interrupt_after = 1
+    # during the 2nd of 3 captions (the job counts 3 items by then, so the host's first click only asks to stop
+    # after the current one)
+    host.interrupt_after, host.interrupt_clicks = 2, clicks
     status, captions = caption(tmp_path, webui.HOST_BLIP, count=3)
     assert status.state == "cancelled" and "saved" in status.message
-    assert list(captions) == ["000.png"]  # the caption made before the interrupt is kept
+    assert list(captions) == ["000.png", "001.png"]  # the captions made before the interrupt are kept
 
 
 def test_a_webui_without_the_interrogators_says_so(host, tmp_path, monkeypatch):

@@ -30,6 +30,7 @@ class FakeState:
 
     def __init__(self):
         self.interrupted = False
+        self.stopping_generation = False
         self.job_count = 0
         self.job_no = 0
         self.sampling_step = 0
@@ -40,7 +41,17 @@ class FakeState:
     def begin(self, job="(unknown)"):
         self.calls.append(("begin", job))
         self.interrupted = False
+        self.stopping_generation = False
         self.job_count = -1
+
+    def press_interrupt(self):
+        """The Interrupt button as A1111 1.10 / Forge wire it (modules/ui_toprow.py), with the default setting
+        "Don't Interrupt in the middle": a job of more than one item is first asked to stop after the current
+        one (``stop_generating``); only a second click interrupts."""
+        if not self.stopping_generation and self.job_count > 1:
+            self.stopping_generation = True
+        else:
+            self.interrupted = True
 
     def end(self):
         self.calls.append(("end",))
@@ -239,14 +250,19 @@ def test_generation_waits_for_training(host, tmp_path, monkeypatch):
     host.lock.release()
 
 
-def test_webui_interrupt_stops_the_run(host, tmp_path, monkeypatch):
+@pytest.mark.parametrize("clicks", [1, 2])
+def test_webui_interrupt_stops_the_run(host, tmp_path, monkeypatch, clicks):
+    """One click on the WebUI's Interrupt stops the run after the current step (the host first asks a job of
+    several steps to stop after the current one; a second click interrupts outright: both stop a training)."""
     backend = webui.WebUIBackend()
     gate = threading.Semaphore(0)
     runner = runner_for(backend, ScriptedTrainer(host, steps=5, gate=gate), monkeypatch)
     job = runner.start(make_cfg(tmp_path, backend))
     gate.release(1)
     wait_until(lambda: job.status().step >= 1, "step 1")
-    host.state.interrupted = True  # the WebUI's Interrupt button
+    for _ in range(clicks):
+        host.state.press_interrupt()
+    assert host.state.stopping_generation and host.state.interrupted == (clicks == 2)
     gate.release(4)
     assert job.wait(CEILING_S)
     assert job.status().state == CANCELLED and job.status().step == 2

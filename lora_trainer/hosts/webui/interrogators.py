@@ -16,7 +16,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 from lora_trainer.caption.base import CallableCaptioner, Captioner, CaptionerUnavailable
 from lora_trainer.hosts.webui.facts import scoped_host_options
-from lora_trainer.hosts.webui.progress import host_job
+from lora_trainer.hosts.webui.progress import host_asked_to_stop, host_job
 from lora_trainer.ui.captioning import CaptionProgress
 
 log = logging.getLogger(__name__)
@@ -231,7 +231,7 @@ class HostCaptionProgress(CaptionProgress):
         self.state.textinfo = text
 
     def should_stop(self) -> bool:
-        return bool(getattr(self.state, "interrupted", False))
+        return host_asked_to_stop(self.state)
 
 
 @contextlib.contextmanager

@@ -26,6 +26,16 @@ STATE_JOB_NAME = "lora_trainer"
 CANCEL_HINT = "Cancel in the LoRA Trainer tab (or Interrupt) frees it."
 
 
+def host_asked_to_stop(state: Any) -> bool:
+    """Whether the host's Interrupt button asked the job on its progress bar to stop.
+
+    AUTOMATIC1111 1.10 and the Forge line (modules/ui_toprow.py) answer the first Interrupt click of a job with
+    ``job_count > 1`` by ``state.stop_generating()`` ("stop after the current image", the default setting
+    "Don't Interrupt in the middle"), and only a second click by ``state.interrupt()``. For our jobs, whose
+    ``job_count`` is the step or image total, both mean: stop after the current step or caption."""
+    return bool(getattr(state, "interrupted", False) or getattr(state, "stopping_generation", False))
+
+
 @contextlib.contextmanager
 def host_job(job: str, textinfo: str) -> Iterator[Any]:
     """Hold the host's GPU queue lock and its progress bar (``shared.state``) for a whole job; yields the state.
@@ -74,7 +84,7 @@ class HostProgress(TrainingCallback):
         )
 
     def should_stop(self) -> bool:
-        return bool(getattr(self.state, "interrupted", False))
+        return host_asked_to_stop(self.state)
 
 
 @dataclass(frozen=True)
