@@ -347,7 +347,12 @@ class TrainerTab:
         except Exception as exc:  # a bug must not leave the button dead without a word
             log.exception("Could not start training")
             return f"**{label} not started:** unexpected error {type(exc).__name__}: {exc}"
-        text = f"**{label} started:** {cfg.output_name}; the LoRA will be `{started.lora_file}`."
+        # This notice stays while the run goes on and after it ends (cancelled, failed): it says what happens
+        # when the run finishes, and leaves how it went to the Progress box that the poll keeps current.
+        text = (
+            f"**{label} started:** {cfg.output_name}. When it finishes, the LoRA will be `{started.lora_file}`; "
+            "Progress below says how the run goes."
+        )
         return f"{text}\n\n{started.memory_estimate}" if started.memory_estimate else text
 
     def start_training(
