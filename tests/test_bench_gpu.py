@@ -14,9 +14,13 @@ sys.path.insert(0, os.path.join(REPO, "bench"))
 import bench_gpu  # noqa: E402
 
 
-def test_reduced_mode_prints_the_table_for_both_models(tmp_path):
+def test_reduced_mode_prints_the_table(tmp_path):
+    """The whole script end to end on the tiny SDXL (the family with every optional path the script has: two
+    text encoders, size conditioning, gradient checkpointing); SD1.5 differs only in its ``CASES`` entry and the
+    full-size definitions, both checked below."""
     env = dict(os.environ, PYTHONPATH=REPO, HF_HUB_OFFLINE="1")
-    command = [sys.executable, os.path.join(REPO, "bench", "bench_gpu.py"), "--tiny", "--steps=3", "--warmup=1"]
+    command = [sys.executable, os.path.join(REPO, "bench", "bench_gpu.py"), "--tiny", "--models=sdxl"]
+    command += ["--steps=2", "--warmup=1"]  # one step-to-step gap after the warm-up: the median of one
     command += ["--precision=no"]  # bf16 on a CPU without native support would only be slow
     # The budget is a ceiling only a hung run reaches; the phases finish in seconds each on a quiet machine.
     command += [f"--workdir={tmp_path}", "--budget-s=3000", "--phase-timeout-s=1500"]
@@ -24,12 +28,12 @@ def test_reduced_mode_prints_the_table_for_both_models(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     table = proc.stdout[proc.stdout.rindex("\nmodel ") :]
     number = r"\s+\d+\.\d+"
-    for model in ("sd15", "sdxl"):
-        for run in ("floor", "ours"):
-            # s/step, x floor, start->1st step, +s vs floor, then "-" for VRAM and the goal on the CPU, peak RSS
-            row = rf"\n{model}\s+{run}\s+no{number}{number}{number}\s+[+-]\d+\.\d+\s+-\s+-{number}"
-            assert re.search(row, table), (model, run, table)
-    assert proc.stdout.count("fp32, one batch") == 2 and "bf16, one batch" in proc.stdout  # the encoding phase
+    for run in ("floor", "ours"):
+        # s/step, x floor, start->1st step, +s vs floor, then "-" for VRAM and the goal on the CPU, peak RSS
+        row = rf"\nsdxl\s+{run}\s+no{number}{number}{number}\s+[+-]\d+\.\d+\s+-\s+-{number}"
+        assert re.search(row, table), (run, table)
+    assert proc.stdout.count("fp32, one batch") == 1 and "bf16, one batch" in proc.stdout  # the encoding phase
+    assert "pooled rms" in proc.stdout  # the encoding phase compared SDXL's second encoder's pooled output
 
 
 def _meta_parts(name):
