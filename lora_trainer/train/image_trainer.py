@@ -141,7 +141,9 @@ class ImageTrainingSession(TrainingTask):
         self.log(estimate_memory(self.cfg, adapter.family, adapter.unet, kept, lora_parameters).describe())
 
     def _prepare_encodings(self) -> None:
-        """Fill the latent/text caches with the encoders loaded, then free them before the UNet loads."""
+        """Fill the latent/text caches with the encoders loaded, then free them before the UNet loads; with
+        ``cache_latents_during_training``, the latents are left to ``LatentsOnDemand`` and the VAE's encoder
+        loads beside the UNet."""
         cfg, adapter, dataset = self.cfg, self.adapter, self.dataset
         cache_dir = cfg.cache_dir or dataset.cache_root
         self.cache = EncodingCache(
@@ -164,7 +166,8 @@ class ImageTrainingSession(TrainingTask):
         before = [] if on_demand else missing_latents
         if before or missing_text:
             adapter.load(unet=False, vae=bool(before), text_encoders=bool(missing_text))
-            self.log(f"encoding {len(before)} images and {len(missing_text)} captions for the caches")
+            images = f"{len(before)} images and " if before else ""
+            self.log(f"encoding {images}{len(missing_text)} captions for the caches")
             encoder = EncodingPass(adapter, self.callbacks.on_encode_progress, self.callbacks.should_stop, self.log)
             if before:
                 encoder.latents(before, dataset.pixels, self._store_latents)
