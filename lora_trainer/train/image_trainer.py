@@ -134,7 +134,8 @@ class ImageTrainingSession(TrainingTask):
         from lora_trainer.train.memory import estimate_memory
 
         adapter = self.adapter
-        kept = ([] if self.cache_latents and not self.latents_on_demand else [getattr(adapter, "vae", None)]) + (
+        # Not the VAE encoder kept for latents on demand: it goes after the first epoch (its size is logged).
+        kept = ([] if self.cache_latents else [getattr(adapter, "vae", None)]) + (
             [] if self.cache_text else adapter.text_encoder_modules()
         )
         lora_parameters = sum(p.numel() for p in self.network.parameters())
