@@ -210,6 +210,13 @@ class ImageConfig(CommonConfig):
         "(red hair;;;long hair); replaced by a comma afterwards.",
     )
     cache_latents: bool = option(True, "Encode each image once and reuse its latents (off with random_flip).")
+    cache_latents_during_training: bool = option(
+        True,
+        "With cache_latents, start training once the captions are encoded and encode each image's latents when "
+        "its first batch needs them, keeping the VAE's encoder (about 130 MB for SD) beside the model until "
+        "every image is cached; false encodes every image before the model loads. The standalone engine only "
+        "(in the WebUI the host's VAE encodes every image first).",
+    )
     cache_to_disk: bool = option(True, "Keep cached latents and text embeddings on disk between runs.")
     cache_dir: Optional[str] = option(
         None, "Disk cache folder; defaults to .lora_trainer_cache in train_data_dir (or the first datasets folder)."

@@ -158,7 +158,9 @@ def test_progress_is_reported_per_batch_before_training_starts(tmp_path, monkeyp
     monkeypatch.setattr(encoding_pass, "PIXELS_PER_BATCH", 64 * 64 * 2)  # two 64x64 images per batch
     recorder = _Recorder()
     base = tiny_checkpoint(tmp_path)
-    result = train(image_config(tmp_path, base, max_train_steps=1), callbacks=[recorder, TqdmProgress()])
+    # Encoding before training (cache_latents_during_training off; tests/test_latents_on_demand.py has it on).
+    cfg = image_config(tmp_path, base, max_train_steps=1, cache_latents_during_training=False)
+    result = train(cfg, callbacks=[recorder, TqdmProgress()])
     assert result.status == "finished"
     assert recorder.events == [
         ("latents", 0, 4),
@@ -176,7 +178,10 @@ def test_cancel_during_encoding_stops_before_any_training(tmp_path, monkeypatch)
     monkeypatch.setattr(encoding_pass, "PIXELS_PER_BATCH", 64 * 64)
     recorder = _Recorder(stop_during_encoding=True)
     with pytest.raises(TrainingCancelled, match="while encoding"):
-        train(image_config(tmp_path, tiny_checkpoint(tmp_path)), callbacks=[recorder])
+        train(
+            image_config(tmp_path, tiny_checkpoint(tmp_path), cache_latents_during_training=False),
+            callbacks=[recorder],
+        )
     assert ("train", 0, 4) not in recorder.events
     assert [e for e in recorder.events if e[0] == "latents"] == [("latents", 0, 4), ("latents", 1, 4)]
     assert not os.path.exists(tmp_path / "out" / "pytorch_lora_weights.safetensors")
@@ -193,5 +198,6 @@ def test_the_encoders_and_the_unet_are_never_loaded_together(tmp_path, monkeypat
         held.append((self.unet is not None, self.vae is not None, self.text_encoders is not None))
 
     monkeypatch.setattr(diffusers_adapter.DiffusersAdapter, "load", spy)
-    assert train(image_config(tmp_path, tiny_checkpoint(tmp_path), max_train_steps=1)).status == "finished"
+    cfg = image_config(tmp_path, tiny_checkpoint(tmp_path), max_train_steps=1, cache_latents_during_training=False)
+    assert train(cfg).status == "finished"
     assert held == [(False, True, True), (True, False, False)]

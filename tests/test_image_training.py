@@ -135,7 +135,8 @@ def test_network_weights_starts_exactly_from_the_given_file(tmp_path):
 
 def test_second_run_uses_the_disk_cache_without_loading_encoders(tmp_path, monkeypatch):
     base = tiny_checkpoint(tmp_path)
-    cfg = image_config(tmp_path, base, cache_to_disk=True, max_train_steps=1)
+    # One epoch (4 images, batches of 2): latents encoded during training are all cached by its end.
+    cfg = image_config(tmp_path, base, cache_to_disk=True, max_train_steps=2)
     first = train(cfg)
     from lora_trainer.models import diffusers_adapter
 
@@ -147,7 +148,7 @@ def test_second_run_uses_the_disk_cache_without_loading_encoders(tmp_path, monke
         return original(self, unet=unet, vae=vae, text_encoders=text_encoders)
 
     monkeypatch.setattr(diffusers_adapter.DiffusersAdapter, "load", spy)
-    second = train(image_config(tmp_path, base, cache_to_disk=True, max_train_steps=1))
+    second = train(image_config(tmp_path, base, cache_to_disk=True, max_train_steps=2))
     assert not any(vae or te for _, vae, te in loads), loads
     a, b = _lora(first.output_files[0]), _lora(second.output_files[0])
     for key in a:

@@ -72,6 +72,10 @@ class DiffusionAdapter:
     # The autocast dtype of the no-grad encoding pass that fills the caches (None: run the encoders as they
     # are). Cached outputs are never trained through, so bf16/fp16 is close enough where it is faster.
     encoding_autocast: Optional[torch.dtype] = None
+    # The trainer may encode latents while training runs (cache_latents_during_training): the VAE is ours to
+    # load and free, and encoding touches nothing the UNet's training uses. Hosts, whose model management may
+    # move models around to encode, fill the caches before training.
+    encodes_during_training: bool = False
 
     def load(self, *, unet: bool, vae: bool, text_encoders: bool) -> None:
         """Make the named parts available (no-op where the host already holds them)."""

@@ -14,7 +14,7 @@ from torch import nn
 from lora_trainer.export.kohya_names import text_lora_name
 from lora_trainer.hub.progress import DownloadCallback
 from lora_trainer.lora.targets import TEXT_CONTAINERS, find_targets
-from lora_trainer.models.adapter import Conditioning, DiffusionAdapter, SizeCondition
+from lora_trainer.models.adapter import Conditioning, DiffusionAdapter, SizeCondition, loaded
 from lora_trainer.models.ldm_names import UNetNameMap
 from lora_trainer.models.loading import load_stable_diffusion
 from lora_trainer.models.long_captions import (
@@ -43,6 +43,7 @@ def file_identity(path: str) -> str:
 
 class DiffusersAdapter(DiffusionAdapter):
     renders_samples = True
+    encodes_during_training = True
 
     def __init__(
         self,
@@ -91,11 +92,8 @@ class DiffusersAdapter(DiffusionAdapter):
         if not (want_unet or want_vae or want_text):
             return
         if want_vae:
-            # fp32 weights: fp16 SD VAEs overflow to NaN at training resolutions. The encoding pass autocasts
-            # the compute to bf16/fp16 where faster and re-encodes in fp32 where that overflows.
-            self.vae = load_stable_diffusion(
-                self.path, load_unet=False, load_vae=True, load_text_encoders=False, dtype=torch.float32
-            ).vae.to(self.device)
+            # The encoder only: the trainer encodes; sample images bring in the whole VAE when they decode.
+            self.vae = self._load_vae(encoder_only=True)
         if not (want_unet or want_text):
             return
         model = load_stable_diffusion(
@@ -111,6 +109,19 @@ class DiffusersAdapter(DiffusionAdapter):
             self.unet.set_attn_processor(_sdpa_processor())
         if want_text:
             self.text_encoders = [te.to(self.device) for te in model.text_encoders]
+
+    def _load_vae(self, encoder_only: bool) -> nn.Module:
+        # fp32 weights: fp16 SD VAEs overflow to NaN at training resolutions. The encoding pass autocasts
+        # the compute to bf16/fp16 where faster and re-encodes in fp32 where that overflows.
+        vae = load_stable_diffusion(
+            self.path,
+            load_unet=False,
+            load_vae=True,
+            load_text_encoders=False,
+            dtype=torch.float32,
+            vae_encoder_only=encoder_only,
+        ).vae
+        return loaded(vae, "the VAE").to(self.device)
 
     def release(self, *, vae: bool = False, text_encoders: bool = False) -> None:
         if vae:
@@ -131,8 +142,8 @@ class DiffusersAdapter(DiffusionAdapter):
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        if self.vae is None:  # released after the latent cache was filled: sample images bring it back
-            self.load(unet=False, vae=True, text_encoders=False)
+        if self.vae is None or self.vae.decoder is None:  # released, or loaded to encode only
+            self.vae = self._load_vae(encoder_only=False)
         return self.vae.decode(latents.to(self.device, torch.float32) / self.vae_scaling_factor).sample
 
     def set_max_token_length(self, max_token_length: int) -> None:

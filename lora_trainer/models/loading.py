@@ -85,11 +85,14 @@ def load_stable_diffusion(
     load_text_encoders: bool = True,
     dtype: torch.dtype = torch.float32,
     prediction_type: Optional[str] = None,
+    vae_encoder_only: bool = False,
 ) -> StableDiffusionModel:
     """Load a diffusers folder or single-file SD1/SD2/SDXL checkpoint for training (eval mode, frozen).
 
     Parts not asked for are None: the trainer loads the encoders first, caches their outputs and frees them
-    before the UNet loads, so the peak holds the UNet and never the encoders beside it.
+    before the UNet loads, so the peak holds the UNet and never the encoders beside it. ``vae_encoder_only``
+    gives a VAE without its decoder (``encode`` works, ``decode`` does not): all that filling the latent cache
+    needs, and for SD's VAE 34M of its 84M parameters (a single file's decoder weights are not even read).
     """
     if not os.path.exists(path):
         raise ModelLoadError(
@@ -103,8 +106,12 @@ def load_stable_diffusion(
                 "folder or a single-file checkpoint."
             )
         model = _load_diffusers_folder(path, load_unet, load_vae, load_text_encoders, dtype, prediction_type)
+        if model.vae is not None and vae_encoder_only:
+            drop_vae_decoder(model.vae)
     else:
-        model = _load_single_file(path, load_unet, load_vae, load_text_encoders, dtype, prediction_type)
+        model = _load_single_file(
+            path, load_unet, load_vae, load_text_encoders, dtype, prediction_type, vae_encoder_only
+        )
     for module in [model.unet, model.vae, *(model.text_encoders or [])]:
         if module is not None:
             module.requires_grad_(False)
@@ -252,23 +259,39 @@ def _convert_unet(reader: CheckpointReader, spec: CheckpointSpec, dtype) -> torc
     return unet
 
 
-def _convert_vae(reader: CheckpointReader, spec: CheckpointSpec, dtype) -> torch.nn.Module:
-    return convert_ldm_vae(reader, VAE_PREFIX, spec.vae_config, dtype)
+def _convert_vae(reader: CheckpointReader, spec: CheckpointSpec, dtype, encoder_only: bool) -> torch.nn.Module:
+    return convert_ldm_vae(reader, VAE_PREFIX, spec.vae_config, dtype, encoder_only=encoder_only)
 
 
-def convert_ldm_vae(reader: CheckpointReader, prefix: str, vae_config: dict, dtype) -> torch.nn.Module:
-    """A diffusers ``AutoencoderKL`` from the ldm-layout VAE weights under ``prefix``, one copy in memory."""
+VAE_ENCODER_PARTS = ("encoder.", "quant_conv.")  # what AutoencoderKL.encode runs
+
+
+def drop_vae_decoder(vae: torch.nn.Module) -> torch.nn.Module:
+    """``vae`` without the parts only ``decode`` uses (in place): its ``encode`` is unchanged."""
+    vae.decoder = None
+    vae.post_quant_conv = None
+    return vae
+
+
+def convert_ldm_vae(
+    reader: CheckpointReader, prefix: str, vae_config: dict, dtype, *, encoder_only: bool = False
+) -> torch.nn.Module:
+    """A diffusers ``AutoencoderKL`` from the ldm-layout VAE weights under ``prefix``, one copy in memory;
+    with ``encoder_only``, without its decoder (see ``drop_vae_decoder``), whose weights are then not read."""
     from diffusers import AutoencoderKL
 
     names = VaeNameMap(len(vae_config["block_out_channels"]), vae_config["layers_per_block"])
     with torch.device("meta"):
         vae = AutoencoderKL(**vae_config)
+    if encoder_only:
+        drop_vae_decoder(vae)
     state = {}
-    for key, tensor in reader.items(prefix):
-        name = names.to_diffusers(key)
-        if name is not None:
-            # ldm's VAE attention uses 1x1 convolutions where diffusers uses linears: drop the 1x1.
-            state[name] = tensor.to(dtype).reshape(vae.get_parameter(name).shape)
+    for key in reader.keys:
+        name = names.to_diffusers(key[len(prefix) :]) if key.startswith(prefix) else None
+        if name is None or (encoder_only and not name.startswith(VAE_ENCODER_PARTS)):
+            continue
+        # ldm's VAE attention uses 1x1 convolutions where diffusers uses linears: drop the 1x1.
+        state[name] = reader.get(key).to(dtype).reshape(vae.get_parameter(name).shape)
     materialise(vae, state, "VAE", reader.path)
     return vae
 
@@ -326,12 +349,14 @@ def hf_text_state_name(model: torch.nn.Module, name: str) -> str:
     return name[len("text_model.") :]
 
 
-def _load_single_file(path, load_unet, load_vae, load_text_encoders, dtype, prediction_type) -> StableDiffusionModel:
+def _load_single_file(
+    path, load_unet, load_vae, load_text_encoders, dtype, prediction_type, vae_encoder_only=False
+) -> StableDiffusionModel:
     reader = CheckpointReader(path)
     spec = infer_spec(reader.shapes(), prediction_type or _prediction_type_from_yaml(path))
     check_text_to_image_unet(int(spec.unet_config["in_channels"]), path)
     unet = _convert_unet(reader, spec, dtype) if load_unet else None
-    vae = _convert_vae(reader, spec, dtype) if load_vae else None
+    vae = _convert_vae(reader, spec, dtype, vae_encoder_only) if load_vae else None
     text_encoders = (
         [convert_text_encoder(reader, te, dtype) for te in spec.text_encoders] if load_text_encoders else None
     )

@@ -265,10 +265,12 @@ class ZImageAdapter(DiffusionAdapter):
         from diffusers import AutoencoderKL
 
         from lora_trainer.models.architecture import ldm_vae_config
-        from lora_trainer.models.loading import convert_ldm_vae
+        from lora_trainer.models.loading import convert_ldm_vae, drop_vae_decoder
 
         if self.files.folder:
-            vae = AutoencoderKL.from_pretrained(self.files.folder, subfolder="vae", torch_dtype=torch.float32)
+            vae = drop_vae_decoder(  # training only encodes
+                AutoencoderKL.from_pretrained(self.files.folder, subfolder="vae", torch_dtype=torch.float32)
+            )
         else:
             reader = CheckpointReader(loaded(self.files.ae, "the autoencoder file (ae)"))
             prefix = next(
@@ -279,7 +281,7 @@ class ZImageAdapter(DiffusionAdapter):
             config = ldm_vae_config(
                 reader.shapes(), prefix, scaling_factor=AE_SCALING, shift_factor=AE_SHIFT, sample_size=1024
             )
-            vae = convert_ldm_vae(reader, prefix, config, torch.float32)
+            vae = convert_ldm_vae(reader, prefix, config, torch.float32, encoder_only=True)
         return vae.requires_grad_(False).eval()
 
     def _load_text_encoder(self) -> nn.Module:

@@ -6,6 +6,10 @@ large images is as heavy as one of small ones and the pass never needs more memo
 VAE activations. The next batch's images are decoded in a background thread while the current one encodes.
 When the adapter asks for reduced precision (``DiffusionAdapter.encoding_autocast``) and a batch comes out
 non-finite (fp16 VAEs overflow on some images), that batch and the rest of the pass run in fp32.
+
+``LatentsOnDemand`` is the other way to fill the latent cache (``cache_latents_during_training``): training
+starts as soon as the captions are encoded, and each image's latents are encoded when its first batch needs
+them, with the VAE's encoder kept beside the UNet until every image is cached.
 """
 
 from __future__ import annotations
@@ -21,6 +25,10 @@ from lora_trainer.errors import TrainingCancelled
 from lora_trainer.models.adapter import Conditioning, DiffusionAdapter
 
 PIXELS_PER_BATCH = 1024 * 1024  # 16 images of 256x256, 4 of 512x512, 1 of 1024x1024 per VAE call
+# Encoding during training: one image per VAE call. The first step then waits for its own batch only, the VAE
+# activations beside the resident UNet are one image's, and on CPUs batching gains nothing (the full-size SD
+# VAE encodes 8 images at 256 px as fast one at a time as in one batch).
+ON_DEMAND_PIXELS_PER_BATCH = 1
 CAPTIONS_PER_BATCH = 32
 
 Progress = Callable[[int, int, str], None]  # (done, total, what) with what "latents" or "captions"
@@ -53,24 +61,34 @@ class EncodingPass:
         progress: Optional[Progress] = None,
         should_stop: Callable[[], bool] = lambda: False,
         log: Callable[[str], None] = lambda _message: None,
+        fp32_for_good: bool = True,
     ):
         self.adapter = adapter
         self.progress = progress or (lambda done, total, what: None)
         self.should_stop = should_stop
         self.log = log
         self.autocast_dtype = getattr(adapter, "encoding_autocast", None)
+        # False: only the batch that overflowed is redone in fp32, so a batch's result never depends on what
+        # was encoded before it (encoding during training, in an order a resumed run does not repeat).
+        self.fp32_for_good = fp32_for_good
 
     def _run(self, encode: Callable, *args):
-        """``encode(*args)`` in the pass's precision; again in fp32 (for good) if reduced precision gave inf/NaN."""
+        """``encode(*args)`` in the pass's precision; again in fp32 (for good, with ``fp32_for_good``) if reduced
+        precision gave inf/NaN."""
         if self.autocast_dtype is not None:
             with torch.no_grad(), torch.autocast(self.adapter.device.type, dtype=self.autocast_dtype):
                 value = encode(*args)
             if _finite(value):
                 return value
-            self.log(f"encoding in {self.autocast_dtype} overflowed; encoding the rest in fp32")
-            self.autocast_dtype = None
+            if self.fp32_for_good:
+                self.log(f"encoding in {self.autocast_dtype} overflowed; encoding the rest in fp32")
+                self.autocast_dtype = None
         with torch.no_grad():
             return encode(*args)
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) pixels in [-1, 1] -> fp32 (B, 4, H/8, W/8) latents on the CPU, in the pass's precision."""
+        return self._run(self.adapter.encode_pixels, images).float().cpu()
 
     def _check_stop(self, what: str) -> None:
         if self.should_stop():
@@ -98,7 +116,7 @@ class EncodingPass:
                 images = upcoming.result()
                 upcoming = loader.submit(load, batches[i + 1]) if i + 1 < len(batches) else None
                 self._check_stop("latents")
-                latents = self._run(self.adapter.encode_pixels, images).float().cpu()
+                latents = self.encode_images(images)
                 for sample, latent in zip(batch, latents):
                     store(sample, latent)
                 done += len(batch)
@@ -125,4 +143,61 @@ class EncodingPass:
             self.progress(start + len(chunk), total, "captions")
 
 
-__all__ = ["CAPTIONS_PER_BATCH", "PIXELS_PER_BATCH", "EncodingPass", "latent_batches"]
+class LatentsOnDemand:
+    """Fills the latent cache while training runs: ``ensure(batch)`` before a batch reads its latents.
+
+    The plan is fixed up front over every sample whose latents are cached (``latent_batches`` with
+    ``pixels_per_batch``, default ``ON_DEMAND_PIXELS_PER_BATCH``), independent of the training order: a missing
+    sample is encoded with its whole planned batch (members already cached are encoded again and not stored),
+    so each latent is the same whenever, and after whatever interruption, it is encoded. Once every sample
+    training draws is cached, the rest (validation images, regularisation images left out) are encoded too and
+    ``release()`` frees the VAE.
+    ``store(sample, latents)`` gets fp32 (4, H/8, W/8) CPU latents as in ``EncodingPass.latents``.
+    """
+
+    def __init__(
+        self,
+        encoder: EncodingPass,
+        samples: Sequence[Sample],
+        missing: Sequence[Sample],
+        pixels: Callable[[int], torch.Tensor],
+        store: Callable[[Sample, torch.Tensor], None],
+        release: Callable[[], None],
+        pixels_per_batch: Optional[int] = None,
+    ):
+        self.encoder, self.pixels, self.store, self.release = encoder, pixels, store, release
+        batches = latent_batches(samples, pixels_per_batch or ON_DEMAND_PIXELS_PER_BATCH)
+        self.plan = {s.index: batch for batch in batches for s in batch}
+        self.missing: Dict[int, Sample] = {s.index: s for s in missing}
+        self.total = len(missing)
+
+    def ensure(self, samples: Sequence[Sample]) -> None:
+        """Encode and store the latents of ``samples`` that are not cached yet (with their planned batches)."""
+        if not self.missing:
+            return
+        for sample in samples:
+            if sample.index in self.missing:
+                self._encode(self.plan[sample.index])
+        if self.missing and all(s.repeats == 0 for s in self.missing.values()):
+            for sample in list(self.missing.values()):  # never drawn by training: encode them now
+                if sample.index in self.missing:
+                    self._encode(self.plan[sample.index])
+        if not self.missing:
+            self.release()
+
+    def _encode(self, batch: List[Sample]) -> None:
+        images = torch.stack([self.pixels(s.index) for s in batch])
+        latents = self.encoder.encode_images(images)
+        for sample, latent in zip(batch, latents):
+            if self.missing.pop(sample.index, None) is not None:
+                self.store(sample, latent)
+
+
+__all__ = [
+    "CAPTIONS_PER_BATCH",
+    "ON_DEMAND_PIXELS_PER_BATCH",
+    "PIXELS_PER_BATCH",
+    "EncodingPass",
+    "LatentsOnDemand",
+    "latent_batches",
+]

@@ -27,7 +27,7 @@ from lora_trainer.lora.network import LoRANetwork
 from lora_trainer.models.adapter import DiffusionAdapter, SizeCondition
 from lora_trainer.models.long_captions import cut_caption_lines
 from lora_trainer.train.callbacks import TrainingCallback
-from lora_trainer.train.encoding_pass import EncodingPass
+from lora_trainer.train.encoding_pass import EncodingPass, LatentsOnDemand
 from lora_trainer.train.extras import training_extras
 from lora_trainer.train.loop import LoopEnd, StepBatches, TrainingLoop, TrainingTask
 from lora_trainer.train.loss_weights import batch_loss_weights
@@ -67,6 +67,10 @@ def _silent(*_args, **_kwargs) -> None:
     pass
 
 
+def _megabytes(module) -> int:
+    return round(sum(p.numel() * p.element_size() for p in module.parameters()) / 2**20) if module else 0
+
+
 class ImageTrainingSession(TrainingTask):
     def __init__(self, cfg: ImageConfig, runtime, callbacks: List[TrainingCallback], log):
         self.cfg = cfg
@@ -78,6 +82,7 @@ class ImageTrainingSession(TrainingTask):
         # sd-scripts' ss_session_id: a random number telling which run a file came from (not from the seed).
         self.session_id = random.SystemRandom().randint(0, 2**32 - 1)
         self.model_hashes: Optional[dict] = None
+        self.latents_on_demand: Optional[LatentsOnDemand] = None  # cache_latents_during_training, until done
 
     # ------------------------------------------------------------ set-up
 
@@ -129,6 +134,7 @@ class ImageTrainingSession(TrainingTask):
         from lora_trainer.train.memory import estimate_memory
 
         adapter = self.adapter
+        # Not the VAE encoder kept for latents on demand: it goes after the first epoch (its size is logged).
         kept = ([] if self.cache_latents else [getattr(adapter, "vae", None)]) + (
             [] if self.cache_text else adapter.text_encoder_modules()
         )
@@ -136,7 +142,9 @@ class ImageTrainingSession(TrainingTask):
         self.log(estimate_memory(self.cfg, adapter.family, adapter.unet, kept, lora_parameters).describe())
 
     def _prepare_encodings(self) -> None:
-        """Fill the latent/text caches with the encoders loaded, then free them before the UNet loads."""
+        """Fill the latent/text caches with the encoders loaded, then free them before the UNet loads; with
+        ``cache_latents_during_training``, the latents are left to ``LatentsOnDemand`` and the VAE's encoder
+        loads beside the UNet."""
         cfg, adapter, dataset = self.cfg, self.adapter, self.dataset
         cache_dir = cfg.cache_dir or dataset.cache_root
         self.cache = EncodingCache(
@@ -155,23 +163,57 @@ class ImageTrainingSession(TrainingTask):
             for c in dataset.all_caption_variants()
             if self.cache_text and not self.cache.has(self.cache.text_key(c, cfg.clip_skip))
         ]
-        if missing_latents or missing_text:
-            adapter.load(unet=False, vae=bool(missing_latents), text_encoders=bool(missing_text))
-            self.log(f"encoding {len(missing_latents)} images and {len(missing_text)} captions for the caches")
+        on_demand = bool(missing_latents) and self._latents_on_demand()
+        before = [] if on_demand else missing_latents
+        if before or missing_text:
+            adapter.load(unet=False, vae=bool(before), text_encoders=bool(missing_text))
+            images = f"{len(before)} images and " if before else ""
+            self.log(f"encoding {images}{len(missing_text)} captions for the caches")
             encoder = EncodingPass(adapter, self.callbacks.on_encode_progress, self.callbacks.should_stop, self.log)
-            encoder.latents(
+            if before:
+                encoder.latents(before, dataset.pixels, self._store_latents)
+            if missing_text:
+                encoder.captions(
+                    missing_text,
+                    cfg.clip_skip,
+                    lambda c, entry: self.cache.put(self.cache.text_key(c, cfg.clip_skip), entry),
+                )
+        # What the steps still need: the VAE only without latent caching (or until the latents are encoded), the
+        # text encoders only when not cached.
+        adapter.release(vae=self.cache_latents and not on_demand, text_encoders=self.cache_text)
+        adapter.load(unet=True, vae=on_demand or not self.cache_latents, text_encoders=not self.cache_text)
+        if on_demand:
+            self.latents_on_demand = LatentsOnDemand(
+                EncodingPass(adapter, fp32_for_good=False),
+                dataset.samples,
                 missing_latents,
                 dataset.pixels,
-                lambda sample, latents: self.cache.put(self.cache.latent_key(sample), {"latents": latents}),
+                self._store_latents,
+                release=self._release_vae,
             )
-            encoder.captions(
-                missing_text,
-                cfg.clip_skip,
-                lambda c, entry: self.cache.put(self.cache.text_key(c, cfg.clip_skip), entry),
+            size = _megabytes(getattr(adapter, "vae", None))
+            self.log(
+                f"encoding the latents of {len(missing_latents)} images as training first reaches them "
+                f"(cache_latents_during_training), the VAE encoder ({size} MB) loaded until then"
             )
-        # What the steps still need: the VAE only without latent caching, the encoders only when not cached.
-        adapter.release(vae=self.cache_latents, text_encoders=self.cache_text)
-        adapter.load(unet=True, vae=not self.cache_latents, text_encoders=not self.cache_text)
+
+    def _store_latents(self, sample, latents: torch.Tensor) -> None:
+        self.cache.put(self.cache.latent_key(sample), {"latents": latents})
+
+    def _latents_on_demand(self) -> bool:
+        """Encode latents during training: asked for, possible with this adapter, and one process (each process
+        draws only its share of an epoch; the disk cache has one writer)."""
+        cfg, adapter = self.cfg, self.adapter
+        return (
+            self.cache_latents
+            and cfg.cache_latents_during_training
+            and adapter.encodes_during_training
+            and self.runtime.num_processes == 1
+        )
+
+    def _release_vae(self) -> None:
+        self.adapter.release(vae=True)
+        self.log(f"all {self.latents_on_demand.total if self.latents_on_demand else 0} latents cached; VAE freed")
 
     def _build_network(self) -> LoRANetwork:
         cfg = self.cfg
@@ -190,6 +232,8 @@ class ImageTrainingSession(TrainingTask):
         samples = [dataset.samples[i] for i in indices]
         flips = [False] * len(samples)
         if self.cache_latents:
+            if self.latents_on_demand is not None:
+                self.latents_on_demand.ensure(samples)
             latents = torch.stack([self.cache.get(self.cache.latent_key(s))["latents"] for s in samples])
         else:
             flips = [
