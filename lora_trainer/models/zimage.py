@@ -32,7 +32,7 @@ from lora_trainer.lora.targets import find_targets
 from lora_trainer.models.adapter import Conditioning, DiffusionAdapter, SizeCondition, loaded
 from lora_trainer.models.diffusers_adapter import file_identity
 from lora_trainer.models.families.zimage import LORA_CONTAINERS, ZImageFamily, transformer_prefix
-from lora_trainer.models.flux.adapter import AE_SCALING, AE_SHIFT
+from lora_trainer.models.flux.autoencoder import encode_flux_latents, load_flux_autoencoder
 from lora_trainer.models.flux.files import find_part, search_folders
 from lora_trainer.models.loading import CheckpointReader, materialise
 
@@ -262,27 +262,7 @@ class ZImageAdapter(DiffusionAdapter):
             torch.cuda.empty_cache()
 
     def _load_vae(self) -> nn.Module:
-        from diffusers import AutoencoderKL
-
-        from lora_trainer.models.architecture import ldm_vae_config
-        from lora_trainer.models.loading import convert_ldm_vae, drop_vae_decoder
-
-        if self.files.folder:
-            vae = drop_vae_decoder(  # training only encodes
-                AutoencoderKL.from_pretrained(self.files.folder, subfolder="vae", torch_dtype=torch.float32)
-            )
-        else:
-            reader = CheckpointReader(loaded(self.files.ae, "the autoencoder file (ae)"))
-            prefix = next(
-                (p for p in ("", "vae.", "first_stage_model.") if p + "encoder.conv_in.weight" in reader.keys), None
-            )
-            if prefix is None:
-                raise ModelLoadError(f"{self.files.ae} is not an autoencoder (no encoder.conv_in weights).")
-            config = ldm_vae_config(
-                reader.shapes(), prefix, scaling_factor=AE_SCALING, shift_factor=AE_SHIFT, sample_size=1024
-            )
-            vae = convert_ldm_vae(reader, prefix, config, torch.float32, encoder_only=True)
-        return vae.requires_grad_(False).eval()
+        return load_flux_autoencoder(self.files.folder, self.files.ae)
 
     def _load_text_encoder(self) -> nn.Module:
         if self.files.folder:
@@ -329,8 +309,7 @@ class ZImageAdapter(DiffusionAdapter):
 
     @torch.no_grad()
     def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
-        latents = loaded(self.vae, "the autoencoder").encode(pixels.to(self.device, torch.float32)).latent_dist.mode()
-        return (latents - AE_SHIFT) * AE_SCALING
+        return encode_flux_latents(self.vae, pixels, self.device)
 
     @torch.no_grad()
     def encode_text(self, captions: Sequence[str], clip_skip: int) -> Conditioning:

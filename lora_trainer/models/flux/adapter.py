@@ -24,12 +24,10 @@ from lora_trainer.lora.targets import TEXT_CONTAINERS, find_targets
 from lora_trainer.models.adapter import Conditioning, DiffusionAdapter, SizeCondition, loaded
 from lora_trainer.models.diffusers_adapter import file_identity
 from lora_trainer.models.families.flux import LORA_CONTAINERS, FluxFamily, transformer_prefix
+from lora_trainer.models.flux.autoencoder import encode_flux_latents, load_flux_autoencoder
 from lora_trainer.models.flux.files import FluxFiles, locate_flux_files
 from lora_trainer.models.flux.transformer import FluxParams, FluxTransformer, image_ids, pack_latents, unpack_latents
 from lora_trainer.models.loading import CheckpointReader
-
-# Black Forest Labs' autoencoder normalisation (their ``AutoEncoderParams``; diffusers' Flux VAE config).
-AE_SCALING, AE_SHIFT = 0.3611, 0.1159
 
 
 class FluxAdapter(DiffusionAdapter):
@@ -129,28 +127,7 @@ class FluxAdapter(DiffusionAdapter):
             torch.cuda.empty_cache()
 
     def _load_vae(self) -> nn.Module:
-        from diffusers import AutoencoderKL
-
-        from lora_trainer.models.architecture import ldm_vae_config
-        from lora_trainer.models.loading import convert_ldm_vae, drop_vae_decoder
-
-        # The autoencoder encodes in fp32, as the SD adapters' VAE does.
-        if self.files.folder:
-            vae = drop_vae_decoder(  # training only encodes
-                AutoencoderKL.from_pretrained(self.files.folder, subfolder="vae", torch_dtype=torch.float32)
-            )
-        else:
-            reader = CheckpointReader(loaded(self.files.ae, "the autoencoder file (ae)"))
-            prefix = next(
-                (p for p in ("", "vae.", "first_stage_model.") if p + "encoder.conv_in.weight" in reader.keys), None
-            )
-            if prefix is None:
-                raise ModelLoadError(f"{self.files.ae} is not an autoencoder (no encoder.conv_in weights).")
-            config = ldm_vae_config(
-                reader.shapes(), prefix, scaling_factor=AE_SCALING, shift_factor=AE_SHIFT, sample_size=1024
-            )
-            vae = convert_ldm_vae(reader, prefix, config, torch.float32, encoder_only=True)
-        return vae.requires_grad_(False).eval()
+        return load_flux_autoencoder(self.files.folder, self.files.ae)
 
     def _load_text_encoders(self) -> List[nn.Module]:
         from lora_trainer.models.flux.text import load_clip_l, load_t5_encoder
@@ -198,8 +175,7 @@ class FluxAdapter(DiffusionAdapter):
 
     @torch.no_grad()
     def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
-        latents = loaded(self.vae, "the autoencoder").encode(pixels.to(self.device, torch.float32)).latent_dist.mode()
-        return (latents - AE_SHIFT) * AE_SCALING
+        return encode_flux_latents(self.vae, pixels, self.device)
 
     def encode_text(self, captions: Sequence[str], clip_skip: int) -> Conditioning:
         clip_tok, t5_tok = self.tokenizers()
