@@ -256,6 +256,15 @@ class LdmHostAdapter(DiffusionAdapter):
 
     # ------------------------------------------------------------ the host owns the parts
 
+    @property
+    def encodes_during_training(self) -> bool:  # type: ignore[override]
+        """Latents may be encoded as training first reaches them (``cache_latents_during_training``): the host
+        holds its VAE anyway, so this costs no memory. Not under --medvram, where the host moves the UNet out
+        to run the VAE, and not with an fp16 VAE, whose overflow (NaN latents, "--no-half-vae") should stop the
+        run before its first step rather than in the middle."""
+        vae_dtype = next(self.model.first_stage_model.parameters()).dtype
+        return not self.medvram and vae_dtype in (torch.float32, torch.bfloat16)
+
     def load(self, *, unet: bool, vae: bool, text_encoders: bool) -> None:
         """Nothing to load: the host holds every part."""
 

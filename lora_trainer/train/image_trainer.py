@@ -192,9 +192,11 @@ class ImageTrainingSession(TrainingTask):
                 release=self._release_vae,
             )
             size = _megabytes(getattr(adapter, "vae", None))
+            # A host adapter has no VAE of its own to load: it encodes with the host's, resident anyway.
+            vae = f"the VAE encoder ({size} MB) loaded until then" if size else "with the model's own VAE"
             self.log(
                 f"encoding the latents of {len(missing_latents)} images as training first reaches them "
-                f"(cache_latents_during_training), the VAE encoder ({size} MB) loaded until then"
+                f"(cache_latents_during_training), {vae}"
             )
 
     def _store_latents(self, sample, latents: torch.Tensor) -> None:

@@ -297,6 +297,20 @@ def test_refuses_what_cannot_train(work_dir):
     assert_restored(model, before)
 
 
+def test_latents_are_encoded_during_training_only_where_the_hosts_vae_allows_it(work_dir):
+    """The host's VAE is resident anyway, so latents may be encoded as training reaches them; not under
+    --medvram (the host would move the UNet out to run the VAE) nor with an fp16 VAE (its overflow must stop the
+    run before step 1)."""
+    model = build_ldm("sd1", work_dir)
+    assert LdmHostAdapter(model, device=CPU).encodes_during_training
+    assert not LdmHostAdapter(model, device=CPU, medvram=True).encodes_during_training
+    model.first_stage_model.half()
+    try:
+        assert not LdmHostAdapter(model, device=CPU).encodes_during_training
+    finally:
+        model.first_stage_model.float()
+
+
 def test_identity_and_name_come_from_the_hosts_checkpoint_info(work_dir):
     model = build_ldm("sd1", work_dir)
 
