@@ -17,7 +17,6 @@ real tokens. The transformer runs backwards in time (it takes ``1 - sigma`` and 
 
 from __future__ import annotations
 
-import gc
 import glob
 import json
 import os
@@ -29,10 +28,10 @@ from torch import nn
 
 from lora_trainer.errors import ConfigError, ModelLoadError
 from lora_trainer.lora.targets import find_targets
-from lora_trainer.models.adapter import Conditioning, DiffusionAdapter, SizeCondition, loaded
+from lora_trainer.models.adapter import Conditioning, SizeCondition, loaded
 from lora_trainer.models.diffusers_adapter import file_identity
 from lora_trainer.models.families.zimage import LORA_CONTAINERS, ZImageFamily, transformer_prefix
-from lora_trainer.models.flux.autoencoder import encode_flux_latents, load_flux_autoencoder
+from lora_trainer.models.flow_adapter import FlowTransformerAdapter
 from lora_trainer.models.flux.files import find_part, search_folders
 from lora_trainer.models.loading import CheckpointReader, materialise
 
@@ -189,7 +188,7 @@ def chat_prompt(tokenizer, caption: str) -> str:
     )
 
 
-class ZImageAdapter(DiffusionAdapter):
+class ZImageAdapter(FlowTransformerAdapter):
     def __init__(
         self,
         path: str,
@@ -204,32 +203,25 @@ class ZImageAdapter(DiffusionAdapter):
         reference: str = "",
         prediction_type: Optional[str] = None,
     ):
-        if prediction_type not in (None, "flow"):
-            raise ModelLoadError(
-                f"prediction_type: {family.label} is a flow-matching model; {prediction_type!r} does not apply."
-            )
         if cfg is not None and getattr(cfg, "train_text_encoder", False):
             raise ConfigError(
                 "train_text_encoder: Z-Image's Qwen3 text encoder is not trained here (ComfyUI, Forge Neo and "
                 "diffusers apply Z-Image LoRAs to the transformer only); set it to false."
             )
-        self.family = family
-        self.arch = family.name
-        self.prediction_type = "flow"
-        self.alphas_cumprod = None
-        self.device = device
-        self.dtype = dtype
-        self.cfg = cfg
-        self.fp8_base = bool(getattr(cfg, "fp8_base", False))
+        self._set_up(
+            path,
+            family,
+            device=device,
+            dtype=dtype,
+            cfg=cfg,
+            model_name=model_name,
+            on_download=on_download,
+            log=log,
+            prediction_type=prediction_type,
+        )
         self.files = locate_zimage_files(path, cfg)
-        self._on_download, self._log = on_download, log
-        self.model_name = model_name or os.path.basename(os.path.normpath(path))
         self.model_file = self.files.transformer
         self.identity = "|".join(file_identity(p) for p in self.files.all_paths()) + f"|qwen:{MAX_TEXT_TOKENS}"
-        self.transformer: Optional[nn.Module] = None
-        self.unet: Optional[nn.Module] = None  # the SD adapters' name for the denoiser
-        self.vae: Optional[nn.Module] = None
-        self.text_encoders: Optional[List[nn.Module]] = None
         self._tokenizer = None
 
     # ------------------------------------------------------------ staged loading
@@ -242,27 +234,9 @@ class ZImageAdapter(DiffusionAdapter):
             )
         return self._tokenizer
 
-    def load(self, *, unet: bool, vae: bool, text_encoders: bool) -> None:
-        if vae and self.vae is None:
-            self.vae = self._load_vae().to(self.device)
-        if text_encoders and self.text_encoders is None:
-            self.tokenizer()
-            self.text_encoders = [self._load_text_encoder().to(self.device)]
-        if unet and self.transformer is None:
-            self.transformer = self._load_transformer().to(self.device)
-            self.unet = self.transformer
-
-    def release(self, *, vae: bool = False, text_encoders: bool = False) -> None:
-        if vae:
-            self.vae = None
-        if text_encoders:
-            self.text_encoders = None
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-
-    def _load_vae(self) -> nn.Module:
-        return load_flux_autoencoder(self.files.folder, self.files.ae)
+    def _load_text_encoders(self) -> List[nn.Module]:
+        self.tokenizer()
+        return [self._load_text_encoder()]
 
     def _load_text_encoder(self) -> nn.Module:
         if self.files.folder:
@@ -306,10 +280,6 @@ class ZImageAdapter(DiffusionAdapter):
         return model
 
     # ------------------------------------------------------------ encoders
-
-    @torch.no_grad()
-    def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
-        return encode_flux_latents(self.vae, pixels, self.device)
 
     @torch.no_grad()
     def encode_text(self, captions: Sequence[str], clip_skip: int) -> Conditioning:

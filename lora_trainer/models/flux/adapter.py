@@ -9,7 +9,6 @@ frees them, and only then loads the transformer, so the peak never holds T5-XXL 
 from __future__ import annotations
 
 import dataclasses
-import gc
 import glob
 import json
 import os
@@ -18,19 +17,18 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from lora_trainer.errors import ModelLoadError
 from lora_trainer.export.kohya_names import text_lora_name
 from lora_trainer.lora.targets import TEXT_CONTAINERS, find_targets
-from lora_trainer.models.adapter import Conditioning, DiffusionAdapter, SizeCondition, loaded
+from lora_trainer.models.adapter import Conditioning, SizeCondition, loaded
 from lora_trainer.models.diffusers_adapter import file_identity
 from lora_trainer.models.families.flux import LORA_CONTAINERS, FluxFamily, transformer_prefix
-from lora_trainer.models.flux.autoencoder import encode_flux_latents, load_flux_autoencoder
+from lora_trainer.models.flow_adapter import FlowTransformerAdapter
 from lora_trainer.models.flux.files import FluxFiles, locate_flux_files
 from lora_trainer.models.flux.transformer import FluxParams, FluxTransformer, image_ids, pack_latents, unpack_latents
 from lora_trainer.models.loading import CheckpointReader
 
 
-class FluxAdapter(DiffusionAdapter):
+class FluxAdapter(FlowTransformerAdapter):
     family: FluxFamily
 
     def __init__(
@@ -47,31 +45,25 @@ class FluxAdapter(DiffusionAdapter):
         reference: str = "",
         prediction_type: Optional[str] = None,
     ):
-        if prediction_type not in (None, "flow"):
-            raise ModelLoadError(
-                f"prediction_type: {family.label} is a flow-matching model; {prediction_type!r} does not apply."
-            )
-        self.family = family
-        self.arch = family.name
-        self.prediction_type = "flow"
-        self.alphas_cumprod = None
-        self.device = device
-        self.dtype = dtype
-        self.cfg = cfg
+        self._set_up(
+            path,
+            family,
+            device=device,
+            dtype=dtype,
+            cfg=cfg,
+            model_name=model_name,
+            on_download=on_download,
+            log=log,
+            prediction_type=prediction_type,
+        )
         self.guidance_scale = float(getattr(cfg, "guidance_scale", 1.0))
-        self.fp8_base = bool(getattr(cfg, "fp8_base", False))
         self.t5_max_length = family.t5_max_length(cfg)
         self.files: FluxFiles = locate_flux_files(path, cfg)
-        self._on_download, self._log = on_download, log
-        self.model_name = model_name or os.path.basename(os.path.normpath(path))
         self.model_file = self.files.transformer
         # The cached conditioning depends on every file that makes it and on the T5 length.
         self.identity = "|".join(file_identity(p) for p in self.files.all_paths()) + f"|t5:{self.t5_max_length}"
         self.params = self._params()
         self.transformer: Optional[FluxTransformer] = None
-        self.unet: Optional[nn.Module] = None  # the SD adapters' name for the denoiser; the trainer reads neither
-        self.vae: Optional[nn.Module] = None
-        self.text_encoders: Optional[List[nn.Module]] = None
         self._tokenizers: Optional[Tuple[object, object]] = None
 
     # ------------------------------------------------------------ files
@@ -107,30 +99,10 @@ class FluxAdapter(DiffusionAdapter):
 
     # ------------------------------------------------------------ staged loading
 
-    def load(self, *, unet: bool, vae: bool, text_encoders: bool) -> None:
-        if vae and self.vae is None:
-            self.vae = self._load_vae().to(self.device)
-        if text_encoders and self.text_encoders is None:
-            self.tokenizers()
-            self.text_encoders = [te.to(self.device) for te in self._load_text_encoders()]
-        if unet and self.transformer is None:
-            self.transformer = self._load_transformer().to(self.device)
-            self.unet = self.transformer
-
-    def release(self, *, vae: bool = False, text_encoders: bool = False) -> None:
-        if vae:
-            self.vae = None
-        if text_encoders:
-            self.text_encoders = None
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-
-    def _load_vae(self) -> nn.Module:
-        return load_flux_autoencoder(self.files.folder, self.files.ae)
-
     def _load_text_encoders(self) -> List[nn.Module]:
         from lora_trainer.models.flux.text import load_clip_l, load_t5_encoder
+
+        self.tokenizers()
 
         if self.files.folder:
             from transformers import CLIPTextModel, T5EncoderModel
@@ -172,10 +144,6 @@ class FluxAdapter(DiffusionAdapter):
         return model
 
     # ------------------------------------------------------------ encoders
-
-    @torch.no_grad()
-    def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
-        return encode_flux_latents(self.vae, pixels, self.device)
 
     def encode_text(self, captions: Sequence[str], clip_skip: int) -> Conditioning:
         clip_tok, t5_tok = self.tokenizers()
