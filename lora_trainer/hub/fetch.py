@@ -323,3 +323,28 @@ def fetch_file(
         raise ValueError(f"{ref} names a repository, not a file")
     folder = fetch_repo_files(ref, ListedFiles(label, ((ref.filename,),), tuple(beside)), **kwargs)
     return os.path.join(folder, *ref.filename.split("/"))
+
+
+def fetch_subfolder(
+    repo_id: str,
+    subfolder: str,
+    label: str,
+    *,
+    required: Sequence[Sequence[str]],
+    optional: Sequence[str] = (),
+    **kwargs,
+) -> str:
+    """The local path of the folder ``subfolder`` of the repository ``repo_id`` (a pipeline's ``tokenizer_2/``),
+    its files downloaded on first use: each ``required`` entry lists alternatives named inside the subfolder
+    (one must be present), ``optional`` patterns are fetched when the repository has them. The suggested
+    download command fetches the whole subfolder. Keyword arguments and errors as ``fetch_repo_files``."""
+    from lora_trainer.hub.files import ListedFiles
+    from lora_trainer.hub.reference import HubReference
+
+    files = ListedFiles(
+        label,
+        tuple(tuple(f"{subfolder}/{name}" for name in names) for names in required),
+        tuple(f"{subfolder}/{name}" for name in optional),
+    )
+    kwargs.setdefault("download_command", f"hf download {repo_id} --include '{subfolder}/*'")
+    return os.path.join(fetch_repo_files(HubReference(repo_id), files, **kwargs), subfolder)

@@ -32,7 +32,7 @@ from lora_trainer.models.adapter import Conditioning, SizeCondition, loaded
 from lora_trainer.models.diffusers_adapter import file_identity
 from lora_trainer.models.families.zimage import LORA_CONTAINERS, ZImageFamily, transformer_prefix
 from lora_trainer.models.flow_adapter import FlowTransformerAdapter
-from lora_trainer.models.flux.files import find_part, search_folders
+from lora_trainer.models.flux.files import locate_parts
 from lora_trainer.models.loading import CheckpointReader, materialise
 
 TOKENIZER_REPO = "Tongyi-MAI/Z-Image-Turbo"
@@ -66,23 +66,7 @@ def locate_zimage_files(path: str, cfg=None) -> ZImageFiles:
     and ``qwen3`` win over the search. Raises ModelLoadError naming a part that cannot be found."""
     if os.path.isdir(path):
         return ZImageFiles(folder=path)
-    folders = search_folders(path)
-    found = {}
-    for part in PATTERNS:
-        given = getattr(cfg, part, None) if cfg is not None else None
-        if given:
-            if not os.path.isfile(given):
-                raise ModelLoadError(f"{part}: {given} does not exist; point it at {DESCRIPTIONS[part]}.")
-            found[part] = given
-            continue
-        located = find_part(part, folders, PATTERNS)
-        if located is None:
-            raise ModelLoadError(
-                f"Z-Image needs {DESCRIPTIONS[part]} beside the transformer file {os.path.basename(path)}; none "
-                f"was found in {', '.join(folders)}. Set `{part}:` in the config to the file's path."
-            )
-        found[part] = located
-    return ZImageFiles(transformer=path, **found)
+    return ZImageFiles(transformer=path, **locate_parts(path, cfg, PATTERNS, DESCRIPTIONS, "Z-Image"))
 
 
 def transformer_config(shapes: Dict[str, Tuple[int, ...]]) -> dict:
@@ -159,25 +143,18 @@ def load_qwen_tokenizer(folder: Optional[str] = None, *, on_download=None, log=N
     from transformers import AutoTokenizer
 
     if folder is None:
-        from lora_trainer.hub.fetch import fetch_repo_files
-        from lora_trainer.hub.files import ListedFiles
-        from lora_trainer.hub.reference import HubReference
+        from lora_trainer.hub.fetch import fetch_subfolder
 
-        sub = TOKENIZER_FOLDER
-        files = ListedFiles(
-            label="Qwen tokenizer",
-            required=((f"{sub}/tokenizer_config.json",), (f"{sub}/tokenizer.json", f"{sub}/vocab.json")),
-            optional=(f"{sub}/merges.txt", f"{sub}/vocab.json", f"{sub}/special_tokens_map.json", f"{sub}/*.jinja"),
-        )
-        snapshot = fetch_repo_files(
-            HubReference(TOKENIZER_REPO),
-            files,
+        folder = fetch_subfolder(
+            TOKENIZER_REPO,
+            TOKENIZER_FOLDER,
+            "Qwen tokenizer",
+            required=(("tokenizer_config.json",), ("tokenizer.json", "vocab.json")),
+            optional=("merges.txt", "vocab.json", "special_tokens_map.json", "*.jinja"),
             place_hint="or train from a diffusers Z-Image folder, which has its tokenizer/",
-            download_command=f"hf download {TOKENIZER_REPO} --include '{sub}/*'",
             on_progress=on_download,
             log=log,
         )
-        folder = os.path.join(snapshot, sub)
     return AutoTokenizer.from_pretrained(folder, local_files_only=True)
 
 

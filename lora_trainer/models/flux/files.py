@@ -14,7 +14,7 @@ from __future__ import annotations
 import fnmatch
 import os
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 from lora_trainer.errors import ModelLoadError
 
@@ -65,25 +65,32 @@ def find_part(part: str, folders: Sequence[str], patterns: Optional[dict] = None
     return None
 
 
+def locate_parts(path: str, cfg, patterns: dict, descriptions: dict, model: str) -> Dict[str, str]:
+    """{part: file} for each of ``patterns``' parts of the single-file ``model`` whose transformer is ``path``:
+    the config's own ``<part>:`` path when set (it must exist), else the first file ``find_part`` meets in the
+    transformer's folder and its siblings. Raises ModelLoadError naming a part that cannot be found."""
+    folders = search_folders(path)
+    found = {}
+    for part in patterns:
+        given = getattr(cfg, part, None) if cfg is not None else None
+        if given:
+            if not os.path.isfile(given):
+                raise ModelLoadError(f"{part}: {given} does not exist; point it at {descriptions[part]}.")
+            found[part] = given
+            continue
+        located = find_part(part, folders, patterns)
+        if located is None:
+            raise ModelLoadError(
+                f"{model} needs {descriptions[part]} beside the transformer file {os.path.basename(path)}; none "
+                f"was found in {', '.join(folders)}. Set `{part}:` in the config to the file's path."
+            )
+        found[part] = located
+    return found
+
+
 def locate_flux_files(path: str, cfg=None) -> FluxFiles:
     """The parts of the Flux model at ``path`` (a transformer file or a diffusers folder); ``cfg``'s ``ae``,
     ``clip_l`` and ``t5xxl`` win over the search. Raises ModelLoadError naming a part that cannot be found."""
     if os.path.isdir(path):
         return FluxFiles(folder=path)
-    folders = search_folders(path)
-    found = {}
-    for part in PATTERNS:
-        given = getattr(cfg, part, None) if cfg is not None else None
-        if given:
-            if not os.path.isfile(given):
-                raise ModelLoadError(f"{part}: {given} does not exist; point it at {DESCRIPTIONS[part]}.")
-            found[part] = given
-            continue
-        located = find_part(part, folders)
-        if located is None:
-            raise ModelLoadError(
-                f"Flux needs {DESCRIPTIONS[part]} beside the transformer file {os.path.basename(path)}; none was "
-                f"found in {', '.join(folders)}. Set `{part}:` in the config to the file's path."
-            )
-        found[part] = located
-    return FluxFiles(transformer=path, **found)
+    return FluxFiles(transformer=path, **locate_parts(path, cfg, PATTERNS, DESCRIPTIONS, "Flux"))

@@ -9,7 +9,6 @@ public and the same for every Flux model), cached like every Hub download and ho
 
 from __future__ import annotations
 
-import os
 import re
 from typing import Optional
 
@@ -88,25 +87,16 @@ def load_t5_tokenizer(folder: Optional[str] = None, *, on_download=None, log=Non
     from transformers import AutoTokenizer
 
     if folder is None:
-        from lora_trainer.hub.fetch import fetch_repo_files
-        from lora_trainer.hub.files import ListedFiles
-        from lora_trainer.hub.reference import HubReference
+        from lora_trainer.hub.fetch import fetch_subfolder
 
-        files = ListedFiles(
-            label="T5 tokenizer",
-            required=(
-                (f"{T5_TOKENIZER_FOLDER}/tokenizer_config.json",),
-                (f"{T5_TOKENIZER_FOLDER}/tokenizer.json", f"{T5_TOKENIZER_FOLDER}/spiece.model"),
-            ),
-            optional=(f"{T5_TOKENIZER_FOLDER}/special_tokens_map.json",),
-        )
-        snapshot = fetch_repo_files(
-            HubReference(T5_TOKENIZER_REPO),
-            files,
+        folder = fetch_subfolder(
+            T5_TOKENIZER_REPO,
+            T5_TOKENIZER_FOLDER,
+            "T5 tokenizer",
+            required=(("tokenizer_config.json",), ("tokenizer.json", "spiece.model")),
+            optional=("special_tokens_map.json",),
             place_hint="or train from a diffusers Flux folder, which has its tokenizer_2/",
-            download_command=f"hf download {T5_TOKENIZER_REPO} --include '{T5_TOKENIZER_FOLDER}/*'",
             on_progress=on_download,
             log=log,
         )
-        folder = os.path.join(snapshot, T5_TOKENIZER_FOLDER)
     return AutoTokenizer.from_pretrained(folder, local_files_only=True)
