@@ -42,17 +42,9 @@ sys.path[:0] = [REPO, os.path.join(REPO, "tests"), os.path.join(REPO, "bench")]
 
 RESULT = "BENCH_GPU "  # prefix of the workers' JSON lines
 
-SD15_UNET = dict(
-    sample_size=64,
-    in_channels=4,
-    out_channels=4,
-    layers_per_block=2,
-    block_out_channels=(320, 640, 1280, 1280),
-    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-    cross_attention_dim=768,
-    attention_head_dim=8,
-)
+# The SD1.5 UNet is bench_train.py's (the CPU benchmark trains the same architecture).
+from bench_train import SD15_UNET  # noqa: E402
+
 SDXL_UNET = dict(
     sample_size=128,
     in_channels=4,
