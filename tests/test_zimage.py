@@ -10,8 +10,7 @@ import pytest
 import torch
 import yaml
 from safetensors import safe_open
-from safetensors.torch import load_file
-from support.image_fixtures import REPO, StopAfter, train
+from support.image_fixtures import REPO, assert_resume_equals_an_uninterrupted_run, train
 from support.tiny_models import make_image_folder
 from support.tiny_zimage import (
     build_tiny_zimage,
@@ -85,14 +84,9 @@ def test_loss_falls_on_a_memorisation_task(forge_neo, tmp_path):
 def test_resume_equals_an_uninterrupted_run(forge_neo, tmp_path):
     path, _parts = forge_neo
     overrides = dict(max_train_steps=4, batch_size=1, gradient_accumulation_steps=2, lora_dropout=0.1)
-    full = train(flux_config(tmp_path / "a", path, **overrides))
-    stopped = train(flux_config(tmp_path / "b", path, **overrides), callbacks=[StopAfter(2)])
-    assert stopped.status == "cancelled" and stopped.step == 2
-    resumed = train(flux_config(tmp_path / "b", path, resume=str(tmp_path / "b" / "out" / "state-2"), **overrides))
-    a, b = load_file(full.output_files[0]), load_file(resumed.output_files[0])
-    assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+    assert_resume_equals_an_uninterrupted_run(
+        lambda folder, **extra: flux_config(folder, path, **overrides, **extra), tmp_path
+    )
 
 
 def _diffusers_pipeline(parts, tokenizer):

@@ -62,3 +62,20 @@ def train(cfg, callbacks: Optional[list] = None, log=None):
     return train_image(
         cfg, callbacks=callbacks, runtime=LocalRuntime(torch.device("cpu")), log=log or (lambda *a: None)
     )
+
+
+def assert_resume_equals_an_uninterrupted_run(make_config, tmp_path, stop_at: int = 2) -> None:
+    """Trains ``make_config(folder)`` once through and once cancelled after ``stop_at`` steps then resumed from
+    its ``state-<stop_at>``, and asserts the two final LoRA files are equal bit for bit. ``make_config(folder,
+    **extra)`` builds the run's config under ``folder`` (its output in ``folder/out``), ``extra`` being
+    ``resume=``."""
+    from safetensors.torch import load_file
+
+    full = train(make_config(tmp_path / "a"))
+    stopped = train(make_config(tmp_path / "b"), callbacks=[StopAfter(stop_at)])
+    assert stopped.status == "cancelled" and stopped.step == stop_at
+    resumed = train(make_config(tmp_path / "b", resume=str(tmp_path / "b" / "out" / f"state-{stop_at}")))
+    a, b = load_file(full.output_files[0]), load_file(resumed.output_files[0])
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
