@@ -39,8 +39,29 @@ def _perturb(module: torch.nn.Module, seed: int, scale: float = 0.05) -> None:
             p.add_(torch.randn(p.shape, generator=g) * scale)
 
 
+def tiny_flux_vae():
+    """A tiny 16-channel autoencoder of Flux's layout and normalisation (Z-Image uses the same one); draws its
+    initial weights from torch's global generator."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=16,
+        block_out_channels=(32, 32, 32, 32),
+        layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        norm_num_groups=32,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        scaling_factor=0.3611,
+        shift_factor=0.1159,
+    )
+
+
 def build_tiny_flux(guidance: bool = True, seed: int = 0) -> TinyFlux:
-    from diffusers import AutoencoderKL, FluxTransformer2DModel
+    from diffusers import FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     torch.manual_seed(seed)
@@ -57,20 +78,7 @@ def build_tiny_flux(guidance: bool = True, seed: int = 0) -> TinyFlux:
         axes_dims_rope=(4, 14, 14),
     )
     _perturb(transformer, seed + 1)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=16,
-        block_out_channels=(32, 32, 32, 32),
-        layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        norm_num_groups=32,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-        scaling_factor=0.3611,
-        shift_factor=0.1159,
-    )
+    vae = tiny_flux_vae()
     clip = CLIPTextModel(
         CLIPTextConfig(
             vocab_size=49408,

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from safetensors.torch import save_file
 
-from support.tiny_flux import COMMIT, _ae_state, _perturb
+from support.tiny_flux import COMMIT, _ae_state, _perturb, tiny_flux_vae
 
 DIM, HEADS, CAP_DIM = 64, 2, 32
 WORDS = "a picture number style test of 0 1 2 3 4 5 6 7 8 9 , cat dog red blue user assistant".split()
@@ -34,7 +34,7 @@ class TinyZImage:
 
 
 def build_tiny_zimage(seed: int = 0) -> TinyZImage:
-    from diffusers import AutoencoderKL, ZImageTransformer2DModel
+    from diffusers import ZImageTransformer2DModel
     from transformers import Qwen3Config, Qwen3Model
 
     torch.manual_seed(seed)
@@ -50,20 +50,7 @@ def build_tiny_zimage(seed: int = 0) -> TinyZImage:
         axes_lens=[1536, 512, 512],
     )
     _perturb(transformer, seed + 1)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=16,
-        block_out_channels=(32, 32, 32, 32),
-        layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        norm_num_groups=32,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-        scaling_factor=0.3611,
-        shift_factor=0.1159,
-    )
+    vae = tiny_flux_vae()
     text_encoder = Qwen3Model(
         Qwen3Config(
             vocab_size=len(SPECIAL) + len(dict.fromkeys(WORDS)) + 1,
