@@ -86,7 +86,9 @@ class ModelFamily:
         """The standalone adapter over the model at ``path`` (a local file or folder). ``options``: ``reference``
         (``base_model`` as given), ``cfg``, ``device``, ``dtype``, ``prediction_type``, ``model_name`` (a Hub
         name), ``on_download``, ``log``; see ``models/standalone.py``."""
-        raise NotImplementedError(f"{self.label} cannot be trained by the standalone engine yet.")
+        if not self.standalone_adapter:
+            raise NotImplementedError(f"{self.label} cannot be trained by the standalone engine yet.")
+        return adapter_class(self.standalone_adapter)(path, self, **options)
 
     def objective(
         self, prediction_type: str, alphas_cumprod: Optional["torch.Tensor"], cfg=None
@@ -152,3 +154,21 @@ class ModelFamily:
 
     def __repr__(self) -> str:
         return f"<model family {self.name}>"
+
+
+class FlowMatchingFamily(ModelFamily):
+    """A family trained with rectified flow (Flux, Z-Image): sd-scripts' ``timestep_sampling`` options choose
+    the noise levels (``train/objectives.py``); there is no DDPM schedule or eps/v choice."""
+
+    def objective(self, prediction_type: str, alphas_cumprod=None, cfg=None) -> "TrainingObjective":
+        from lora_trainer.train.objectives import FlowMatchingObjective
+
+        return FlowMatchingObjective(
+            getattr(cfg, "timestep_sampling", "sigmoid"),
+            sigmoid_scale=getattr(cfg, "sigmoid_scale", 1.0),
+            shift=getattr(cfg, "discrete_flow_shift", 3.0),
+            noise_offset=getattr(cfg, "noise_offset", 0.0) or 0.0,
+        )
+
+    def default_prediction_type(self, keys: Collection[str] = ()) -> str:
+        return "flow"

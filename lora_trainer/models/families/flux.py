@@ -14,7 +14,7 @@ import json
 import os
 from typing import Any, Collection, Dict, Optional
 
-from lora_trainer.models.families.base import IMPL_FLUX, ModelFamily, adapter_class
+from lora_trainer.models.families.base import IMPL_FLUX, FlowMatchingFamily
 
 TRANSFORMER_PREFIXES = ("", "model.diffusion_model.")  # a bare transformer file, or one inside a checkpoint
 DOUBLE_BLOCK_KEY = "double_blocks.0.img_attn.qkv.weight"
@@ -27,7 +27,7 @@ def transformer_prefix(keys: Collection[str]) -> Optional[str]:
     return next((p for p in TRANSFORMER_PREFIXES if p + DOUBLE_BLOCK_KEY in keys), None)
 
 
-class FluxFamily(ModelFamily):
+class FluxFamily(FlowMatchingFamily):
     native_resolution = 1024
     activation_factor = 8.0
     text_lora_prefixes = ("lora_te1_",)  # CLIP-L; sd-scripts names T5-XXL's lora_te3_ (not trained here)
@@ -56,23 +56,6 @@ class FluxFamily(ModelFamily):
     # ------------------------------------------------------------ standalone engine
 
     standalone_adapter = "lora_trainer.models.flux.adapter:FluxAdapter"  # imported on first use (``adapter_class``)
-
-    def open_standalone(self, path: str, **options):
-        FluxAdapter = adapter_class(self.standalone_adapter)
-        return FluxAdapter(path, self, **options)
-
-    def objective(self, prediction_type: str, alphas_cumprod, cfg=None):
-        from lora_trainer.train.objectives import FlowMatchingObjective
-
-        return FlowMatchingObjective(
-            getattr(cfg, "timestep_sampling", "sigmoid"),
-            sigmoid_scale=getattr(cfg, "sigmoid_scale", 1.0),
-            shift=getattr(cfg, "discrete_flow_shift", 3.0),
-            noise_offset=getattr(cfg, "noise_offset", 0.0) or 0.0,
-        )
-
-    def default_prediction_type(self, keys: Collection[str] = ()) -> str:
-        return "flow"
 
     def t5_max_length(self, cfg=None) -> int:
         """T5 tokens per caption: sd-scripts' default is 512 for [dev], 256 for [schnell]."""

@@ -20,7 +20,7 @@ from __future__ import annotations
 import re
 from typing import Any, Collection, Dict, Optional
 
-from lora_trainer.models.families.base import ModelFamily, adapter_class
+from lora_trainer.models.families.base import FlowMatchingFamily
 
 IMPL_ZIMAGE = "https://github.com/Tongyi-MAI/Z-Image"
 PREFIXES = ("", "model.diffusion_model.")  # a bare transformer file, or one inside a checkpoint
@@ -73,7 +73,7 @@ def internal_module_name(file_name: str) -> str:
     return INTERNAL_PREFIX + file_name[len(FILE_PREFIX) :].replace(".", "_")
 
 
-class ZImageFamily(ModelFamily):
+class ZImageFamily(FlowMatchingFamily):
     name = "zimage"
     label = "Z-Image"
     native_resolution = 1024
@@ -95,23 +95,6 @@ class ZImageFamily(ModelFamily):
     # ------------------------------------------------------------ standalone engine
 
     standalone_adapter = "lora_trainer.models.zimage:ZImageAdapter"  # imported on first use (``adapter_class``)
-
-    def open_standalone(self, path: str, **options):
-        ZImageAdapter = adapter_class(self.standalone_adapter)
-        return ZImageAdapter(path, self, **options)
-
-    def objective(self, prediction_type: str, alphas_cumprod, cfg=None):
-        from lora_trainer.train.objectives import FlowMatchingObjective
-
-        return FlowMatchingObjective(
-            getattr(cfg, "timestep_sampling", "sigmoid"),
-            sigmoid_scale=getattr(cfg, "sigmoid_scale", 1.0),
-            shift=getattr(cfg, "discrete_flow_shift", 3.0),
-            noise_offset=getattr(cfg, "noise_offset", 0.0) or 0.0,
-        )
-
-    def default_prediction_type(self, keys: Collection[str] = ()) -> str:
-        return "flow"
 
     # ------------------------------------------------------------ the LoRA file
 
