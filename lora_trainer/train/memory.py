@@ -56,6 +56,16 @@ class MemoryEstimate:
         return text + (f"; to lower it: {'; '.join(self.advice)}" if self.advice else "")
 
 
+def estimate_activations_gib(cfg, family) -> float:
+    """The activations one step keeps for its backward pass, in GiB (see the module docstring)."""
+    per_sample = ACTIVATION_GIB_PER_SD1_512_SAMPLE * family.activation_factor
+    pixels = (cfg.resolution / family.native_resolution) ** 2
+    activations = per_sample * pixels * cfg.batch_size
+    if cfg.gradient_checkpointing:
+        activations /= CHECKPOINTING_DIVISOR
+    return activations
+
+
 def estimate_memory(
     cfg,
     family,
@@ -67,11 +77,7 @@ def estimate_memory(
     base = module_bytes([denoiser]) / GIB
     encoders = module_bytes(kept_encoders) / GIB
     lora = lora_parameters * BYTES_PER_TRAINED_PARAM / GIB
-    per_sample = ACTIVATION_GIB_PER_SD1_512_SAMPLE * family.activation_factor
-    pixels = (cfg.resolution / family.native_resolution) ** 2
-    activations = per_sample * pixels * cfg.batch_size
-    if cfg.gradient_checkpointing:
-        activations /= CHECKPOINTING_DIVISOR
+    activations = estimate_activations_gib(cfg, family)
     advice = []
     if not cfg.gradient_checkpointing:
         saved = activations * (1 - 1 / CHECKPOINTING_DIVISOR)
