@@ -141,11 +141,11 @@ class ImageTrainingSession(TrainingTask):
 
         adapter = self.adapter
         # Not the VAE encoder kept for latents on demand: it goes after the first epoch (its size is logged).
-        kept = ([] if self.cache_latents else [getattr(adapter, "vae", None)]) + (
-            [] if self.cache_text else adapter.text_encoder_modules()
-        )
+        vae = None if self.cache_latents else getattr(adapter, "vae", None)
+        text_encoders = [] if self.cache_text else adapter.text_encoder_modules()
         lora_parameters = sum(p.numel() for p in self.network.parameters())
-        self.log(estimate_memory(self.cfg, adapter.family, adapter.unet, kept, lora_parameters).describe())
+        estimate = estimate_memory(self.cfg, adapter.family, adapter.unet, text_encoders, lora_parameters, vae)
+        self.log(estimate.describe())
 
     def _prepare_encodings(self) -> None:
         """Fill the latent/text caches with the encoders loaded, then free them before the UNet loads; with
