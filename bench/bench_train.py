@@ -226,7 +226,13 @@ def main() -> None:
     if args.repeats > 1:
         for name in names[1:]:
             deltas = [r["first_step_s"] - f["first_step_s"] for r, f in zip(runs[name], runs["floor"])]
-            print(f"{name}: start->1st step minus that repeat's floor: " + ", ".join(f"{d:+.1f}" for d in deltas))
+            ratios = [r["step_s"] / f["step_s"] for r, f in zip(runs[name], runs["floor"])]
+            print(
+                f"{name}, each repeat against its floor: start->1st step "
+                + ", ".join(f"{d:+.1f} s" for d in deltas)
+                + "; s/step x "
+                + ", ".join(f"{x:.3f}" for x in ratios)
+            )
     print(f"load average (1 min, {os.cpu_count()} CPUs): " + ", ".join(load_averages))
 
 
