@@ -217,6 +217,13 @@ class ImageConfig(CommonConfig):
         "every image is cached; false encodes every image before the model loads. The standalone engine only "
         "(in the WebUI the host's VAE encodes every image first).",
     )
+    cache_text_during_training: bool = option(
+        True,
+        "With cached text-encoder outputs, encode the captions of the first step's batch when it starts and "
+        "the rest before the next step that misses one, loading the text encoders beside the model for that "
+        "only (never through a step), where they are smaller than the step's activations; false encodes every "
+        "caption before the model loads.",
+    )
     cache_to_disk: bool = option(True, "Keep cached latents and text embeddings on disk between runs.")
     cache_dir: Optional[str] = option(
         None, "Disk cache folder; defaults to .lora_trainer_cache in train_data_dir (or the first datasets folder)."

@@ -158,8 +158,11 @@ def test_progress_is_reported_per_batch_before_training_starts(tmp_path, monkeyp
     monkeypatch.setattr(encoding_pass, "PIXELS_PER_BATCH", 64 * 64 * 2)  # two 64x64 images per batch
     recorder = _Recorder()
     base = tiny_checkpoint(tmp_path)
-    # Encoding before training (cache_latents_during_training off; tests/test_latents_on_demand.py has it on).
-    cfg = image_config(tmp_path, base, max_train_steps=1, cache_latents_during_training=False)
+    # Encoding before training (cache_*_during_training off; tests/test_latents_on_demand.py and
+    # tests/test_captions_on_demand.py have them on).
+    cfg = image_config(
+        tmp_path, base, max_train_steps=1, cache_latents_during_training=False, cache_text_during_training=False
+    )
     result = train(cfg, callbacks=[recorder, TqdmProgress()])
     assert result.status == "finished"
     assert recorder.events == [
@@ -198,6 +201,12 @@ def test_the_encoders_and_the_unet_are_never_loaded_together(tmp_path, monkeypat
         held.append((self.unet is not None, self.vae is not None, self.text_encoders is not None))
 
     monkeypatch.setattr(diffusers_adapter.DiffusersAdapter, "load", spy)
-    cfg = image_config(tmp_path, tiny_checkpoint(tmp_path), max_train_steps=1, cache_latents_during_training=False)
+    cfg = image_config(
+        tmp_path,
+        tiny_checkpoint(tmp_path),
+        max_train_steps=1,
+        cache_latents_during_training=False,
+        cache_text_during_training=False,
+    )
     assert train(cfg).status == "finished"
     assert held == [(False, True, True), (True, False, False)]

@@ -39,6 +39,7 @@ def test_the_vae_loads_without_its_decoder_to_encode_and_whole_to_decode(tmp_pat
     latents = adapter.encode_pixels(pixels)
     decoded = adapter.decode_latents(latents)
     assert adapter.vae.decoder is not None
+    full = full.to(memory_format=torch.channels_last)  # as the adapter runs it (faster convolutions)
     with torch.no_grad():
         torch.testing.assert_close(decoded, full.decode(latents / adapter.vae_scaling_factor).sample, rtol=0, atol=0)
 
@@ -137,8 +138,10 @@ def test_only_the_vae_encoder_stays_beside_the_unet_and_only_through_the_first_e
     monkeypatch.setattr(Adapter, "load", spy_load)
     monkeypatch.setattr(Adapter, "release", spy_release)
     monkeypatch.setattr(Adapter, "encode_pixels", spy_encode)
-    # 4 images, batches of 2: the first epoch is steps 1 and 2; the run goes on to step 4.
-    result = train(image_config(tmp_path, tiny_checkpoint(tmp_path), max_train_steps=4), callbacks=[steps])
+    # 4 images, batches of 2: the first epoch is steps 1 and 2; the run goes on to step 4. The captions are
+    # encoded first here (tests/test_captions_on_demand.py has them encoded during training too).
+    cfg = image_config(tmp_path, tiny_checkpoint(tmp_path), max_train_steps=4, cache_text_during_training=False)
+    result = train(cfg, callbacks=[steps])
     assert result.status == "finished"
     trained = {"unet": True, "vae": "encoder", "text": False}
     assert events == [

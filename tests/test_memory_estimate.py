@@ -48,6 +48,14 @@ def test_kept_encoders_count_and_sd_families_are_not_offered_fp8():
     kept = estimate_memory(_cfg(mixed_precision="bf16"), SD1, model.to(torch.bfloat16), [clip], 10)
     assert kept.encoders_gib > 0 and any(a.startswith("train_text_encoder: false") for a in kept.advice)
     assert not any(a.startswith("fp8_base") for a in kept.advice)
+    # A VAE kept to encode every step (random_flip) counts too, and the advice names what frees it.
+    vae = build_tiny_flux().vae
+    flipped = estimate_memory(_cfg(mixed_precision="bf16", random_flip=True), SD1, model, [], 10, kept_vae=vae)
+    assert flipped.encoders_gib > 0
+    assert any(a.startswith("random_flip: false") for a in flipped.advice)
+    assert not any(a.startswith("train_text_encoder") for a in flipped.advice)
+    uncached = estimate_memory(_cfg(cache_latents=False), SD1, model, [], 10, kept_vae=vae)
+    assert any(a.startswith("cache_latents: true") for a in uncached.advice)
 
 
 def test_fp8_storage_computes_like_the_rounded_weights():

@@ -265,6 +265,10 @@ class LdmHostAdapter(DiffusionAdapter):
         vae_dtype = next(self.model.first_stage_model.parameters()).dtype
         return not self.medvram and vae_dtype in (torch.float32, torch.bfloat16)
 
+    def text_encoder_bytes(self) -> Optional[int]:
+        """Nothing beyond what the host holds: its text encoders stay loaded beside the UNet anyway."""
+        return 0
+
     def load(self, *, unet: bool, vae: bool, text_encoders: bool) -> None:
         """Nothing to load: the host holds every part."""
 

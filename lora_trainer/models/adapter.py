@@ -77,6 +77,11 @@ class DiffusionAdapter:
     # move models around to encode, fill the caches before training.
     encodes_during_training: bool = False
 
+    def text_encoder_bytes(self) -> Optional[int]:
+        """Bytes the text encoders add while loaded beside the denoiser, known before they load: 0 where the
+        host holds them anyway, None where unknown (the trainer then encodes every caption first)."""
+        return None
+
     def load(self, *, unet: bool, vae: bool, text_encoders: bool) -> None:
         """Make the named parts available (no-op where the host already holds them)."""
 

@@ -74,6 +74,7 @@ class DiffusersAdapter(DiffusionAdapter):
         self.alphas_cumprod = probe.alphas_cumprod.to(device)
         self.vae_scaling_factor = probe.vae_scaling_factor
         self.tokenizers = probe.tokenizers
+        self.text_encoder_parameters = probe.text_encoder_parameters
         self.model_name = hub_name or probe.name  # a snapshot folder's own name is a commit id
         self.names = UNetNameMap(probe.unet_layout)
         self.identity = file_identity(path)
@@ -84,6 +85,11 @@ class DiffusersAdapter(DiffusionAdapter):
         self.text_encoders: Optional[List[nn.Module]] = None
 
     # ------------------------------------------------------------ staged loading
+
+    def text_encoder_bytes(self) -> Optional[int]:
+        if self.text_encoder_parameters is None:
+            return None
+        return self.text_encoder_parameters * self.dtype.itemsize
 
     def load(self, *, unet: bool, vae: bool, text_encoders: bool) -> None:
         want_unet = unet and self.unet is None
@@ -121,9 +127,13 @@ class DiffusersAdapter(DiffusionAdapter):
             dtype=torch.float32,
             vae_encoder_only=encoder_only,
         ).vae
-        return loaded(vae, "the VAE").to(self.device)
+        # channels_last: the VAE is all convolutions, which run about 10 % faster in it on CPUs (oneDNN) and
+        # on GPUs (cuDNN); encode_pixels hands the latents back contiguous.
+        return loaded(vae, "the VAE").to(self.device, memory_format=torch.channels_last)
 
     def release(self, *, vae: bool = False, text_encoders: bool = False) -> None:
+        if not ((vae and self.vae is not None) or (text_encoders and self.text_encoders is not None)):
+            return  # nothing loaded to free: spare the collection (a tenth of a second beside a UNet)
         if vae:
             self.vae = None
         if text_encoders:
@@ -137,8 +147,9 @@ class DiffusersAdapter(DiffusionAdapter):
     @torch.no_grad()
     def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
         # The distribution's mean, not a sample: cached latents are then deterministic across runs/processes.
-        latents = self.vae.encode(pixels.to(self.device, torch.float32)).latent_dist.mode()
-        return latents * self.vae_scaling_factor
+        pixels = pixels.to(self.device, torch.float32, memory_format=torch.channels_last)
+        latents = self.vae.encode(pixels).latent_dist.mode()
+        return (latents * self.vae_scaling_factor).contiguous()
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:

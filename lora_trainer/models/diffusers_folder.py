@@ -86,10 +86,16 @@ def weights_variant(folder: str) -> Optional[str]:
     if plain & set(names):
         return None
     for name in names:
-        match = _VARIANT_FILE.match(name)
-        if match:
-            return match.group("a") or match.group("b")
+        variant = weight_file_variant(name)
+        if variant:
+            return variant
     return None
+
+
+def weight_file_variant(name: str) -> Optional[str]:
+    """The variant in a weight file's name (``model.fp16.safetensors`` -> "fp16"), None for plain weights."""
+    match = _VARIANT_FILE.match(name)
+    return (match.group("a") or match.group("b")) if match else None
 
 
 def _component_entry(index: dict, name: str) -> Optional[list]:

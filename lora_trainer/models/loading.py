@@ -8,6 +8,8 @@ Configs come from the checkpoint's own keys (``architecture.py``); the tokenizer
 
 from __future__ import annotations
 
+import glob
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional, Tuple
@@ -24,7 +26,13 @@ from lora_trainer.models.architecture import (
     TextEncoderSpec,
     infer_spec,
 )
-from lora_trainer.models.diffusers_folder import check_text_to_image_unet, load_component, read_pipeline_folder
+from lora_trainer.models.diffusers_folder import (
+    check_text_to_image_unet,
+    load_component,
+    read_pipeline_folder,
+    weight_file_variant,
+    weights_variant,
+)
 from lora_trainer.models.families.unet_family import UNetFamily
 from lora_trainer.models.ldm_names import UNetLayout, UNetNameMap, VaeNameMap, open_clip_to_hf
 
@@ -45,6 +53,9 @@ class StableDiffusionModel:
     unet_layout: UNetLayout
     info: Dict[str, str] = field(default_factory=dict)
     zero_terminal_snr: bool = False
+    # The text encoders' parameter count, read from the file headers whether or not they are loaded (None:
+    # the files do not say, e.g. a folder with .bin weights).
+    text_encoder_parameters: Optional[int] = None
 
     @property
     def arch(self) -> str:
@@ -158,7 +169,27 @@ def _load_diffusers_folder(
         name=os.path.basename(os.path.normpath(path)),
         unet_layout=UNetLayout.from_config(folder.unet_config),
         zero_terminal_snr=folder.zero_terminal_snr,
+        text_encoder_parameters=_folder_parameters([os.path.join(path, name) for name in folder.text_encoders]),
     )
+
+
+def _folder_parameters(folders: List[str]) -> Optional[int]:
+    """Parameters in the .safetensors weights of component ``folders`` in the variant they load as (headers
+    only); None where a folder's weights are not .safetensors."""
+    total = 0
+    for folder in folders:
+        variant = weights_variant(folder)
+        files = [
+            f
+            for f in sorted(glob.glob(os.path.join(folder, "*.safetensors")))
+            if weight_file_variant(os.path.basename(f)) == variant
+        ]
+        if not files:
+            return None
+        for file in files:
+            stream = SafetensorsStream(file)
+            total += sum(math.prod(stream.shape(key)) for key in stream.keys())
+    return total
 
 
 def _tokenizer(folder: Optional[str], family: UNetFamily, index: int):
@@ -376,4 +407,9 @@ def _load_single_file(
         name=os.path.basename(path),
         unet_layout=UNetLayout.from_config(spec.unet_config),
         zero_terminal_snr=spec.zero_terminal_snr,
+        text_encoder_parameters=sum(
+            math.prod(shape)
+            for key, shape in reader.shapes().items()
+            if key.startswith(tuple(te.prefix for te in spec.text_encoders))
+        ),
     )

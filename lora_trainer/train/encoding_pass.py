@@ -8,8 +8,9 @@ When the adapter asks for reduced precision (``DiffusionAdapter.encoding_autocas
 non-finite (fp16 VAEs overflow on some images), that batch and the rest of the pass run in fp32.
 
 ``LatentsOnDemand`` is the other way to fill the latent cache (``cache_latents_during_training``): training
-starts as soon as the captions are encoded, and each image's latents are encoded when its first batch needs
-them, with the VAE's encoder kept beside the UNet until every image is cached.
+starts without them, and each image's latents are encoded when its first batch needs them, with the VAE's
+encoder kept beside the UNet until every image is cached. ``CaptionsOnDemand`` does the same for the text cache
+(``cache_text_during_training``), loading the text encoders only for the two calls that encode.
 """
 
 from __future__ import annotations
@@ -193,11 +194,80 @@ class LatentsOnDemand:
                 self.store(sample, latent)
 
 
+def on_demand_captions_per_batch(device: torch.device) -> int:
+    """Captions per text-encoder call when encoding during training: one on a CPU, where a caption costs about
+    a tenth of a second and batching saves a quarter at most, so the first step waits for its own caption
+    only; ``CAPTIONS_PER_BATCH`` elsewhere, where a batch costs about as much as one caption."""
+    return 1 if device.type == "cpu" else CAPTIONS_PER_BATCH
+
+
+class CaptionsOnDemand:
+    """Fills the text cache while training runs: ``ensure(captions)`` before a batch reads its text entries.
+
+    The first call that misses a caption encodes what its batch needs, so the first step waits for one
+    batch's captions rather than the dataset's; the next one encodes every caption left (validation and
+    caption-dropout variants too), after which the text encoders are never loaded again. ``load()`` and
+    ``release()`` bracket each call: the encoders sit beside the UNet only before a step's forward pass, when
+    no activations are alive (the trainer asks for this only where they are smaller than a step's
+    activations, so the peak does not rise), never through one. Captions are encoded in a fixed plan (every
+    caption of ``captions``, sorted, cut into chunks of ``per_batch``; a ``missing`` caption is encoded with its
+    whole chunk, whose members already cached are encoded again and not stored), so an entry is the same
+    whenever, and after whatever interruption, it is encoded. ``store(caption, entry)`` gets fp32 CPU tensors as in
+    ``EncodingPass.captions``.
+    """
+
+    def __init__(
+        self,
+        encoder: EncodingPass,
+        captions: Sequence[str],
+        missing: Sequence[str],
+        clip_skip: int,
+        store: Callable[[str, Dict[str, torch.Tensor]], None],
+        load: Callable[[], None],
+        release: Callable[[], None],
+        per_batch: int,
+        log: Callable[[str], None] = lambda _message: None,
+    ):
+        self.encoder, self.clip_skip, self.store = encoder, clip_skip, store
+        self.load, self.release, self.per_batch, self.log = load, release, per_batch, log
+        ordered = sorted(set(captions))
+        self.chunks = [ordered[i : i + per_batch] for i in range(0, len(ordered), per_batch)]
+        self.chunk_of = {caption: i for i, chunk in enumerate(self.chunks) for caption in chunk}
+        self.missing = set(missing)
+        self.calls = 0
+
+    def ensure(self, captions: Sequence[str]) -> None:
+        """Encode and store the entries of ``captions`` not cached yet (all the rest after the first call)."""
+        needed = [c for c in captions if c in self.missing]
+        if not needed:
+            return
+        wanted = needed if self.calls == 0 else sorted(self.missing)
+        self.calls += 1
+        chunks = sorted({self.chunk_of[c] for c in wanted})
+        if self.calls > 1:
+            self.log(f"encoding the other {len(self.missing)} captions for the text cache; text encoders then freed")
+        self.load()
+        try:
+            # Whole planned chunks, in plan order: only the plan's last chunk can be short, and it comes last,
+            # so EncodingPass.captions cuts this list into exactly these chunks.
+            texts = [c for i in chunks for c in self.chunks[i]]
+            self.encoder.captions(texts, self.clip_skip, self._store, per_batch=self.per_batch)
+        finally:
+            self.release()
+
+    def _store(self, caption: str, entry: Dict[str, torch.Tensor]) -> None:
+        if caption in self.missing:
+            self.missing.discard(caption)
+            self.store(caption, entry)
+
+
 __all__ = [
     "CAPTIONS_PER_BATCH",
+    "CaptionsOnDemand",
     "ON_DEMAND_PIXELS_PER_BATCH",
     "PIXELS_PER_BATCH",
     "EncodingPass",
     "LatentsOnDemand",
     "latent_batches",
+    "on_demand_captions_per_batch",
 ]

@@ -27,7 +27,12 @@ from lora_trainer.lora.network import LoRANetwork
 from lora_trainer.models.adapter import DiffusionAdapter, SizeCondition
 from lora_trainer.models.long_captions import cut_caption_lines
 from lora_trainer.train.callbacks import TrainingCallback
-from lora_trainer.train.encoding_pass import EncodingPass, LatentsOnDemand
+from lora_trainer.train.encoding_pass import (
+    CaptionsOnDemand,
+    EncodingPass,
+    LatentsOnDemand,
+    on_demand_captions_per_batch,
+)
 from lora_trainer.train.extras import training_extras
 from lora_trainer.train.loop import LoopEnd, StepBatches, TrainingLoop, TrainingTask
 from lora_trainer.train.loss_weights import batch_loss_weights
@@ -83,6 +88,7 @@ class ImageTrainingSession(TrainingTask):
         self.session_id = random.SystemRandom().randint(0, 2**32 - 1)
         self.model_hashes: Optional[dict] = None
         self.latents_on_demand: Optional[LatentsOnDemand] = None  # cache_latents_during_training, until done
+        self.captions_on_demand: Optional[CaptionsOnDemand] = None  # cache_text_during_training
 
     # ------------------------------------------------------------ set-up
 
@@ -135,16 +141,17 @@ class ImageTrainingSession(TrainingTask):
 
         adapter = self.adapter
         # Not the VAE encoder kept for latents on demand: it goes after the first epoch (its size is logged).
-        kept = ([] if self.cache_latents else [getattr(adapter, "vae", None)]) + (
-            [] if self.cache_text else adapter.text_encoder_modules()
-        )
+        vae = None if self.cache_latents else getattr(adapter, "vae", None)
+        text_encoders = [] if self.cache_text else adapter.text_encoder_modules()
         lora_parameters = sum(p.numel() for p in self.network.parameters())
-        self.log(estimate_memory(self.cfg, adapter.family, adapter.unet, kept, lora_parameters).describe())
+        estimate = estimate_memory(self.cfg, adapter.family, adapter.unet, text_encoders, lora_parameters, vae)
+        self.log(estimate.describe())
 
     def _prepare_encodings(self) -> None:
         """Fill the latent/text caches with the encoders loaded, then free them before the UNet loads; with
         ``cache_latents_during_training``, the latents are left to ``LatentsOnDemand`` and the VAE's encoder
-        loads beside the UNet."""
+        loads beside the UNet; with ``cache_text_during_training`` (where it fits), the captions are left to
+        ``CaptionsOnDemand``."""
         cfg, adapter, dataset = self.cfg, self.adapter, self.dataset
         cache_dir = cfg.cache_dir or dataset.cache_root
         self.cache = EncodingCache(
@@ -164,20 +171,34 @@ class ImageTrainingSession(TrainingTask):
             if self.cache_text and not self.cache.has(self.cache.text_key(c, cfg.clip_skip))
         ]
         on_demand = bool(missing_latents) and self._latents_on_demand()
+        text_on_demand = bool(missing_text) and self._text_on_demand()
         before = [] if on_demand else missing_latents
-        if before or missing_text:
-            adapter.load(unet=False, vae=bool(before), text_encoders=bool(missing_text))
+        before_text = [] if text_on_demand else missing_text
+        if before or before_text:
+            adapter.load(unet=False, vae=bool(before), text_encoders=bool(before_text))
             images = f"{len(before)} images and " if before else ""
-            self.log(f"encoding {images}{len(missing_text)} captions for the caches")
+            self.log(f"encoding {images}{len(before_text)} captions for the caches")
             encoder = EncodingPass(adapter, self.callbacks.on_encode_progress, self.callbacks.should_stop, self.log)
             if before:
                 encoder.latents(before, dataset.pixels, self._store_latents)
-            if missing_text:
-                encoder.captions(
-                    missing_text,
-                    cfg.clip_skip,
-                    lambda c, entry: self.cache.put(self.cache.text_key(c, cfg.clip_skip), entry),
-                )
+            if before_text:
+                encoder.captions(before_text, cfg.clip_skip, self._store_text)
+        if text_on_demand:
+            self.captions_on_demand = CaptionsOnDemand(
+                EncodingPass(adapter, log=self.log),
+                dataset.all_caption_variants(),
+                missing_text,
+                cfg.clip_skip,
+                self._store_text,
+                load=lambda: adapter.load(unet=False, vae=False, text_encoders=True),
+                release=lambda: adapter.release(text_encoders=True),
+                per_batch=on_demand_captions_per_batch(adapter.device),
+                log=self.log,
+            )
+            self.log(
+                f"encoding the {len(missing_text)} captions as training reaches them (cache_text_during_training): "
+                "the first step's now, the rest before the next step that needs one"
+            )
         # What the steps still need: the VAE only without latent caching (or until the latents are encoded), the
         # text encoders only when not cached.
         adapter.release(vae=self.cache_latents and not on_demand, text_encoders=self.cache_text)
@@ -201,6 +222,25 @@ class ImageTrainingSession(TrainingTask):
 
     def _store_latents(self, sample, latents: torch.Tensor) -> None:
         self.cache.put(self.cache.latent_key(sample), {"latents": latents})
+
+    def _store_text(self, caption: str, entry) -> None:
+        self.cache.put(self.cache.text_key(caption, self.cfg.clip_skip), entry)
+
+    def _text_on_demand(self) -> bool:
+        """Encode captions during training: asked for, possible with this adapter, one process (as for the
+        latents), and the text encoders smaller than a step's activations, so loading them between steps does
+        not raise the peak (0 extra bytes where the host holds them anyway)."""
+        from lora_trainer.train.memory import GIB, estimate_activations_gib
+
+        cfg, adapter = self.cfg, self.adapter
+        extra = adapter.text_encoder_bytes()
+        return (
+            cfg.cache_text_during_training
+            and adapter.encodes_during_training
+            and self.runtime.num_processes == 1
+            and extra is not None
+            and extra <= estimate_activations_gib(cfg, adapter.family) * GIB
+        )
 
     def _latents_on_demand(self) -> bool:
         """Encode latents during training: asked for, possible with this adapter, and one process (each process
@@ -245,6 +285,8 @@ class ImageTrainingSession(TrainingTask):
             pixels = torch.stack([dataset.pixels(s.index, flip) for s, flip in zip(samples, flips)])
             latents = adapter.encode_pixels(pixels)
         captions = [dataset.caption_for(s.index, epoch, cfg.seed) for s in samples]
+        if self.captions_on_demand is not None:
+            self.captions_on_demand.ensure(captions)
         if self.cache_text:
             entries = [self.cache.get(self.cache.text_key(c, cfg.clip_skip)) for c in captions]
             cond = {k: torch.stack([e[k] for e in entries]).to(device) for k in entries[0]}

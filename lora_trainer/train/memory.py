@@ -56,22 +56,33 @@ class MemoryEstimate:
         return text + (f"; to lower it: {'; '.join(self.advice)}" if self.advice else "")
 
 
+def estimate_activations_gib(cfg, family) -> float:
+    """The activations one step keeps for its backward pass, in GiB (see the module docstring)."""
+    per_sample = ACTIVATION_GIB_PER_SD1_512_SAMPLE * family.activation_factor
+    pixels = (cfg.resolution / family.native_resolution) ** 2
+    activations = per_sample * pixels * cfg.batch_size
+    if cfg.gradient_checkpointing:
+        activations /= CHECKPOINTING_DIVISOR
+    return activations
+
+
 def estimate_memory(
     cfg,
     family,
     denoiser: nn.Module,
     kept_encoders: Iterable[Optional[nn.Module]],
     lora_parameters: int,
+    kept_vae: Optional[nn.Module] = None,
 ) -> MemoryEstimate:
-    """See the module docstring; ``cfg`` is the run's ImageConfig."""
+    """See the module docstring; ``cfg`` is the run's ImageConfig, ``kept_encoders`` the text encoders kept
+    through the steps (their outputs not cached), ``kept_vae`` the VAE kept to encode every step (latents not
+    cached)."""
     base = module_bytes([denoiser]) / GIB
-    encoders = module_bytes(kept_encoders) / GIB
+    text_encoders = module_bytes(kept_encoders) / GIB
+    vae = module_bytes([kept_vae]) / GIB
+    encoders = text_encoders + vae
     lora = lora_parameters * BYTES_PER_TRAINED_PARAM / GIB
-    per_sample = ACTIVATION_GIB_PER_SD1_512_SAMPLE * family.activation_factor
-    pixels = (cfg.resolution / family.native_resolution) ** 2
-    activations = per_sample * pixels * cfg.batch_size
-    if cfg.gradient_checkpointing:
-        activations /= CHECKPOINTING_DIVISOR
+    activations = estimate_activations_gib(cfg, family)
     advice = []
     if not cfg.gradient_checkpointing:
         saved = activations * (1 - 1 / CHECKPOINTING_DIVISOR)
@@ -81,11 +92,15 @@ def estimate_memory(
         advice.append(f"mixed_precision: bf16, which loads the base in bf16 (about -{base / 2:.1f} GiB)")
     elif not getattr(cfg, "fp8_base", False) and family.supports_fp8_base:
         advice.append(f"fp8_base: true (about -{base / 2:.1f} GiB)")
-    if encoders > 0:
+    if text_encoders > 0:
         advice.append(
             f"train_text_encoder: false, so text-encoder outputs are cached and the encoders freed "
-            f"(about -{encoders:.1f} GiB)"
+            f"(about -{text_encoders:.1f} GiB)"
         )
+    if vae > 0:
+        # Latents go uncached when caching is off or random flips make them vary per step.
+        option = "random_flip: false" if getattr(cfg, "cache_latents", True) else "cache_latents: true"
+        advice.append(f"{option}, so latents are cached and the VAE freed (about -{vae:.1f} GiB)")
     if cfg.batch_size > 1:
         advice.append(f"batch_size: 1 with gradient_accumulation_steps: {cfg.batch_size}")
     return MemoryEstimate(base, encoders, lora, activations, advice)

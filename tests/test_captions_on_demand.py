@@ -1,0 +1,157 @@
+"""Captions encoded while training runs (cache_text_during_training): the same entries as the encoding pass in
+any order and after any interruption, the text encoders beside the UNet only before the first two steps'
+forward passes (never through one), only where they are smaller than a step's activations, and the size that
+decides it read from the file's headers. The option off: tests/test_encoding_pass.py."""
+
+import pytest
+import torch
+from support.image_fixtures import image_config, tiny_checkpoint, train
+from support.tiny_models import build_tiny, save_diffusers_folder
+
+from lora_trainer.models.diffusers_adapter import DiffusersAdapter
+from lora_trainer.models.loading import load_stable_diffusion
+from lora_trainer.train.callbacks import TrainingCallback
+from lora_trainer.train.encoding_pass import CaptionsOnDemand, EncodingPass, on_demand_captions_per_batch
+
+CAPTIONS = ["a red square", "two blue circles", "", "mytag, green", "a long caption, with tags, and more tags"]
+
+
+def _on_demand(adapter, missing, per_batch):
+    stored, calls = {}, []
+    stream = CaptionsOnDemand(
+        EncodingPass(adapter),
+        CAPTIONS,
+        missing,
+        1,
+        stored.__setitem__,
+        load=lambda: calls.append("load") or adapter.load(unet=False, vae=False, text_encoders=True),
+        release=lambda: calls.append("release") or adapter.release(text_encoders=True),
+        per_batch=per_batch,
+    )
+    return stream, stored, calls
+
+
+@pytest.mark.parametrize("per_batch", [1, 2])
+def test_captions_on_demand_equal_the_encoding_pass_in_any_order_and_after_an_interruption(tmp_path, per_batch):
+    adapter = DiffusersAdapter(tiny_checkpoint(tmp_path), device=torch.device("cpu"))
+    adapter.load(unet=False, vae=False, text_encoders=True)
+    upfront = {}
+    EncodingPass(adapter).captions(sorted(CAPTIONS), 1, upfront.__setitem__, per_batch=per_batch)
+    adapter.release(text_encoders=True)
+    for first, second in ((CAPTIONS[1], CAPTIONS[3]), (CAPTIONS[4], CAPTIONS[0])):
+        stream, stored, calls = _on_demand(adapter, CAPTIONS, per_batch)
+        stream.ensure([first])
+        # The first call encodes what its batch needs (with its planned chunk), then frees the encoders.
+        assert first in stored and len(stored) <= per_batch and calls == ["load", "release"]
+        assert adapter.text_encoders is None
+        stream.ensure([first])  # cached: nothing loads
+        assert calls == ["load", "release"]
+        stream.ensure([second])  # the next miss: every caption left, then never again
+        assert set(stored) == set(CAPTIONS) and calls == ["load", "release"] * 2
+        stream.ensure(CAPTIONS)
+        assert calls == ["load", "release"] * 2
+        for caption, entry in upfront.items():
+            for key in entry:
+                torch.testing.assert_close(stored[caption][key], entry[key], rtol=0, atol=0)
+    # Interrupted after some were cached (a resumed run with the disk cache): only what is missing is stored,
+    # each with its planned chunk, with the values of an uninterrupted run.
+    missing = CAPTIONS[2:]
+    stream, stored, calls = _on_demand(adapter, missing, per_batch)
+    stream.ensure([CAPTIONS[3]])
+    stream.ensure([CAPTIONS[4]])
+    assert set(stored) == set(missing)
+    for caption in missing:
+        for key in upfront[caption]:
+            torch.testing.assert_close(stored[caption][key], upfront[caption][key], rtol=0, atol=0)
+
+
+def test_a_cpu_encodes_one_caption_per_call_and_a_gpu_a_batch():
+    assert on_demand_captions_per_batch(torch.device("cpu")) == 1
+    assert on_demand_captions_per_batch(torch.device("cuda")) > 1
+
+
+class _Steps(TrainingCallback):
+    def __init__(self):
+        self.done = 0
+
+    def on_step_end(self, info):
+        self.done = info.step
+
+
+def _spy(monkeypatch):
+    """Records each load/release (with the step count and what is loaded after it), which parts are loaded at
+    each UNet forward pass, and the captions of each encoding call."""
+    from lora_trainer.models import diffusers_adapter
+
+    Adapter = diffusers_adapter.DiffusersAdapter
+    steps, events, forwards, encoded = _Steps(), [], [], []
+
+    def parts(adapter):
+        return (adapter.unet is not None, adapter.vae is not None, adapter.text_encoders is not None)
+
+    load, release, predict, captions = Adapter.load, Adapter.release, Adapter.predict, EncodingPass.captions
+
+    def spy_load(self, **what):
+        load(self, **what)
+        events.append(("load", steps.done, parts(self)))
+
+    def spy_release(self, **what):
+        release(self, **what)
+        events.append(("release", steps.done, parts(self)))
+
+    def spy_predict(self, *args, **kwargs):
+        forwards.append(parts(self))
+        return predict(self, *args, **kwargs)
+
+    def spy_captions(self, texts, *args, **kwargs):
+        encoded.append(sorted(texts))
+        return captions(self, texts, *args, **kwargs)
+
+    monkeypatch.setattr(Adapter, "load", spy_load)
+    monkeypatch.setattr(Adapter, "release", spy_release)
+    monkeypatch.setattr(Adapter, "predict", spy_predict)
+    monkeypatch.setattr(EncodingPass, "captions", spy_captions)
+    return steps, events, forwards, encoded
+
+
+def test_the_text_encoders_sit_beside_the_unet_only_before_the_first_two_steps(tmp_path, monkeypatch):
+    steps, events, forwards, encoded = _spy(monkeypatch)
+    # 4 images with 4 captions, one kept for validation; batches of 2: step 1 needs two captions, step 2 one.
+    cfg = image_config(tmp_path, tiny_checkpoint(tmp_path), max_train_steps=4, validation_split=0.25)
+    result = train(cfg, callbacks=[steps])
+    assert result.status == "finished"
+    text_loads = [(step, held) for kind, step, held in events if kind == "load" and held[2]]
+    # Nothing before the UNet; then the text encoders beside it before step 1 and before step 2 only.
+    assert [e for e in events if e[0] == "load"][0] == ("load", 0, (True, True, False))
+    assert [step for step, _held in text_loads] == [0, 1]
+    assert all(held[0] for _step, held in text_loads)
+    assert forwards and not any(text for _unet, _vae, text in forwards)  # never through a forward pass
+    # The first call: step 1's two captions only; the second: every caption left, the validation image's too.
+    assert [len(texts) for texts in encoded] == [2, 2]
+    assert len(set(encoded[0]) | set(encoded[1])) == 4
+
+
+def test_text_encoders_larger_than_a_steps_activations_encode_every_caption_first(tmp_path, monkeypatch):
+    steps, events, forwards, encoded = _spy(monkeypatch)
+    big = 10 * 2**30  # bytes: more than a 64 px step's estimated activations
+    monkeypatch.setattr(DiffusersAdapter, "text_encoder_bytes", lambda self: big)
+    result = train(image_config(tmp_path, tiny_checkpoint(tmp_path), max_train_steps=2), callbacks=[steps])
+    assert result.status == "finished"
+    assert [e for e in events if e[0] == "load"][0] == ("load", 0, (False, False, True))  # before the UNet
+    assert not any(kind == "load" and held[2] for kind, _step, held in events[1:])
+    assert len(encoded) == 1 and len(encoded[0]) == 4
+
+
+@pytest.mark.parametrize("layout", ["single_file", "diffusers_folder"])
+def test_the_text_encoder_size_is_read_from_the_file_headers(tmp_path, layout):
+    parts = build_tiny("sdxl")
+    if layout == "single_file":
+        path = tiny_checkpoint(tmp_path, "sdxl")
+    else:
+        path = save_diffusers_folder(parts, str(tmp_path / "folder"))
+    probe = load_stable_diffusion(path, load_unet=False, load_vae=False, load_text_encoders=False)
+    loaded = load_stable_diffusion(path, load_unet=False, load_vae=False, load_text_encoders=True)
+    # Both of SDXL's encoders; the files hold no position_ids (a buffer, not a parameter).
+    assert probe.text_encoder_parameters == sum(p.numel() for te in loaded.text_encoders for p in te.parameters())
+    adapter = DiffusersAdapter(path, device=torch.device("cpu"), dtype=torch.bfloat16)
+    assert adapter.text_encoder_bytes() == 2 * probe.text_encoder_parameters
