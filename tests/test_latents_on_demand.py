@@ -37,6 +37,12 @@ def test_the_vae_loads_without_its_decoder_to_encode_and_whole_to_decode(tmp_pat
     adapter.load(unet=False, vae=True, text_encoders=False)
     assert adapter.vae is not None and adapter.vae.decoder is None
     latents = adapter.encode_pixels(pixels)
+    # The adapter runs the VAE channels_last (faster convolutions): the latents match diffusers' VAE run as
+    # loaded (contiguous) to float rounding, and come back contiguous for the cache.
+    with torch.no_grad():
+        reference = full.encode(pixels).latent_dist.mode() * adapter.vae_scaling_factor
+    torch.testing.assert_close(latents, reference, rtol=0, atol=1e-5)
+    assert latents.is_contiguous()
     decoded = adapter.decode_latents(latents)
     assert adapter.vae.decoder is not None
     full = full.to(memory_format=torch.channels_last)  # as the adapter runs it (faster convolutions)
