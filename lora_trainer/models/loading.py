@@ -187,7 +187,10 @@ def _folder_parameters(folders: List[str]) -> Optional[int]:
         if not files:
             return None
         for file in files:
-            stream = SafetensorsStream(file)
+            try:
+                stream = SafetensorsStream(file)
+            except (OSError, ValueError):  # damaged or a Git LFS pointer: loading the encoders will say so
+                return None
             total += sum(math.prod(stream.shape(key)) for key in stream.keys())
     return total
 

@@ -206,14 +206,18 @@ class CaptionsOnDemand:
 
     The first call that misses a caption encodes what its batch needs, so the first step waits for one
     batch's captions rather than the dataset's; the next one encodes every caption left (validation and
-    caption-dropout variants too), after which the text encoders are never loaded again. ``load()`` and
-    ``release()`` bracket each call: the encoders sit beside the UNet only before a step's forward pass, when
-    no activations are alive (the trainer asks for this only where they are smaller than a step's
-    activations, so the peak does not rise), never through one. Captions are encoded in a fixed plan (every
-    caption of ``captions``, sorted, cut into chunks of ``per_batch``; a ``missing`` caption is encoded with its
-    whole chunk, whose members already cached are encoded again and not stored), so an entry is the same
-    whenever, and after whatever interruption, it is encoded. ``store(caption, entry)`` gets fp32 CPU tensors as in
-    ``EncodingPass.captions``.
+    caption-dropout variants too, with ``progress``), after which the text encoders are never loaded again.
+    ``load()`` and ``release()`` bracket each call: the encoders sit beside the UNet only before a step's
+    forward pass, when no activations are alive (the trainer asks for this only where they are smaller than a
+    step's activations, so the peak does not rise), never through one. Once ``should_stop()`` (a Cancel) the
+    call encodes only what its own batch needs and leaves the rest missing, so the step ends soon and the run
+    stops after it as usual.
+
+    Captions are encoded in a fixed plan (every caption of ``captions``, sorted, cut into chunks of
+    ``per_batch``; a ``missing`` caption is encoded with its whole chunk, whose members already cached are
+    encoded again and not stored), and ``encoder`` must redo only the chunk that overflows in reduced
+    precision (``fp32_for_good=False``), so an entry is the same whenever, and after whatever interruption, it
+    is encoded. ``store(caption, entry)`` gets fp32 CPU tensors as in ``EncodingPass.captions``.
     """
 
     def __init__(
@@ -226,10 +230,14 @@ class CaptionsOnDemand:
         load: Callable[[], None],
         release: Callable[[], None],
         per_batch: int,
+        progress: Optional[Progress] = None,
+        should_stop: Callable[[], bool] = lambda: False,
         log: Callable[[str], None] = lambda _message: None,
     ):
         self.encoder, self.clip_skip, self.store = encoder, clip_skip, store
         self.load, self.release, self.per_batch, self.log = load, release, per_batch, log
+        self.progress = progress or (lambda done, total, what: None)
+        self.should_stop = should_stop
         ordered = sorted(set(captions))
         self.chunks = [ordered[i : i + per_batch] for i in range(0, len(ordered), per_batch)]
         self.chunk_of = {caption: i for i, chunk in enumerate(self.chunks) for caption in chunk}
@@ -238,20 +246,24 @@ class CaptionsOnDemand:
 
     def ensure(self, captions: Sequence[str]) -> None:
         """Encode and store the entries of ``captions`` not cached yet (all the rest after the first call)."""
-        needed = [c for c in captions if c in self.missing]
+        needed = {self.chunk_of[c] for c in captions if c in self.missing}
         if not needed:
             return
-        wanted = needed if self.calls == 0 else sorted(self.missing)
+        bulk = self.calls > 0
         self.calls += 1
-        chunks = sorted({self.chunk_of[c] for c in wanted})
-        if self.calls > 1:
+        chunks = sorted({self.chunk_of[c] for c in self.missing} if bulk else needed)
+        if bulk:
             self.log(f"encoding the other {len(self.missing)} captions for the text cache; text encoders then freed")
+        total, done = sum(len(self.chunks[i]) for i in chunks), 0
         self.load()
         try:
-            # Whole planned chunks, in plan order: only the plan's last chunk can be short, and it comes last,
-            # so EncodingPass.captions cuts this list into exactly these chunks.
-            texts = [c for i in chunks for c in self.chunks[i]]
-            self.encoder.captions(texts, self.clip_skip, self._store, per_batch=self.per_batch)
+            for i in chunks:
+                if i not in needed and self.should_stop():
+                    continue  # cancelled: only this batch's own captions still matter
+                self.encoder.captions(self.chunks[i], self.clip_skip, self._store, per_batch=self.per_batch)
+                done += len(self.chunks[i])
+                if bulk:
+                    self.progress(done, total, "captions")
         finally:
             self.release()
 

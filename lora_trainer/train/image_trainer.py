@@ -185,7 +185,7 @@ class ImageTrainingSession(TrainingTask):
                 encoder.captions(before_text, cfg.clip_skip, self._store_text)
         if text_on_demand:
             self.captions_on_demand = CaptionsOnDemand(
-                EncodingPass(adapter, log=self.log),
+                EncodingPass(adapter, log=self.log, fp32_for_good=False),
                 dataset.all_caption_variants(),
                 missing_text,
                 cfg.clip_skip,
@@ -193,6 +193,8 @@ class ImageTrainingSession(TrainingTask):
                 load=lambda: adapter.load(unet=False, vae=False, text_encoders=True),
                 release=lambda: adapter.release(text_encoders=True),
                 per_batch=on_demand_captions_per_batch(adapter.device),
+                progress=self.callbacks.on_encode_progress,
+                should_stop=self.callbacks.should_stop,
                 log=self.log,
             )
             self.log(
