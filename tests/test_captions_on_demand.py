@@ -211,3 +211,15 @@ def test_the_text_encoder_size_is_read_from_the_file_headers(tmp_path, layout):
     assert probe.text_encoder_parameters == sum(p.numel() for te in loaded.text_encoders for p in te.parameters())
     adapter = DiffusersAdapter(path, device=torch.device("cpu"), dtype=torch.bfloat16)
     assert adapter.text_encoder_bytes() == 2 * probe.text_encoder_parameters
+
+
+def test_an_unreadable_text_encoder_file_leaves_the_size_unknown(tmp_path):
+    from lora_trainer.models.loading import _folder_parameters
+
+    folder = tmp_path / "text_encoder"
+    folder.mkdir()
+    (folder / "model.safetensors").write_text("version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 9\n")
+    assert _folder_parameters([str(folder)]) is None  # captions are then encoded first; loading names the file
+    (tmp_path / "bin_only").mkdir()
+    (tmp_path / "bin_only" / "pytorch_model.bin").write_bytes(b"")
+    assert _folder_parameters([str(tmp_path / "bin_only")]) is None
