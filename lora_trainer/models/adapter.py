@@ -7,8 +7,9 @@ Loading is staged: the trainer asks for the encoders first (to fill its caches),
 
 from __future__ import annotations
 
+import gc
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple, TypeVar
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple, TypeVar
 
 import torch
 from torch import nn
@@ -53,6 +54,22 @@ def loaded(part: Optional[_Part], what: str) -> _Part:
     if part is None:
         raise RuntimeError(f"{what} is not loaded (load() it before use)")
     return part
+
+
+def free_parts(adapter: Any, *, vae: bool, text_encoders: bool) -> None:
+    """``release`` for an adapter that loads its own parts (``vae``, ``text_encoders`` attributes, None when not
+    loaded): drops the named ones and returns their memory (a
+    garbage collection, and the CUDA cache). Nothing loaded to free: nothing is done, sparing the collection
+    (a tenth of a second beside a UNet)."""
+    if not ((vae and adapter.vae is not None) or (text_encoders and adapter.text_encoders is not None)):
+        return
+    if vae:
+        adapter.vae = None
+    if text_encoders:
+        adapter.text_encoders = None
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 class DiffusionAdapter:

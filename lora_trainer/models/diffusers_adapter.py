@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import os
 from typing import Callable, List, Optional, Sequence, Tuple
@@ -14,7 +13,7 @@ from torch import nn
 from lora_trainer.export.kohya_names import text_lora_name
 from lora_trainer.hub.progress import DownloadCallback
 from lora_trainer.lora.targets import TEXT_CONTAINERS, find_targets
-from lora_trainer.models.adapter import Conditioning, DiffusionAdapter, SizeCondition, loaded
+from lora_trainer.models.adapter import Conditioning, DiffusionAdapter, SizeCondition, free_parts, loaded
 from lora_trainer.models.ldm_names import UNetNameMap
 from lora_trainer.models.loading import load_stable_diffusion
 from lora_trainer.models.long_captions import (
@@ -132,15 +131,7 @@ class DiffusersAdapter(DiffusionAdapter):
         return loaded(vae, "the VAE").to(self.device, memory_format=torch.channels_last)
 
     def release(self, *, vae: bool = False, text_encoders: bool = False) -> None:
-        if not ((vae and self.vae is not None) or (text_encoders and self.text_encoders is not None)):
-            return  # nothing loaded to free: spare the collection (a tenth of a second beside a UNet)
-        if vae:
-            self.vae = None
-        if text_encoders:
-            self.text_encoders = None
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        free_parts(self, vae=vae, text_encoders=text_encoders)
 
     # ------------------------------------------------------------ encoders
 

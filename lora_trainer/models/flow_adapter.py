@@ -5,7 +5,6 @@ autoencoder (Z-Image uses it too). Each subclass supplies its files, text encode
 
 from __future__ import annotations
 
-import gc
 import os
 from typing import Any, Callable, List, Optional
 
@@ -13,7 +12,7 @@ import torch
 from torch import nn
 
 from lora_trainer.errors import ModelLoadError
-from lora_trainer.models.adapter import DiffusionAdapter
+from lora_trainer.models.adapter import DiffusionAdapter, free_parts
 from lora_trainer.models.families.base import ModelFamily
 from lora_trainer.models.flux.autoencoder import encode_flux_latents, load_flux_autoencoder
 
@@ -75,13 +74,7 @@ class FlowTransformerAdapter(DiffusionAdapter):
             self.unet = self.transformer
 
     def release(self, *, vae: bool = False, text_encoders: bool = False) -> None:
-        if vae:
-            self.vae = None
-        if text_encoders:
-            self.text_encoders = None
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        free_parts(self, vae=vae, text_encoders=text_encoders)
 
     def _load_vae(self) -> nn.Module:
         return load_flux_autoencoder(self.files.folder, self.files.ae)

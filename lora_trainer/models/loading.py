@@ -387,7 +387,8 @@ def _load_single_file(
     path, load_unet, load_vae, load_text_encoders, dtype, prediction_type, vae_encoder_only=False
 ) -> StableDiffusionModel:
     reader = CheckpointReader(path)
-    spec = infer_spec(reader.shapes(), prediction_type or _prediction_type_from_yaml(path))
+    shapes = reader.shapes()
+    spec = infer_spec(shapes, prediction_type or _prediction_type_from_yaml(path))
     check_text_to_image_unet(int(spec.unet_config["in_channels"]), path)
     unet = _convert_unet(reader, spec, dtype) if load_unet else None
     vae = _convert_vae(reader, spec, dtype, vae_encoder_only) if load_vae else None
@@ -412,7 +413,7 @@ def _load_single_file(
         zero_terminal_snr=spec.zero_terminal_snr,
         text_encoder_parameters=sum(
             math.prod(shape)
-            for key, shape in reader.shapes().items()
+            for key, shape in shapes.items()
             if key.startswith(tuple(te.prefix for te in spec.text_encoders))
         ),
     )

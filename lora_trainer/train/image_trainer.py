@@ -36,6 +36,7 @@ from lora_trainer.train.encoding_pass import (
 from lora_trainer.train.extras import training_extras
 from lora_trainer.train.loop import LoopEnd, StepBatches, TrainingLoop, TrainingTask
 from lora_trainer.train.loss_weights import batch_loss_weights
+from lora_trainer.train.memory import GIB, estimate_activations_gib, estimate_memory, module_bytes
 from lora_trainer.train.result import TrainingResult
 from lora_trainer.train.runtime import Runtime
 from lora_trainer.train.sample_prompts import load_sample_prompts
@@ -70,10 +71,6 @@ def train_image(
 
 def _silent(*_args, **_kwargs) -> None:
     pass
-
-
-def _megabytes(module) -> int:
-    return round(sum(p.numel() * p.element_size() for p in module.parameters()) / 2**20) if module else 0
 
 
 class ImageTrainingSession(TrainingTask):
@@ -137,8 +134,6 @@ class ImageTrainingSession(TrainingTask):
             adapter.restore()
 
     def _log_memory_estimate(self) -> None:
-        from lora_trainer.train.memory import estimate_memory
-
         adapter = self.adapter
         # Not the VAE encoder kept for latents on demand: it goes after the first epoch (its size is logged).
         vae = None if self.cache_latents else getattr(adapter, "vae", None)
@@ -165,10 +160,9 @@ class ImageTrainingSession(TrainingTask):
         missing_latents = [
             s for s in dataset.samples if self.cache_latents and not self.cache.has(self.cache.latent_key(s))
         ]
+        variants = dataset.all_caption_variants()
         missing_text = [
-            c
-            for c in dataset.all_caption_variants()
-            if self.cache_text and not self.cache.has(self.cache.text_key(c, cfg.clip_skip))
+            c for c in variants if self.cache_text and not self.cache.has(self.cache.text_key(c, cfg.clip_skip))
         ]
         on_demand = bool(missing_latents) and self._latents_on_demand()
         text_on_demand = bool(missing_text) and self._text_on_demand()
@@ -186,7 +180,7 @@ class ImageTrainingSession(TrainingTask):
         if text_on_demand:
             self.captions_on_demand = CaptionsOnDemand(
                 EncodingPass(adapter, log=self.log, fp32_for_good=False),
-                dataset.all_caption_variants(),
+                variants,
                 missing_text,
                 cfg.clip_skip,
                 self._store_text,
@@ -214,7 +208,7 @@ class ImageTrainingSession(TrainingTask):
                 self._store_latents,
                 release=self._release_vae,
             )
-            size = _megabytes(getattr(adapter, "vae", None))
+            size = round(module_bytes([getattr(adapter, "vae", None)]) / 2**20)
             # A host adapter has no VAE of its own to load: it encodes with the host's, resident anyway.
             vae = f"the VAE encoder ({size} MB) loaded until then" if size else "with the model's own VAE"
             self.log(
@@ -232,8 +226,6 @@ class ImageTrainingSession(TrainingTask):
         """Encode captions during training: asked for, possible with this adapter, one process (as for the
         latents), and the text encoders smaller than a step's activations, so loading them between steps does
         not raise the peak (0 extra bytes where the host holds them anyway)."""
-        from lora_trainer.train.memory import GIB, estimate_activations_gib
-
         cfg, adapter = self.cfg, self.adapter
         extra = adapter.text_encoder_bytes()
         return (
